@@ -110,7 +110,7 @@ class RealCustomAttnProcessor:
             raise ValueError("RealCustomAttnProcessor handles text cross-attention on token sequences only")
         state = self.state
         residual = hidden_states
-        batch, num_tokens, _ = hidden_states.shape
+        num_tokens = hidden_states.shape[1]
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
 

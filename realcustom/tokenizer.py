@@ -54,7 +54,8 @@ def bundled_bpe_path() -> Path:
 
 @cache
 def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    lines = gzip.open(bundled_bpe_path(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bundled_bpe_path(), "rt", encoding="utf-8") as bpe_file:
+        lines = bpe_file.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet]
