@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(FIND_LINKS) torch==2.13.0
-	$(PIP) install --quiet $(FIND_LINKS) -e '.[dev]'
+	$(PIP) install --quiet $(FIND_LINKS) -e '.[dev,deploy]'
 	# Only the CLIP BPE vocabulary file is used from open-clip (to build a real tokenizer offline).
 	$(PIP) install --quiet --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
@@ -41,3 +41,51 @@ format: install
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# --- Deployment: images, Kubernetes, load tests (docs/DEPLOYMENT.md) ---------------------------
+.PHONY: docker-build docker-push deploy lint-deploy loadtest
+REGISTRY ?=
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+IMAGE_PREFIX := $(if $(REGISTRY),$(REGISTRY)/,)
+IMAGE_API ?= $(IMAGE_PREFIX)realcustom-api:$(TAG)
+IMAGE_WORKER ?= $(IMAGE_PREFIX)realcustom-worker:$(TAG)
+OVERLAY ?= dev
+NAMESPACE ?= $(if $(filter prod,$(OVERLAY)),realcustom,realcustom-$(OVERLAY))
+KUBECTL ?= kubectl
+SCENARIO ?= smoke
+
+docker-build:
+	docker build --target api -t $(IMAGE_API) .
+	docker build --target worker -t $(IMAGE_WORKER) .
+
+docker-push: docker-build
+	$(if $(REGISTRY),,$(error set REGISTRY, e.g. make docker-push REGISTRY=ghcr.io/you))
+	docker push $(IMAGE_API)
+	docker push $(IMAGE_WORKER)
+
+# Applies k8s/overlays/$(OVERLAY) with the images just pushed; API_KEYS (comma-separated), when
+# given, becomes the realcustom-api-keys Secret (prod takes its keys only from there).
+deploy:
+	$(if $(REGISTRY),,$(error set REGISTRY to where `make docker-push` pushed the images))
+	$(KUBECTL) create namespace $(NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
+	$(if $(API_KEYS),$(KUBECTL) -n $(NAMESPACE) create secret generic realcustom-api-keys \
+		--from-literal=API_KEYS='$(API_KEYS)' --dry-run=client -o yaml | $(KUBECTL) apply -f -,)
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	printf '%s\n' 'resources:' "  - $$(realpath --relative-to="$$tmp" k8s/overlays/$(OVERLAY))" 'images:' \
+		'  - name: realcustom-api' '    newName: $(IMAGE_PREFIX)realcustom-api' '    newTag: "$(TAG)"' \
+		'  - name: realcustom-worker' '    newName: $(IMAGE_PREFIX)realcustom-worker' '    newTag: "$(TAG)"' \
+		> "$$tmp/kustomization.yaml" && \
+	$(KUBECTL) apply -k "$$tmp"
+
+# hadolint, yamllint and the Kubernetes schema check; all offline.
+lint-deploy: install
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/yamllint --strict -c .yamllint.yaml .yamllint.yaml docker k8s
+	$(PY) tests/deploy/deploy_checks.py
+
+# Starts Redis, the API and 2 workers (tiny model) on loopback, runs loadtests/$(SCENARIO).js,
+# writes loadtests/results/$(SCENARIO)-*.{json,md}, stops everything. RATE, DURATION: see
+# loadtests/run.py --help.
+loadtest: install
+	$(PY) loadtests/run.py --scenario $(SCENARIO) $(if $(RATE),--rate $(RATE),) \
+		$(if $(DURATION),--duration $(DURATION),)
