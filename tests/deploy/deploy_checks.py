@@ -44,7 +44,8 @@ _LABEL_SELECTOR = {
     "additionalProperties": False,
     "required": ["matchLabels"],
 }
-_DURATION = {"type": "string", "pattern": "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+# Prometheus durations: 30s, 1m30s, ...
+_DURATION = {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"}
 _SCRAPE_ENDPOINT = {
     "type": "object",
     "required": ["port"],
@@ -79,8 +80,17 @@ _REDIS_STREAMS_METADATA = {
     "properties": {
         key: {"type": "string"}
         for key in (
-            "address", "host", "port", "stream", "consumerGroup", "pendingEntriesCount",
-            "streamLength", "lagCount", "activationLagCount", "databaseIndex", "enableTLS",
+            "address",
+            "host",
+            "port",
+            "stream",
+            "consumerGroup",
+            "pendingEntriesCount",
+            "streamLength",
+            "lagCount",
+            "activationLagCount",
+            "databaseIndex",
+            "enableTLS",
         )
     },
     "additionalProperties": False,
