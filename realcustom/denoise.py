@@ -107,7 +107,8 @@ def denoise(
         )
 
         # 1. Guidance branch: text only, target-word attention -> masks (frozen from mask_reused_step on).
-        if k < settings.mask_reused_step or masks is None:
+        recompute = k < settings.mask_reused_step or masks is None
+        if recompute:
             eps_guidance, maps, probs = unet.guidance(
                 model_input,
                 _expand_time(timestep, batch, latents.device),
@@ -145,7 +146,9 @@ def denoise(
         used_masks.append(masks)
         if trace is not None:
             record.update(mask=masks, eps_cond=eps_cond, eps_uncond=eps_uncond, noise_pred=noise_pred)
-            record.update(latents=latents, x0=x0, timestep=timestep)
+            record.update(
+                latents=latents, x0=x0, timestep=timestep, mask_recomputed=torch.tensor(int(recompute))
+            )
             trace.steps.append(record)
 
     return LoopResult(scheduler.final_latents(latents, x0), torch.stack(used_masks))

@@ -1,0 +1,5 @@
+import sys
+
+from realcustom.cli import main
+
+sys.exit(main())

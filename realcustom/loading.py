@@ -1,0 +1,167 @@
+"""Load a pipeline by name or from a checkpoint directory in the official layout.
+
+The official release (hub repo `bytedance-research/RealCustom`, folder `ckpts/`) is laid out as:
+
+    sdxl/clip-sdxl-1/                       CLIP ViT-L text encoder + tokenizer (hub format)
+    sdxl/clip-sdxl-2/                       OpenCLIP bigG text encoder + tokenizer (hub format)
+    sdxl/vae/sdxl.json, sdxl/vae/sdxl-vae.pth
+    sdxl/unet/sdxl-unet.bin                 base SDXL UNet, diffusers key names
+    realcustom/RealCustom_highres.pth       to_k_vision/to_v_vision + projector weights
+    vit_so400m_patch14_siglip_384/open_clip_pytorch_model.bin
+    vit_large_patch14_reg4_dinov2.lvd142m/pytorch_model.bin
+
+Any weight file may also be a `.safetensors` file of the same stem. An optional `realcustom.json`
+at the root overrides the architecture (`"spec"`: sdxl | sd15 | tiny, plus `"unet"` and
+`"projector"` config overrides), which is how SD-1.5 weights we train, and the tests' tiny
+checkpoints, are described.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import load_file
+from transformers import CLIPTextModel
+
+from realcustom.models import SPECS, TINY, ModelSpec, build_pipeline
+from realcustom.pipeline import RealCustomPipeline
+from realcustom.reference import ReferenceEncoder
+from realcustom.text import TextEncoder
+from realcustom.tokenizer import load_clip_tokenizer
+from realcustom.unet import RealCustomUNet
+
+logger = logging.getLogger(__name__)
+
+HUB_REPO = "bytedance-research/RealCustom"
+PROJECTOR_PREFIX = "encoder_hidden_states_vision_projection."
+LAYOUT = {
+    "text_encoders": ("sdxl/clip-sdxl-1", "sdxl/clip-sdxl-2"),
+    "vae_config": "sdxl/vae/sdxl.json",
+    "vae": "sdxl/vae/sdxl-vae",
+    "unet": "sdxl/unet/sdxl-unet",
+    "realcustom": "realcustom/RealCustom_highres",
+    "siglip": "vit_so400m_patch14_siglip_384/open_clip_pytorch_model",
+    "dino": "vit_large_patch14_reg4_dinov2.lvd142m/pytorch_model",
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin", ".pt")
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch pickle (weights only, never arbitrary objects)."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def find_weights(root: Path, stem: str) -> Path:
+    for suffix in _WEIGHT_SUFFIXES:
+        candidate = root / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"missing checkpoint {root / stem}.{{safetensors,pth,bin}}")
+
+
+def split_realcustom_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """Official RealCustom weights -> (UNet to_k/v_vision weights, projector weights)."""
+    projector = {k[len(PROJECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX)}
+    unet = {k: v for k, v in state.items() if not k.startswith(PROJECTOR_PREFIX)}
+    return unet, projector
+
+
+def checkpoint_root(path: Path) -> Path:
+    """The directory holding the layout: `path`, or `path/ckpts` as the hub snapshot lands it."""
+    for candidate in (path, path / "ckpts", path / "ckpts" / "ckpts"):
+        if (candidate / "realcustom").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"{path} is not a RealCustom checkpoint directory (expected realcustom/RealCustom_highres.pth "
+        "and the sdxl/ folder inside it; see realcustom/loading.py for the layout)"
+    )
+
+
+def _spec_for(root: Path) -> ModelSpec:
+    overrides_path = root / "realcustom.json"
+    if not overrides_path.is_file():
+        return SPECS["sdxl"]
+    overrides = json.loads(overrides_path.read_text())
+    spec = SPECS[overrides.get("spec", "sdxl")]
+    return dataclasses.replace(
+        spec,
+        unet={**spec.unet, **overrides.get("unet", {})},
+        projector=dataclasses.replace(spec.projector, **overrides.get("projector", {})),
+        default_size=overrides.get("default_size", spec.default_size),
+    )
+
+
+def load_from_directory(path: str | Path) -> RealCustomPipeline:
+    """Build the spec's architecture and load every component from the official layout."""
+    root = checkpoint_root(Path(path))
+    spec = _spec_for(root)
+    text_dirs = [root / name for name in LAYOUT["text_encoders"][: len(spec.text_encoders)]]
+    text_encoder = TextEncoder(
+        [load_clip_tokenizer(directory) for directory in text_dirs],
+        [CLIPTextModel.from_pretrained(str(directory)) for directory in text_dirs],
+    )
+    reference_encoder = ReferenceEncoder(spec.vision)
+    reference_encoder.load_pretrained(
+        find_weights(root, LAYOUT["siglip"]), find_weights(root, LAYOUT["dino"])
+    )
+
+    unet = RealCustomUNet(UNet2DConditionModel.from_config(spec.unet), spec.projector.out_dim)
+    vision_weights, projector_weights = split_realcustom_state_dict(
+        load_weights(find_weights(root, LAYOUT["realcustom"]))
+    )
+    # Base and added weights are disjoint key sets; together they must cover the UNet exactly.
+    unet.unet.load_state_dict(
+        {**load_weights(find_weights(root, LAYOUT["unet"])), **vision_weights}, strict=True
+    )
+    projector = spec.projector.build()
+    projector.load_state_dict(projector_weights, strict=True)
+
+    vae = AutoencoderKL.from_config(json.loads((root / LAYOUT["vae_config"]).read_text()))
+    vae.load_state_dict(load_weights(find_weights(root, LAYOUT["vae"])), strict=True)
+    logger.info("loaded RealCustom++ (%s) from %s", spec.name, root)
+    return RealCustomPipeline(
+        text_encoder, reference_encoder, projector, unet, vae, spec.name, spec.default_size
+    )
+
+
+def download_official_checkpoints(local_dir: str | Path) -> Path:
+    """Fetch the released checkpoints from the hub; a clear error when that is impossible."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(HUB_REPO, local_dir=str(local_dir), allow_patterns=["ckpts/**"])
+    except Exception as error:  # any hub or network failure ends in the same advice
+        raise RuntimeError(
+            f"could not download {HUB_REPO} ({type(error).__name__}: {error}). Without network access, copy "
+            f"the release's ckpts/ folder to {local_dir} by hand and pass that directory as the model."
+        ) from error
+    return checkpoint_root(Path(local_dir))
+
+
+def load_pipeline(
+    model: str = "tiny",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> RealCustomPipeline:
+    """`tiny`, `sdxl-random` / `sd15-random` (random weights, for benchmarks), or a directory."""
+    if model == TINY.name:
+        pipeline = build_pipeline(TINY, seed)
+        logger.info("using the tiny model: random weights from seed %d (no real weights configured)", seed)
+    elif model.endswith("-random") and model.removesuffix("-random") in SPECS:
+        pipeline = build_pipeline(SPECS[model.removesuffix("-random")], seed)
+    elif Path(model).is_dir():
+        pipeline = load_from_directory(model)
+    else:
+        raise ValueError(
+            f"unknown model {model!r}: use 'tiny', 'sdxl-random', 'sd15-random' or a checkpoint directory"
+        )
+    return pipeline.to(device=device, dtype=dtype)
