@@ -91,11 +91,12 @@ def test_selected_blocks_come_in_requested_order(fixture):
 
 
 def test_pos_embed_resampling_matches_timm(fixture):
-    # timm resampled the 5x5 checkpoint grid to the model's 4x4 one; the loaded model must agree.
+    # timm resampled the 5x5 checkpoint grid to the model's 4x4 one (bicubic, anti-aliased).
     converted = convert_timm_state_dict(entries(fixture, "dino."), DINOV2_TINY)
-    assert converted["pos_embed"].shape == (1, 16, 32)
-    same_grid = resample_pos_embed(converted["pos_embed"], 4)
-    assert same_grid is converted["pos_embed"]
+    torch.testing.assert_close(
+        converted["pos_embed"], fixture["dino_resampled_pos_embed"], atol=TOLERANCE, rtol=0
+    )
+    assert resample_pos_embed(converted["pos_embed"], 4) is converted["pos_embed"]
 
 
 def test_rejects_foreign_checkpoint(fixture):

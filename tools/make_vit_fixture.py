@@ -15,11 +15,18 @@ code's path), which applies `checkpoint_filter_fn`: the open_clip prefix for Sig
 embedding resampling from a 5x5 checkpoint grid to the 4x4 model grid for DINOv2, and Meta's
 original DINOv2 layout.
 
-Fixture entries (float32): `input` [2,3,56,56]; `siglip.<key>` an open_clip checkpoint (with text
-tower entries that must be ignored); `dino.<key>` a timm DINOv2 checkpoint on a 5x5 grid;
+It also records the official per-view preprocessing of `ShallowDeepPatchfySiglipDinoEncoder` for
+`tests/test_reference.py`: einops polyphase split and align_corners=True global resize of a 112x112
+reference, torchvision ToPILImage, and timm's eval transform with the official "resize-naive" Resize.
+
+Fixture entries (float32 unless said): `input` [2,3,56,56]; `siglip.<key>` an open_clip checkpoint
+(with text tower entries that must be ignored); `dino.<key>` a timm DINOv2 checkpoint on a 5x5 grid;
+`dino_resampled_pos_embed` [1,16,32] the position embedding timm loaded from it;
 `dino_meta.<key>` the entries that differ in Meta's layout of that same checkpoint;
 `<model>_out.<block>` timm's `get_intermediate_layers` output of every block for
-model in {siglip, dino, dino_meta}.
+model in {siglip, dino, dino_meta}; `preprocess.reference` [1,3,112,112] (float16-exact values);
+`preprocess.views` [5,3,56,56] uint8, the PIL images of the global view then the four local views;
+`preprocess.siglip_global` / `preprocess.dino_global` [1,3,56,56] the transformed global view.
 """
 
 from __future__ import annotations
@@ -29,9 +36,13 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from safetensors.torch import save_file
+from torchvision.transforms import Compose, Resize, ToPILImage
 
 logger = logging.getLogger("make_vit_fixture")
 
@@ -88,6 +99,34 @@ def meta_layout(timm_entries: dict[str, torch.Tensor], generator: torch.Generato
     }
 
 
+def official_view_transform(name: str) -> Compose:
+    """timm's eval transform with its first Resize replaced by Resize((V, V)), as the official code."""
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=IMAGE_SIZE, **TINY_SHAPE)
+    data_config = timm.data.resolve_model_data_config(model)
+    data_config["input_size"] = (3, IMAGE_SIZE, IMAGE_SIZE)
+    default = timm.data.create_transform(**data_config, is_training=False)
+    first = default.transforms[0]
+    assert isinstance(first, Resize), default
+    return Compose(
+        [Resize((IMAGE_SIZE, IMAGE_SIZE), interpolation=first.interpolation), *default.transforms[1:]]
+    )
+
+
+def official_preprocessing(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The views the official encoder builds from a 2V x 2V reference, as PIL images and tensors."""
+    reference = torch.rand(1, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE, generator=generator).half().float()
+    local = rearrange(reference, "b c (h hp) (w wp) -> (b hp wp) c h w", hp=2, wp=2)
+    global_view = F.interpolate(reference, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=True)
+    images = [ToPILImage()(view) for view in torch.cat([global_view, local])]
+    views = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images])
+    return {
+        "preprocess.reference": reference.half(),
+        "preprocess.views": views,
+        "preprocess.siglip_global": official_view_transform(SIGLIP_NAME)(images[0])[None],
+        "preprocess.dino_global": official_view_transform(DINO_NAME)(images[0])[None],
+    }
+
+
 def build_fixture(workdir: Path) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(20241126)
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
@@ -115,7 +154,9 @@ def build_fixture(workdir: Path) -> dict[str, torch.Tensor]:
     dino_file = workdir / "pytorch_model.bin"
     torch.save(dino_entries, dino_file)
     fixture |= {f"dino.{key}": value for key, value in dino_entries.items()}
-    fixture |= all_block_outputs(load_via_timm(DINO_NAME, dino_file), pixels, "dino")
+    dino_loaded = load_via_timm(DINO_NAME, dino_file)
+    fixture["dino_resampled_pos_embed"] = dino_loaded.pos_embed
+    fixture |= all_block_outputs(dino_loaded, pixels, "dino")
 
     # The same network in Meta's original layout, converted by timm's _convert_dinov2.
     meta_entries = meta_layout(dino_entries, generator)
@@ -128,7 +169,8 @@ def build_fixture(workdir: Path) -> dict[str, torch.Tensor]:
     torch.save(meta_checkpoint, meta_file)
     fixture |= {f"dino_meta.{key}": value for key, value in meta_entries.items()}
     fixture |= all_block_outputs(load_via_timm(DINO_NAME, meta_file), pixels, "dino_meta")
-    return {key: value.detach().float().clone() for key, value in fixture.items()}
+    fixture = {key: value.detach().float().clone() for key, value in fixture.items()}
+    return fixture | official_preprocessing(generator)
 
 
 def main() -> None:
