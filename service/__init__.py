@@ -1,0 +1,1 @@
+"""RealCustom++ customisation service: HTTP API, job queue, GPU workers, metrics."""

@@ -1,0 +1,1 @@
+"""HTTP API process: validates at the edge, enqueues, waits. Never imports torch."""

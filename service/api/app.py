@@ -1,0 +1,67 @@
+"""The FastAPI application: shared resources in the lifespan, routers, middleware, handlers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from realcustom.tokenizer import load_clip_tokenizer
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
+from service.api.openapi import install_openapi
+from service.api.ratelimit import RateLimiter
+from service.api.routes import customize, jobs, ops
+from service.queue import create_queue
+from service.queue.protocol import JobQueue
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Something that runs beside the API for the app's lifetime, given the queue (the embedded worker).
+Companion = Callable[[JobQueue], AbstractAsyncContextManager[None]]
+
+DESCRIPTION = """
+RealCustom++ subject customisation: the subject of each reference photo is bound to a real word of
+the prompt ("a **cat** in the snow") and generated into the prompt's scene.
+
+`POST /customize` answers when the images are ready; `POST /jobs` queues and returns at once.
+"""
+
+
+def create_app(settings: Settings, companion: Companion | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.api_keys:
+            logger.info("API keys required (%d configured)", len(settings.api_keys))
+        else:
+            logger.warning("no API_KEYS configured: the API is open to every caller")
+        app.state.settings = settings
+        app.state.tokenizer = await run_in_threadpool(load_clip_tokenizer, settings.tokenizer_path)
+        app.state.rate_limiter = (
+            RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
+        )
+        app.state.queue = create_queue(settings)
+        logger.info("queue: %s", "Redis Streams" if settings.redis_url else "in-process")
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if companion is not None:
+                    await stack.enter_async_context(companion(app.state.queue))
+                yield
+        finally:
+            await app.state.queue.close()
+
+    app = FastAPI(title="RealCustom++ service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.include_router(customize.router)
+    app.include_router(jobs.router)
+    app.include_router(ops.router)
+    install_error_handlers(app)
+    install_openapi(app)
+    # Added last = outermost: the size limit applies before anything reads the body.
+    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

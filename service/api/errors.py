@@ -1,0 +1,53 @@
+"""Exception handlers: every error reply has the shape of `ErrorResponse`."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service.errors import ApiError
+from service.queue.protocol import QueueUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+def _reply(status_code: int, code: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "field": field}},
+        status_code=status_code,
+        headers=headers,
+    )
+
+
+async def _api_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ApiError)
+    return _reply(error.status_code, error.code, error.message, error.field, error.headers)
+
+
+async def _request_validation(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    parts = [f"`{'.'.join(str(p) for p in item['loc'])}`: {item['msg']}" for item in error.errors()]
+    return _reply(422, "invalid_request", "; ".join(parts))
+
+
+async def _http_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    return _reply(error.status_code, "http_error", str(error.detail), headers=error.headers)
+
+
+async def _queue_unavailable(_request: Request, error: Exception) -> JSONResponse:
+    logger.warning("queue unavailable: %s", error)
+    return _reply(
+        503, "queue_unavailable", "the job queue is unreachable; retry shortly", headers={"Retry-After": "1"}
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(QueueUnavailableError, _queue_unavailable)

@@ -1,0 +1,81 @@
+"""OpenAPI details FastAPI cannot infer: one body accepted as JSON or multipart/form-data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.api.deps import SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD
+from service.schemas import CustomizeRequest, ErrorResponse
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": description}
+    for code, description in (
+        (400, "Malformed body"),
+        (401, "Missing or wrong API key"),
+        (406, "The Accept header cannot be met"),
+        (409, "The job was cancelled / cannot be cancelled"),
+        (413, "Body or image too large"),
+        (415, "Unsupported content type"),
+        (422, "Invalid field: the message says what to change"),
+        (429, "Queue full or rate limit hit; see Retry-After"),
+        (503, "Queue unreachable; see Retry-After"),
+        (504, "The job missed its deadline and was dropped"),
+    )
+}
+RAW_IMAGE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON, or the raw image with `Accept: image/png` and one image.",
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+_BODY_PATHS = ("/customize", "/jobs")
+
+
+def _multipart_schema(request_schema: dict[str, Any]) -> dict[str, Any]:
+    properties = {name: field for name, field in request_schema["properties"].items() if name != "subjects"}
+    properties[SUBJECT_IMAGE_FIELD] = {
+        "type": "array",
+        "items": {"type": "string", "format": "binary"},
+        "description": "One reference image file per subject (PNG, JPEG or WebP).",
+    }
+    properties[SUBJECT_TARGET_FIELD] = {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "The target phrase of each subject, in the order of the files.",
+    }
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": ["prompt", SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD],
+    }
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Document the generation body under both content types, with examples."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        request_schema = CustomizeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request_schema.pop("$defs", {}))
+        components["CustomizeRequest"] = request_schema
+        body = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/CustomizeRequest"}},
+                "multipart/form-data": {"schema": _multipart_schema(request_schema)},
+            },
+        }
+        for path in _BODY_PATHS:
+            schema["paths"][path]["post"]["requestBody"] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,121 @@
+"""From queue records to HTTP replies (shared by the synchronous and asynchronous routes)."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+from fastapi import Response
+
+from service import metrics
+from service.api.ratelimit import retry_after_header
+from service.errors import ApiError
+from service.images import MEDIA_TYPES
+from service.queue.protocol import (
+    JobQueue,
+    JobRecord,
+    JobSpec,
+    JobState,
+    QueueFullError,
+)
+from service.schemas import CustomizeRequest, CustomizeResponse, JobStatusResponse, Timings
+
+RAW_IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/*"}
+
+
+def raw_image_type(accept: str | None, request: CustomizeRequest) -> str | None:
+    """The media type to answer with raw bytes, or None for JSON; 406 when it cannot be met."""
+    accepted = {part.split(";")[0].strip().lower() for part in (accept or "").split(",")}
+    wanted = accepted & RAW_IMAGE_TYPES
+    if not wanted or "application/json" in accepted:
+        return None
+    if request.num_images != 1:
+        raise ApiError(
+            406, "not_acceptable", "a raw image reply holds one image; set num_images to 1 or accept JSON"
+        )
+    produced = MEDIA_TYPES[request.output_format]
+    if "image/*" not in wanted and produced not in wanted:
+        raise ApiError(
+            406,
+            "not_acceptable",
+            f"Accept asks for {', '.join(sorted(wanted))} but output_format is {request.output_format}; "
+            "make them match",
+        )
+    return produced
+
+
+async def submit(queue: JobQueue, spec: JobSpec, idempotency_key: str | None) -> JobRecord:
+    try:
+        record = await queue.submit(spec, idempotency_key)
+    except QueueFullError as error:
+        metrics.JOBS_REJECTED.labels("queue_full").inc()
+        raise ApiError(
+            429, "queue_full", str(error), headers=retry_after_header(error.retry_after_s)
+        ) from None
+    if record.id == spec.id:
+        metrics.JOBS_ACCEPTED.inc()
+    return record
+
+
+def effective_state(record: JobRecord) -> JobState:
+    """A queued job past its deadline will be dropped by the worker that takes it: say so now."""
+    if record.state == JobState.QUEUED and time.time() > record.deadline:
+        return JobState.EXPIRED
+    return record.state
+
+
+def to_response(record: JobRecord, total_s: float) -> CustomizeResponse:
+    result = record.result
+    assert result is not None, "a done job always has a result"
+    return CustomizeResponse(
+        id=record.id,
+        images=[base64.b64encode(image).decode() for image in result.images],
+        masks=[base64.b64encode(mask).decode() for mask in result.masks]
+        if result.masks is not None
+        else None,
+        seed=record.seed,
+        output_format=record.output_format,
+        timings=Timings(
+            queue_wait=result.queue_wait_seconds, inference=result.inference_seconds, total=total_s
+        ),
+    )
+
+
+def raise_unless_done(record: JobRecord, timeout_s: float) -> None:
+    """Turn a job that did not succeed into the matching error reply."""
+    state = effective_state(record)
+    if state == JobState.DONE:
+        return
+    if state == JobState.FAILED:
+        raise ApiError(500, "generation_failed", f"the generation failed: {record.error}")
+    if state == JobState.CANCELLED:
+        raise ApiError(409, "cancelled", "the job was cancelled before it ran")
+    raise ApiError(
+        504,
+        "deadline_exceeded",
+        f"the job did not finish within its {timeout_s:.0f} s deadline; it will not be computed. "
+        "Retry later, when the service is less busy.",
+    )
+
+
+def status_response(record: JobRecord) -> JobStatusResponse:
+    state = effective_state(record)
+    result = None
+    if state == JobState.DONE and record.result is not None:
+        result = to_response(record, record.result.finished_at - record.enqueued_at)
+    return JobStatusResponse(id=record.id, status=state, error=record.error, result=result)
+
+
+def raw_image_response(record: JobRecord, media_type: str, total_s: float) -> Response:
+    result = record.result
+    assert result is not None, "a done job always has a result"
+    return Response(
+        content=result.images[0],
+        media_type=media_type,
+        headers={
+            "X-Job-Id": record.id,
+            "X-Seed": str(record.seed),
+            "X-Timings": f"queue_wait={result.queue_wait_seconds:.4f}, "
+            f"inference={result.inference_seconds:.4f}, total={total_s:.4f}",
+        },
+    )

@@ -1,0 +1,1 @@
+"""HTTP routes: generation (`customize`), asynchronous jobs (`jobs`), operations (`ops`)."""

@@ -1,0 +1,45 @@
+"""Every Prometheus metric of the service, defined once. Durations are in seconds.
+
+The API process records requests, end-to-end latency and queue depth; workers record queue wait,
+inference, batch sizes, busy state and GPU memory (each process serves its own registry; the
+all-in-one process serves all of them).
+"""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Covers tiny CPU jobs (milliseconds) up to large GPU batches (minutes).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+REQUESTS = Counter(
+    "realcustom_http_requests_total",
+    "HTTP requests by route template, method and status code.",
+    ["route", "method", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "realcustom_http_request_seconds",
+    "HTTP request duration by route template (end to end for /customize).",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+JOBS_ACCEPTED = Counter("realcustom_jobs_accepted_total", "Jobs accepted into the queue.")
+JOBS_REJECTED = Counter(
+    "realcustom_jobs_rejected_total", "Requests refused before queueing, by reason.", ["reason"]
+)
+JOBS_FINISHED = Counter(
+    "realcustom_jobs_finished_total", "Jobs finished by workers, by terminal state.", ["state"]
+)
+QUEUE_DEPTH = Gauge("realcustom_queue_depth", "Accepted jobs not yet finished (read at scrape time).")
+QUEUE_WAIT_SECONDS = Histogram(
+    "realcustom_queue_wait_seconds", "Acceptance until a worker starts the job.", buckets=LATENCY_BUCKETS
+)
+INFERENCE_SECONDS = Histogram(
+    "realcustom_inference_seconds", "Runner time of one batch.", buckets=LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram(
+    "realcustom_batch_size", "Jobs per batch run by a worker.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
+)
+WORKER_BUSY = Gauge("realcustom_worker_busy", "1 while this worker runs a batch.")
+WORKER_READY = Gauge("realcustom_worker_ready", "1 once this worker's model is loaded and warm.")
+GPU_MEMORY_BYTES = Gauge(
+    "realcustom_gpu_memory_bytes", "GPU memory of this worker's device, by kind.", ["kind"]
+)

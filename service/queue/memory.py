@@ -1,0 +1,146 @@
+"""In-process queue for the all-in-one process: asyncio only, no Redis.
+
+The API and the embedded worker share one event loop, so plain dicts guarded by that loop are
+enough; waiters are woken by per-job events, workers by a condition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+
+from service.queue.protocol import JobRecord, JobSpec, JobState, QueueFullError, TakenJob
+
+
+class InProcessQueue:
+    """The `JobQueue` of one process. Tokens are job ids (one delivery per job)."""
+
+    def __init__(self, max_depth: int, retry_after_s: int, result_ttl_s: float, worker_ttl_s: float) -> None:
+        self._max_depth = max_depth
+        self._retry_after_s = retry_after_s
+        self._result_ttl_s = result_ttl_s
+        self._worker_ttl_s = worker_ttl_s
+        self._specs: dict[str, JobSpec] = {}
+        self._records: dict[str, JobRecord] = {}
+        self._expires: dict[str, float] = {}
+        self._idempotency: dict[str, str] = {}
+        self._pending: deque[str] = deque()
+        self._finished_events: dict[str, asyncio.Event] = {}
+        self._work_available = asyncio.Condition()
+        self._workers: dict[str, float] = {}
+
+    def _purge(self) -> None:
+        now = time.monotonic()
+        for job_id in [job_id for job_id, expires in self._expires.items() if expires < now]:
+            for store in (self._records, self._specs, self._expires, self._finished_events):
+                store.pop(job_id, None)
+        for key in [key for key, job_id in self._idempotency.items() if job_id not in self._records]:
+            del self._idempotency[key]
+
+    async def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobRecord:
+        self._purge()
+        if idempotency_key and idempotency_key in self._idempotency:
+            return self._records[self._idempotency[idempotency_key]]
+        depth = await self.depth()
+        if depth >= self._max_depth:
+            raise QueueFullError(depth, self._retry_after_s)
+        record = JobRecord(
+            id=spec.id,
+            state=JobState.QUEUED,
+            seed=spec.seed,
+            output_format=spec.output_format,
+            enqueued_at=spec.enqueued_at,
+            deadline=spec.deadline,
+        )
+        self._specs[spec.id] = spec
+        self._records[spec.id] = record
+        self._finished_events[spec.id] = asyncio.Event()
+        if idempotency_key:
+            self._idempotency[idempotency_key] = spec.id
+        self._pending.append(spec.id)
+        async with self._work_available:
+            self._work_available.notify()
+        return record
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        self._purge()
+        return self._records.get(job_id)
+
+    async def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
+        event = self._finished_events.get(job_id)
+        if event is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=max(timeout_s, 0.0))
+        return self._records.get(job_id)
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        record = self._records.get(job_id)
+        if record is None or record.state != JobState.QUEUED:
+            return record
+        if job_id in self._pending:  # else a worker holds it and will skip it at start
+            self._pending.remove(job_id)
+        return self._store(job_id, record.model_copy(update={"state": JobState.CANCELLED}))
+
+    async def depth(self) -> int:
+        return sum(not record.state.finished for record in self._records.values())
+
+    async def ready_workers(self) -> int:
+        now = time.monotonic()
+        return sum(seen > now - self._worker_ttl_s for seen in self._workers.values())
+
+    async def ping(self) -> bool:
+        return True
+
+    async def take(self, worker: str, max_jobs: int, block_s: float) -> list[TakenJob]:
+        if not self._pending:
+            async with self._work_available:
+                try:
+                    await asyncio.wait_for(self._work_available.wait_for(self._has_pending), block_s)
+                except TimeoutError:
+                    return []
+        taken: list[TakenJob] = []
+        while self._pending and len(taken) < max_jobs:
+            job_id = self._pending.popleft()
+            taken.append(TakenJob(spec=self._specs[job_id], token=job_id))
+        return taken
+
+    def _has_pending(self) -> bool:
+        return bool(self._pending)
+
+    async def start(self, worker: str, job: TakenJob) -> bool:
+        record = self._records.get(job.spec.id)
+        if record is None or record.state.finished:
+            return False
+        self._records[job.spec.id] = record.model_copy(update={"state": JobState.RUNNING, "worker": worker})
+        return True
+
+    async def finish(self, job: TakenJob, record: JobRecord) -> None:
+        self._store(job.spec.id, record)
+
+    async def release(self, job: TakenJob) -> None:
+        record = self._records.get(job.spec.id)
+        if record is not None and not record.state.finished:
+            self._records[job.spec.id] = record.model_copy(update={"state": JobState.QUEUED, "worker": None})
+            self._pending.appendleft(job.spec.id)
+            async with self._work_available:
+                self._work_available.notify()
+
+    async def heartbeat(self, worker: str, ready: bool, in_flight: list[TakenJob]) -> None:
+        if ready:
+            self._workers[worker] = time.monotonic()
+        else:
+            self._workers.pop(worker, None)
+
+    async def close(self) -> None:
+        self._workers.clear()
+
+    def _store(self, job_id: str, record: JobRecord) -> JobRecord:
+        self._records[job_id] = record
+        self._expires[job_id] = time.monotonic() + self._result_ttl_s
+        self._specs.pop(job_id, None)
+        event = self._finished_events.get(job_id)
+        if event is not None:
+            event.set()
+        return record

@@ -1,0 +1,165 @@
+"""The queue contract shared by the in-process and the Redis Streams backends.
+
+The API side submits, waits for, reads and cancels jobs; the worker side takes, starts, finishes
+and releases them. A job is accepted once `submit` returns; from then on it ends in exactly one
+terminal state (done, failed, cancelled or expired) and is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.images import OutputFormat
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+# Bytes travel as base64 inside JSON and stay raw bytes in Python.
+BYTES_AS_BASE64 = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
+
+class SubjectSpec(BaseModel):
+    model_config = BYTES_AS_BASE64
+
+    image: bytes = Field(description="The reference image exactly as uploaded (validated).")
+    target: str
+
+
+class JobSpec(BaseModel):
+    """A validated job as it travels through the queue (no torch, JSON-serialisable)."""
+
+    model_config = BYTES_AS_BASE64
+
+    id: str
+    prompt: str
+    subjects: list[SubjectSpec]
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    mask_scope: float
+    mask_reused_step: int
+    seed: int
+    num_images: int
+    output_format: OutputFormat
+    return_masks: bool
+    enqueued_at: float = Field(description="Unix time of acceptance.")
+    deadline: float = Field(description="Unix time after which the job is dropped, not computed.")
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) > self.deadline
+
+
+class JobResult(BaseModel):
+    """What a worker stores for a finished job: encoded images and masks, and its timings."""
+
+    model_config = BYTES_AS_BASE64
+
+    images: list[bytes]
+    masks: list[bytes] | None = None
+    queue_wait_seconds: float
+    inference_seconds: float
+    finished_at: float = Field(description="Unix time the result was produced.")
+    worker: str
+
+
+class JobRecord(BaseModel):
+    """State of one job as the API reports it."""
+
+    id: str
+    state: JobState
+    seed: int
+    output_format: OutputFormat
+    enqueued_at: float
+    deadline: float
+    worker: str | None = None
+    error: str | None = None
+    result: JobResult | None = None
+
+
+class TakenJob(BaseModel):
+    """A job handed to a worker; `token` identifies the delivery (a stream id for Redis)."""
+
+    spec: JobSpec
+    token: str
+
+
+class QueueFullError(Exception):
+    """Too many accepted jobs are waiting; retry after `retry_after_s` seconds."""
+
+    def __init__(self, depth: int, retry_after_s: int) -> None:
+        super().__init__(f"the queue holds {depth} jobs, its limit; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class QueueUnavailableError(Exception):
+    """The queue backend cannot be reached (e.g. Redis restarting)."""
+
+
+class JobQueue(Protocol):
+    """Both sides of the queue. Every method is safe to call from several tasks and processes."""
+
+    # --- API side ------------------------------------------------------------------------------
+    async def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobRecord:
+        """Accept a job (or return the job already accepted under `idempotency_key`)."""
+        ...
+
+    async def get(self, job_id: str) -> JobRecord | None: ...
+
+    async def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
+        """Return as soon as the job is finished, or its current record after `timeout_s`."""
+        ...
+
+    async def cancel(self, job_id: str) -> JobRecord | None:
+        """Cancel a queued job; a job in any other state is returned unchanged."""
+        ...
+
+    async def depth(self) -> int:
+        """Accepted jobs not yet finished."""
+        ...
+
+    async def ready_workers(self) -> int:
+        """Workers that reported ready within the last few heartbeats."""
+        ...
+
+    async def ping(self) -> bool: ...
+
+    # --- worker side ---------------------------------------------------------------------------
+    async def take(self, worker: str, max_jobs: int, block_s: float) -> list[TakenJob]:
+        """Up to `max_jobs` jobs (waiting at most `block_s` for the first), including jobs
+        reclaimed from workers that died."""
+        ...
+
+    async def start(self, worker: str, job: TakenJob) -> bool:
+        """Mark a taken job running; False (and the delivery acknowledged) when it was cancelled
+        or already finished, so the worker must skip it."""
+        ...
+
+    async def finish(self, job: TakenJob, record: JobRecord) -> None:
+        """Store the terminal record (with its TTL), wake waiters, then acknowledge the delivery."""
+        ...
+
+    async def release(self, job: TakenJob) -> None:
+        """Give a taken, unstarted job back to the queue (graceful shutdown)."""
+        ...
+
+    async def heartbeat(self, worker: str, ready: bool, in_flight: list[TakenJob]) -> None:
+        """Report the worker alive (and ready) and keep its in-flight jobs from being reclaimed."""
+        ...
+
+    async def close(self) -> None: ...

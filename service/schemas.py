@@ -1,0 +1,141 @@
+"""HTTP request and response bodies (pydantic), with the examples shown in the OpenAPI docs."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from service.images import OutputFormat
+from service.queue.protocol import JobState
+
+# 1x1 white PNG, small enough to keep the docs readable.
+EXAMPLE_IMAGE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
+
+
+def _decode_base64(value: Any) -> Any:
+    """Accept base64 text (optionally a data: URL) from JSON, raw bytes from multipart uploads."""
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("image must be a base64 string")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("image is not valid base64; send the file bytes base64-encoded") from None
+
+
+ImageBytes = Annotated[
+    bytes,
+    BeforeValidator(_decode_base64),
+    WithJsonSchema(
+        {"type": "string", "format": "byte", "description": "PNG, JPEG or WebP file, base64-encoded."}
+    ),
+]
+
+
+class SubjectIn(BaseModel):
+    """One reference subject: its photo and the prompt phrase it is bound to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageBytes
+    target: str = Field(
+        min_length=1, max_length=200, description="Phrase of the prompt that names the subject, e.g. `cat`."
+    )
+
+
+class CustomizeRequest(BaseModel):
+    """A customisation request: the prompt, its subjects and the sampling parameters."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "a cat in the snow",
+                    "subjects": [{"image": EXAMPLE_IMAGE, "target": "cat"}],
+                    "width": 1024,
+                    "height": 1024,
+                    "num_inference_steps": 25,
+                    "guidance_scale": 3.5,
+                    "seed": 42,
+                    "output_format": "png",
+                }
+            ]
+        },
+    )
+
+    prompt: str = Field(min_length=1, max_length=2000, description="Text prompt; must contain every target.")
+    subjects: list[SubjectIn] = Field(min_length=1, description="Reference subjects (one or more).")
+    width: int = Field(1024, multiple_of=32, gt=0, description="Output width in pixels, a multiple of 32.")
+    height: int = Field(1024, multiple_of=32, gt=0, description="Output height in pixels, a multiple of 32.")
+    num_inference_steps: int = Field(25, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(3.5, ge=0.0, le=30.0, description="Classifier-free guidance scale.")
+    mask_scope: float = Field(
+        0.25, gt=0.0, le=1.0, description="Share of the image the subject mask may cover."
+    )
+    mask_reused_step: int = Field(
+        12, ge=0, description="Step after which the subject mask is frozen and reused."
+    )
+    seed: int | None = Field(
+        None, ge=0, lt=2**63, description="Random seed; random (and returned) when absent."
+    )
+    num_images: int = Field(1, ge=1, description="Images generated for this prompt.")
+    output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
+    return_masks: bool = Field(False, description="Also return the subject masks (PNG).")
+
+
+class Timings(BaseModel):
+    """Where the time went, in seconds."""
+
+    queue_wait: float = Field(description="From acceptance until a worker started the job.")
+    inference: float = Field(description="The pipeline's own time for the batch that held the job.")
+    total: float = Field(description="From the request's arrival until the reply (synchronous calls).")
+
+
+class CustomizeResponse(BaseModel):
+    """The generated images of one request."""
+
+    id: str
+    images: list[str] = Field(description="Base64-encoded images in `output_format`.")
+    masks: list[str] | None = Field(None, description="Base64 PNG subject masks when `return_masks`.")
+    seed: int
+    output_format: OutputFormat
+    timings: Timings
+
+
+class JobAccepted(BaseModel):
+    """Reply of `POST /jobs`: where to look for the result."""
+
+    id: str
+    status: JobState
+    url: str = Field(description="Path of `GET /jobs/{id}`.")
+
+
+class JobStatusResponse(BaseModel):
+    """State of an asynchronous job, with its result when done."""
+
+    id: str
+    status: JobState
+    error: str | None = None
+    result: CustomizeResponse | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable reason, e.g. `invalid_image`, `queue_full`.")
+    message: str = Field(description="What is wrong and what to change.")
+    field: str | None = Field(None, description="The request field at fault, when there is one.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "not_ready"]
+    detail: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,125 @@
+"""Every setting of the service, read from the environment in one place.
+
+Field names map to upper-case environment variables (``PORT``, ``REDIS_URL``, ...). Nothing reads
+the environment at import time: processes call :func:`load_settings` in their entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the API, the workers and the all-in-one process."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    # --- process -------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface the HTTP server binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP server.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of every service process."
+    )
+
+    # --- model (workers) -----------------------------------------------------------------------
+    model: str = Field(
+        "tiny",
+        description="`tiny` (random tiny weights, CPU friendly) or a local directory with the "
+        "official weights layout. `tiny` is used when no weights are configured.",
+    )
+    backend: Literal["eager", "compiled", "tensorrt"] = Field(
+        "eager", description="Execution backend of `engines.runner.load_runner`."
+    )
+    device: str | None = Field(None, description="Torch device of the worker; unset = cuda when present.")
+    warmup: bool = Field(True, description="Run one warm-up generation before a worker reports ready.")
+    tokenizer_path: str | None = Field(
+        None, description="Directory of a CLIP tokenizer; unset = the bundled CLIP BPE vocabulary."
+    )
+
+    # --- queue ---------------------------------------------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL (redis://host:6379/0). Unset = the in-process queue of the all-in-one "
+        "process; required by `python -m service.api` and `python -m service.worker`.",
+    )
+    queue_name: str = Field(
+        "realcustom", description="Prefix of every Redis key, so that several deployments share a Redis."
+    )
+    queue_max_depth: int = Field(
+        64, ge=1, description="Accepted jobs not yet finished; beyond it requests get 429 + Retry-After."
+    )
+    queue_full_retry_after_s: int = Field(2, ge=1, description="Retry-After of a 429 for a full queue.")
+    job_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Deadline of a job from its acceptance. Past it the synchronous request gets 504 "
+        "and workers drop the job without computing it.",
+    )
+    result_ttl_s: int = Field(600, ge=1, description="How long finished jobs and their results are kept.")
+    reclaim_idle_s: float = Field(
+        60.0,
+        gt=0,
+        description="A job held this long by a worker that stopped heart-beating is taken over by "
+        "another worker (XAUTOCLAIM). Live workers refresh their jobs every `heartbeat_s`, so this "
+        "only has to exceed the heartbeat, and is kept longer than the slowest job for safety.",
+    )
+    heartbeat_s: float = Field(
+        2.0, gt=0, description="Period of worker presence updates and in-flight job refreshes."
+    )
+
+    # --- worker --------------------------------------------------------------------------------
+    worker_id: str = Field("", description="Name of this worker in the consumer group; unset = host-pid.")
+    max_batch: int = Field(4, ge=1, description="Most jobs a worker runs as one batch.")
+    batch_window_ms: int = Field(
+        10, ge=0, description="How long a worker waits for more compatible jobs before running a batch."
+    )
+    worker_metrics_port: int = Field(
+        9101, ge=0, le=65535, description="Port of a worker's Prometheus endpoint; 0 disables it."
+    )
+
+    # --- edge: security and limits -------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer tokens accepted by the API; none = the API is open.",
+    )
+    rate_limit_per_minute: int = Field(
+        0, ge=0, description="Requests per minute per API key (or client address when open); 0 = off."
+    )
+    max_body_bytes: int = Field(40 * 2**20, ge=1024, description="Largest request body accepted.")
+    max_image_bytes: int = Field(12 * 2**20, ge=1024, description="Largest encoded reference image.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest decoded reference image (width x height); guards bombs."
+    )
+    min_image_side: int = Field(16, ge=1, description="Smallest width or height of a reference image.")
+    max_subjects: int = Field(4, ge=1, description="Most reference subjects in one request.")
+    min_side: int = Field(64, ge=32, description="Smallest output width/height (a multiple of 32).")
+    max_side: int = Field(2048, ge=32, description="Largest output width/height (a multiple of 32).")
+    max_steps: int = Field(100, ge=1, description="Most denoising steps per request.")
+    max_num_images: int = Field(4, ge=1, description="Most images per request.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check_sides(self) -> Settings:
+        if self.min_side % 32 or self.max_side % 32 or self.min_side > self.max_side:
+            raise ValueError("min_side and max_side must be multiples of 32 with min_side <= max_side")
+        return self
+
+    @property
+    def worker_name(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def load_settings() -> Settings:
+    """Read the settings from the environment (called once per process, in its entry point)."""
+    return Settings()

@@ -1,0 +1,60 @@
+"""`python -m service.worker`: one worker process (one per GPU) serving the Redis queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from engines.runner import load_runner
+from prometheus_client import start_http_server
+
+from service.logs import configure_logging
+from service.queue import create_queue
+from service.settings import Settings, load_settings
+from service.worker.loop import Worker
+
+logger = logging.getLogger("service.worker")
+
+
+async def serve(settings: Settings) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    logger.info("loading model %s (backend %s)", settings.model, settings.backend)
+    runner = await asyncio.to_thread(load_runner, settings.model, settings.backend, settings.device)
+    if settings.warmup:
+        await asyncio.to_thread(runner.warmup)
+    if stopping.is_set():
+        return
+    queue = create_queue(settings)
+    worker = Worker(queue, runner, settings, settings.worker_name)
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.wait([task, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
+        logger.info("stopping: finishing the batch in flight and returning the rest")
+        worker.stop()
+        await task
+    finally:
+        await queue.close()
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    if not settings.redis_url:
+        logger.error(
+            "REDIS_URL is not set: a separate worker needs the Redis queue. Set REDIS_URL, or run "
+            "`python -m service` (API + in-process queue + worker in one process)."
+        )
+        sys.exit(2)
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
+        logger.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

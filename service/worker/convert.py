@@ -1,0 +1,50 @@
+"""Between queue jobs (bytes, JSON) and the runner's jobs (PIL images)."""
+
+from __future__ import annotations
+
+import time
+
+from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
+
+from service.images import decode_subject_image, encode_image
+from service.queue.protocol import JobResult, JobSpec
+from service.settings import Settings
+
+
+def to_generation_job(spec: JobSpec, settings: Settings) -> GenerationJob:
+    """Decode the reference images exactly as the API validated them."""
+    subjects = [
+        SubjectInput(
+            image=decode_subject_image(
+                subject.image, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
+            ),
+            target=subject.target,
+        )
+        for subject in spec.subjects
+    ]
+    return GenerationJob(
+        id=spec.id,
+        prompt=spec.prompt,
+        subjects=subjects,
+        width=spec.width,
+        height=spec.height,
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+        mask_scope=spec.mask_scope,
+        mask_reused_step=spec.mask_reused_step,
+        seed=spec.seed,
+        num_images=spec.num_images,
+        return_masks=spec.return_masks,
+    )
+
+
+def to_result(spec: JobSpec, output: GenerationOutput, started_at: float, worker: str) -> JobResult:
+    """Encode the images in the requested format (masks as PNG)."""
+    return JobResult(
+        images=[encode_image(image, spec.output_format) for image in output.images],
+        masks=[encode_image(mask, "png") for mask in output.masks] if output.masks is not None else None,
+        queue_wait_seconds=max(0.0, started_at - spec.enqueued_at),
+        inference_seconds=output.inference_seconds,
+        finished_at=time.time(),
+        worker=worker,
+    )

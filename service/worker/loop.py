@@ -1,0 +1,200 @@
+"""The worker loop: take jobs, batch compatible ones, run them, store results, acknowledge.
+
+Runs on an asyncio loop; the runner itself runs in a thread, so heartbeats (which keep this
+worker's jobs from being reclaimed) continue while a batch computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from engines.runner import Runner
+
+from service import metrics
+from service.queue.protocol import (
+    JobQueue,
+    JobRecord,
+    JobResult,
+    JobState,
+    QueueUnavailableError,
+    TakenJob,
+)
+from service.settings import Settings
+from service.worker.batcher import PendingJob, next_batch
+from service.worker.convert import to_generation_job, to_result
+from service.worker.gpu import record_gpu_memory
+
+logger = logging.getLogger(__name__)
+
+# How long one `take` blocks for the first job; bounds how quickly a stop request is noticed.
+TAKE_BLOCK_S = 0.5
+# Back-off while the queue is unreachable (Redis restarting).
+RETRY_DELAY_S = 0.5
+
+
+class Worker:
+    """Serves jobs from `queue` with `runner` until `stop()`; finishes or returns in-flight work."""
+
+    def __init__(self, queue: JobQueue, runner: Runner, settings: Settings, name: str) -> None:
+        self._queue = queue
+        self._runner = runner
+        self._settings = settings
+        self._name = name
+        self._backlog: list[PendingJob] = []
+        self._running: list[PendingJob] = []
+        self._stopping = asyncio.Event()
+        self._drain = False
+
+    def stop(self, drain: bool = False) -> None:
+        """Stop after the current batch; with `drain`, only once the queue is empty too."""
+        self._drain = drain
+        self._stopping.set()
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
+        metrics.WORKER_READY.set(1)
+        logger.info(
+            "worker %s ready (model=%s, backend=%s)",
+            self._name,
+            self._runner.model_name,
+            self._runner.backend,
+        )
+        try:
+            while not await self._should_exit():
+                try:
+                    await self._fill_backlog()
+                    batch, self._backlog = next_batch(self._backlog, self._settings.max_batch)
+                    if batch:
+                        await self._run_batch(batch)
+                except QueueUnavailableError as error:
+                    logger.warning("queue unavailable (%s); retrying", error)
+                    await asyncio.sleep(RETRY_DELAY_S)
+        finally:
+            metrics.WORKER_READY.set(0)
+            await self._return_backlog()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            with contextlib.suppress(QueueUnavailableError):
+                await self._queue.heartbeat(self._name, ready=False, in_flight=[])
+            logger.info("worker %s stopped", self._name)
+
+    async def _should_exit(self) -> bool:
+        if not self._stopping.is_set():
+            return False
+        if self._drain:
+            with contextlib.suppress(QueueUnavailableError):
+                return not self._backlog and await self._queue.depth() == 0
+        return True
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                in_flight = [pending.taken for pending in self._backlog + self._running]
+                await self._queue.heartbeat(
+                    self._name, ready=not self._stopping.is_set(), in_flight=in_flight
+                )
+            except QueueUnavailableError as error:
+                logger.warning("heartbeat failed: %s", error)
+            await asyncio.sleep(self._settings.heartbeat_s)
+
+    async def _fill_backlog(self) -> None:
+        room = self._settings.max_batch - len(self._backlog)
+        if room <= 0:
+            return
+        taken = await self._queue.take(self._name, room, block_s=0.0 if self._backlog else TAKE_BLOCK_S)
+        window_s = self._settings.batch_window_ms / 1000
+        if taken and len(taken) < room and window_s > 0:
+            # Concurrent requests arrive a few milliseconds apart: wait briefly to batch them.
+            await asyncio.sleep(window_s)
+            taken += await self._queue.take(self._name, room - len(taken), block_s=0.0)
+        for job in taken:
+            await self._accept(job)
+
+    async def _accept(self, taken: TakenJob) -> None:
+        """Decode a delivery into the backlog, or finish it at once (expired, undecodable)."""
+        if taken.spec.expired():
+            await self._finish(taken, JobState.EXPIRED, error="the deadline passed before a worker was free")
+            return
+        try:
+            job = await asyncio.to_thread(to_generation_job, taken.spec, self._settings)
+        except ValueError as error:
+            await self._finish(taken, JobState.FAILED, error=f"the job could not be decoded: {error}")
+            return
+        self._backlog.append(PendingJob(taken=taken, job=job))
+
+    async def _run_batch(self, batch: list[PendingJob]) -> None:
+        runnable: list[PendingJob] = []
+        for pending in batch:
+            if pending.taken.spec.expired():
+                await self._finish(pending.taken, JobState.EXPIRED, error="the deadline passed while queued")
+            elif await self._queue.start(self._name, pending.taken):
+                runnable.append(pending)
+            else:
+                logger.info("skipping job %s: cancelled or finished elsewhere", pending.taken.spec.id)
+        if not runnable:
+            return
+        self._running = runnable
+        started_at = time.time()
+        metrics.WORKER_BUSY.set(1)
+        metrics.BATCH_SIZE.observe(len(runnable))
+        for pending in runnable:
+            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, started_at - pending.taken.spec.enqueued_at))
+        try:
+            results = await asyncio.to_thread(self._compute, runnable, started_at)
+        except Exception as error:  # a failing batch must still end every job it holds
+            logger.exception("batch of %d jobs failed", len(runnable))
+            for pending in runnable:
+                await self._finish(pending.taken, JobState.FAILED, error=f"{type(error).__name__}: {error}")
+            return
+        finally:
+            self._running = []
+            metrics.WORKER_BUSY.set(0)
+            record_gpu_memory()
+        metrics.INFERENCE_SECONDS.observe(results[0].inference_seconds)
+        for pending, result in zip(runnable, results, strict=True):
+            await self._finish(pending.taken, JobState.DONE, result=result)
+
+    def _compute(self, batch: list[PendingJob], started_at: float) -> list[JobResult]:
+        outputs = self._runner.run([pending.job for pending in batch])
+        return [
+            to_result(pending.taken.spec, output, started_at, self._name)
+            for pending, output in zip(batch, outputs, strict=True)
+        ]
+
+    async def _finish(
+        self, taken: TakenJob, state: JobState, error: str | None = None, result: JobResult | None = None
+    ) -> None:
+        spec = taken.spec
+        record = JobRecord(
+            id=spec.id,
+            state=state,
+            seed=spec.seed,
+            output_format=spec.output_format,
+            enqueued_at=spec.enqueued_at,
+            deadline=spec.deadline,
+            worker=self._name,
+            error=error,
+            result=result,
+        )
+        # The result must be stored before the delivery is acknowledged: retry through outages.
+        while True:
+            try:
+                await self._queue.finish(taken, record)
+                break
+            except QueueUnavailableError as outage:
+                logger.warning("storing job %s failed (%s); retrying", spec.id, outage)
+                await asyncio.sleep(RETRY_DELAY_S)
+        metrics.JOBS_FINISHED.labels(state.value).inc()
+
+    async def _return_backlog(self) -> None:
+        """Give jobs taken but not started back to the queue for another worker (if the queue is
+        unreachable they stay with this consumer and are reclaimed once it stops heart-beating)."""
+        for pending in self._backlog:
+            with contextlib.suppress(QueueUnavailableError):
+                await self._queue.release(pending.taken)
+                logger.info("returned job %s to the queue", pending.taken.spec.id)
+        self._backlog = []

@@ -1,0 +1,235 @@
+"""The queue contract, run against both backends (in-process and Redis Streams on a private
+redis-server). No model needed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from service.queue import create_queue
+from service.queue.protocol import (
+    JobQueue,
+    JobRecord,
+    JobResult,
+    JobSpec,
+    JobState,
+    QueueFullError,
+    SubjectSpec,
+)
+from service.settings import Settings
+
+
+def make_spec(timeout_s: float = 60.0, seed: int = 7) -> JobSpec:
+    now = time.time()
+    return JobSpec(
+        id=uuid.uuid4().hex,
+        prompt="a cat in the snow",
+        subjects=[SubjectSpec(image=b"\x89PNG-bytes", target="cat")],
+        width=64,
+        height=64,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        mask_scope=0.25,
+        mask_reused_step=1,
+        seed=seed,
+        num_images=1,
+        output_format="png",
+        return_masks=False,
+        enqueued_at=now,
+        deadline=now + timeout_s,
+    )
+
+
+def done_record(spec: JobSpec, worker: str = "w1") -> JobRecord:
+    return JobRecord(
+        id=spec.id,
+        state=JobState.DONE,
+        seed=spec.seed,
+        output_format=spec.output_format,
+        enqueued_at=spec.enqueued_at,
+        deadline=spec.deadline,
+        worker=worker,
+        result=JobResult(
+            images=[b"image-bytes"],
+            queue_wait_seconds=0.1,
+            inference_seconds=0.2,
+            finished_at=time.time(),
+            worker=worker,
+        ),
+    )
+
+
+@pytest.fixture(params=["in_process", "redis"])
+def make_queue(request: pytest.FixtureRequest):
+    """Factory of fresh queues of one backend (Redis ones isolated by a unique key prefix)."""
+
+    def factory(**overrides) -> JobQueue:
+        values = {"queue_max_depth": 8, "heartbeat_s": 0.2, "reclaim_idle_s": 0.4, **overrides}
+        if request.param == "redis":
+            server = request.getfixturevalue("redis_server")
+            values |= {"redis_url": server.url, "queue_name": f"test-{uuid.uuid4().hex[:8]}"}
+        return create_queue(Settings(**values))
+
+    return factory
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_job_lifecycle_stores_result_and_acks(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        spec = make_spec(seed=2**62 + 1)  # large seeds survive the round trip exactly
+        record = await queue.submit(spec)
+        assert record.state == JobState.QUEUED and await queue.depth() == 1
+        [taken] = await queue.take("w1", 4, block_s=1.0)
+        assert taken.spec == spec
+        assert await queue.start("w1", taken)
+        assert (await queue.get(spec.id)).state == JobState.RUNNING
+        await queue.finish(taken, done_record(spec))
+        stored = await queue.get(spec.id)
+        assert stored.state == JobState.DONE and stored.result.images == [b"image-bytes"]
+        assert stored.seed == spec.seed
+        assert await queue.depth() == 0
+        assert await queue.take("w1", 4, block_s=0.1) == []
+        await queue.close()
+
+    run(scenario())
+
+
+def test_waiter_is_woken_when_the_result_is_stored(make_queue) -> None:
+    async def scenario() -> float:
+        queue = make_queue()
+        spec = make_spec()
+        await queue.submit(spec)
+        waiter = asyncio.create_task(queue.wait(spec.id, timeout_s=10))
+        [taken] = await queue.take("w1", 1, block_s=1.0)
+        await queue.start("w1", taken)
+        await asyncio.sleep(0.2)  # the waiter is parked now
+        finished_at = time.monotonic()
+        await queue.finish(taken, done_record(spec))
+        record = await waiter
+        assert record.state == JobState.DONE
+        latency = time.monotonic() - finished_at
+        await queue.close()
+        return latency
+
+    # Far below the 1 s safety re-read: the wake-up came from the notification.
+    assert run(scenario()) < 0.2
+
+
+def test_depth_is_bounded(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(queue_max_depth=2, queue_full_retry_after_s=3)
+        await queue.submit(make_spec())
+        await queue.submit(make_spec())
+        with pytest.raises(QueueFullError) as full:
+            await queue.submit(make_spec())
+        assert full.value.retry_after_s == 3
+        await queue.close()
+
+    run(scenario())
+
+
+def test_idempotency_key_returns_the_same_job(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        first = await queue.submit(make_spec(), idempotency_key="abc")
+        again = await queue.submit(make_spec(), idempotency_key="abc")
+        other = await queue.submit(make_spec(), idempotency_key="xyz")
+        assert again.id == first.id != other.id
+        assert await queue.depth() == 2
+        await queue.close()
+
+    run(scenario())
+
+
+def test_cancel_only_queued_jobs_and_workers_skip_them(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        cancelled, running = make_spec(), make_spec()
+        await queue.submit(running)
+        [taken_running] = await queue.take("w1", 1, block_s=1.0)
+        assert await queue.start("w1", taken_running)
+        await queue.submit(cancelled)
+        [taken_cancelled] = await queue.take("w1", 1, block_s=1.0)  # taken, not yet started
+        assert (await queue.cancel(cancelled.id)).state == JobState.CANCELLED
+        assert not await queue.start("w1", taken_cancelled)
+        assert (await queue.cancel(running.id)).state == JobState.RUNNING
+        assert await queue.depth() == 1
+        assert await queue.cancel("no-such-job") is None
+        await queue.close()
+
+    run(scenario())
+
+
+def test_released_job_goes_to_another_worker(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        spec = make_spec()
+        await queue.submit(spec)
+        [taken] = await queue.take("w1", 1, block_s=1.0)
+        await queue.release(taken)
+        [again] = await queue.take("w2", 1, block_s=1.0)
+        assert again.spec.id == spec.id
+        assert await queue.start("w2", again)
+        await queue.close()
+
+    run(scenario())
+
+
+def test_finished_records_expire_after_the_ttl(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(result_ttl_s=1)
+        spec = make_spec()
+        await queue.submit(spec)
+        [taken] = await queue.take("w1", 1, block_s=1.0)
+        await queue.finish(taken, done_record(spec))
+        assert await queue.get(spec.id) is not None
+        await asyncio.sleep(1.3)
+        assert await queue.get(spec.id) is None
+        await queue.close()
+
+    run(scenario())
+
+
+def test_readiness_follows_heartbeats(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        assert await queue.ready_workers() == 0
+        await queue.heartbeat("w1", ready=True, in_flight=[])
+        assert await queue.ready_workers() == 1
+        await queue.heartbeat("w1", ready=False, in_flight=[])
+        assert await queue.ready_workers() == 0
+        assert await queue.ping()
+        await queue.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("make_queue", ["redis"], indirect=True)
+def test_jobs_of_a_silent_worker_are_reclaimed_and_live_ones_are_not(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(reclaim_idle_s=0.4)
+        dead_job, live_job = make_spec(), make_spec()
+        await queue.submit(dead_job)
+        [from_dead] = await queue.take("dead", 1, block_s=1.0)
+        await queue.start("dead", from_dead)
+        await queue.submit(live_job)
+        [from_live] = await queue.take("live", 1, block_s=1.0)
+        await queue.start("live", from_live)
+        for _ in range(6):  # 0.6 s: "live" keeps refreshing its job, "dead" is silent
+            await queue.heartbeat("live", ready=True, in_flight=[from_live])
+            await asyncio.sleep(0.1)
+        reclaimed = await queue.take("rescuer", 4, block_s=0.2)
+        assert [job.spec.id for job in reclaimed] == [dead_job.id]
+        assert await queue.start("rescuer", reclaimed[0])
+        await queue.finish(reclaimed[0], done_record(dead_job, worker="rescuer"))
+        assert (await queue.get(dead_job.id)).worker == "rescuer"
+        await queue.close()
+
+    run(scenario())
