@@ -31,7 +31,7 @@ class ViTConfig:
     """Shape of one timm `VisionTransformer` as RealCustom++ uses it."""
 
     timm_name: str
-    """timm model name whose checkpoints this configuration loads."""
+    """timm model whose checkpoints this configuration loads (tiny variants keep the name they shrink)."""
     image_size: int
     """Square input size in pixels; like timm, a remainder smaller than a patch is ignored."""
     patch_size: int
@@ -224,7 +224,7 @@ class VisionTransformer(nn.Module):
         self._init_embeddings()
 
     def _init_embeddings(self) -> None:
-        # timm's initial values, so an unloaded (tiny) model behaves like a fresh timm one.
+        # timm's initial values for the embeddings; only unloaded (tiny, test) models keep them.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for token in (self.cls_token, self.reg_token):
             if token is not None:
