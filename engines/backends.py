@@ -1,0 +1,58 @@
+"""Backends that run the denoising loop, chosen by name, with a capability check at selection.
+
+`eager` is the reference (realcustom.denoise). Faster backends register here; a backend that
+cannot run on this machine says why in one log line and the runner falls back to `eager`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+
+from realcustom.denoise import Conditioning, LoopResult, LoopSettings, denoise
+from realcustom.pipeline import RealCustomPipeline
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    name: str
+
+    def denoise(
+        self, pipeline: RealCustomPipeline, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings
+    ) -> LoopResult: ...
+
+
+class EagerBackend:
+    """The reference loop, as written in realcustom/denoise.py."""
+
+    name = "eager"
+
+    @staticmethod
+    def unavailable_reason(pipeline: RealCustomPipeline) -> str | None:
+        return None
+
+    def __init__(self, pipeline: RealCustomPipeline):
+        self.pipeline = pipeline
+
+    def denoise(
+        self, pipeline: RealCustomPipeline, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings
+    ) -> LoopResult:
+        return denoise(pipeline.unet, cond, latents, settings)
+
+
+BACKENDS: dict[str, type] = {"eager": EagerBackend}
+
+
+def select_backend(name: str, pipeline: RealCustomPipeline) -> Backend:
+    """The named backend, or `eager` with one log line saying why the named one cannot run here."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)}")
+    backend_class = BACKENDS[name]
+    reason = backend_class.unavailable_reason(pipeline)
+    if reason is not None:
+        logger.warning("backend %r unavailable (%s); falling back to 'eager'", name, reason)
+        backend_class = EagerBackend
+    return backend_class(pipeline)

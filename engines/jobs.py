@@ -1,0 +1,61 @@
+"""The narrow contract between the service and the engines: a job in, images out.
+
+Torch-free, so the API process can build and validate jobs without loading a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class SubjectInput:
+    """One reference photo (already decoded, EXIF-rotated, RGB) and its target phrase."""
+
+    image: Image.Image
+    target: str
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """One customisation request, validated at the edge."""
+
+    id: str
+    prompt: str
+    subjects: tuple[SubjectInput, ...]
+    width: int = 1024
+    height: int = 1024
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.5
+    mask_scope: float = 0.25
+    mask_reused_step: int = 12
+    seed: int = 0
+    num_images: int = 1
+    return_masks: bool = False
+    mask_mode: tuple[str, ...] = ("max_norm",)
+    scheduler: str = "dpm"
+    negative_prompt: str | None = None
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one denoising loop (same shapes and step schedule)."""
+        return (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.mask_reused_step,
+            self.mask_mode,
+            self.scheduler,
+            self.negative_prompt,
+        )
+
+
+@dataclass
+class GenerationOutput:
+    """images: `num_images` results; masks: when asked, the final mask of every subject of every
+    image, image-major (image 0 subject 0, image 0 subject 1, ...), at the image size."""
+
+    images: list[Image.Image]
+    masks: list[Image.Image] | None = None
+    inference_seconds: float = 0.0
