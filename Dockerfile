@@ -87,10 +87,12 @@ RUN uv pip install . \
     && install -d -o 10001 -g 10001 /artifacts /models
 
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/entrypoint.sh
+COPY --chmod=0644 docker/worker_ready.py /usr/local/lib/realcustom/worker_ready.py
 
 USER 10001:10001
 VOLUME ["/artifacts"]
-HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-m", "service.worker", "--check"]
+# Healthy = model loaded and warm (engine builds on a new GPU type can take many minutes).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=1800s --retries=3 \
+    CMD ["python", "/usr/local/lib/realcustom/worker_ready.py"]
 ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]
 CMD ["worker"]

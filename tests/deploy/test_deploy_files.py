@@ -1,0 +1,179 @@
+"""Offline checks of Dockerfile, docker/ and k8s/: linters, schemas, and drift from the code."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_checks import KUSTOMIZE_TARGETS, ROOT, render, validate
+
+from service.settings import Settings
+
+BIN = Path(sys.executable).parent
+# Variables read by libraries in the worker image, not by service.settings.
+LIBRARY_ENV = {"HF_HUB_OFFLINE", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run([BIN / "hadolint", "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_yaml_passes_yamllint() -> None:
+    result = subprocess.run(
+        [BIN / "yamllint", "--strict", "-c", ".yamllint.yaml", ".yamllint.yaml", "docker", "k8s"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("target", KUSTOMIZE_TARGETS)
+def test_rendered_manifests_match_kubernetes_schemas(target: str) -> None:
+    docs = render(target)
+    assert docs
+    errors = [error for doc in docs for error in validate(doc)]
+    assert not errors, "\n".join(errors)
+
+
+def _container_env(docs: list[dict]) -> set[str]:
+    names = set()
+    for doc in docs:
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].startswith("realcustom-config"):
+            names |= set(doc["data"])
+        if doc["kind"] in {"Deployment", "StatefulSet"}:
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                names |= {item["name"] for item in container.get("env", [])}
+    return names
+
+
+def test_every_service_variable_is_a_setting() -> None:
+    """A misspelt variable would be silently ignored by pydantic-settings (extra="ignore")."""
+    settings = {name.upper() for name in Settings.model_fields}
+    names = set()
+    for target in KUSTOMIZE_TARGETS:
+        names |= _container_env(render(target))
+    compose = yaml.safe_load((ROOT / "docker/compose.yaml").read_text())
+    for service in compose["services"].values():
+        if service.get("image", "").startswith("realcustom"):
+            names |= set(service.get("environment", {}))
+    assert names - settings - LIBRARY_ENV == set()
+
+
+def test_kubernetes_scaler_watches_the_service_stream() -> None:
+    """KEDA must read the stream and consumer group that the Redis queue really uses."""
+    source = (ROOT / "service/queue/redis_streams.py").read_text()
+    group = re.search(r'^GROUP = "([^"]+)"', source, re.MULTILINE)
+    assert group, "service/queue/redis_streams.py no longer defines GROUP"
+    prefix = Settings.model_fields["queue_name"].default
+    for target in KUSTOMIZE_TARGETS:
+        (scaled,) = [doc for doc in render(target) if doc["kind"] == "ScaledObject"]
+        for trigger in scaled["spec"]["triggers"]:
+            assert trigger["metadata"]["stream"] == f"{prefix}:stream"
+            assert trigger["metadata"].get("consumerGroup", group.group(1)) == group.group(1)
+
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name.lower()] = version
+    return pins
+
+
+def test_api_requirements_are_the_project_pins_without_torch() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project_pins = _pins(project["dependencies"])
+    api_pins = _pins((ROOT / "docker/requirements-api.txt").read_text().splitlines())
+    assert "torch" not in api_pins
+    assert {name: project_pins.get(name) for name in api_pins} == api_pins
+
+
+# Runs in a fresh interpreter as the API image would: only the standard library, the project and
+# the distributions passed in argv[1] can be imported (torch is not among them). Then it imports
+# the API as `python -m service.api` does, builds the app and runs its start-up (tokenizer).
+_API_IMAGE_PROBE = """
+import asyncio, importlib.abc, importlib.machinery, importlib.metadata, json, sys
+
+allowed = set(json.loads(sys.argv[1]))
+owners = importlib.metadata.packages_distributions()
+
+# sys.path as the api image has it: site-packages holds only the allowed distributions.
+class ApiImage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is None or "." in name:  # a submodule comes with its top-level package
+            return spec
+        # Standard library and the project itself: not from site-packages.
+        if "site-packages" not in str(spec.origin or spec.submodule_search_locations):
+            return spec
+        if {d.lower().replace("_", "-") for d in owners.get(name, [])} & allowed:
+            return spec
+        return None
+
+    def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
+        return importlib.machinery.PathFinder.find_distributions(context)
+
+    def invalidate_caches(self):
+        importlib.machinery.PathFinder.invalidate_caches()
+
+sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = ApiImage()
+import service.api.__main__
+from service.api.app import create_app
+from service.settings import Settings
+
+app = create_app(Settings(redis_url="redis://127.0.0.1:1/0"))
+
+async def start_and_stop():
+    async with app.router.lifespan_context(app):
+        pass
+
+asyncio.run(start_and_stop())
+"""
+
+
+def _closure(requirements: list[str]) -> set[str]:
+    """The requirements with everything they depend on, as installed here."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    seen: set[str] = set()
+    todo = [re.split(r"[=<>!~;\[ ]", line, maxsplit=1)[0] for line in requirements]
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dependencies = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        todo += [
+            re.split(r"[=<>!~;\[ (]", dep, maxsplit=1)[0] for dep in dependencies if "extra ==" not in dep
+        ]
+    return seen
+
+
+def test_api_starts_with_only_what_the_api_image_installs() -> None:
+    """The API image can't be built here; this runs the API start-up with just its packages."""
+    lines = [
+        line.split("#")[0].strip() for line in (ROOT / "docker/requirements-api.txt").read_text().splitlines()
+    ]
+    # The Dockerfile adds open-clip-torch with --no-deps: its files, not its torch dependency.
+    allowed = (_closure([line for line in lines if line]) | {"open-clip-torch"}) - {"torch"}
+    result = subprocess.run(
+        [sys.executable, "-c", _API_IMAGE_PROBE, json.dumps(sorted(allowed))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
