@@ -22,10 +22,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
+# The all-in-one service: API + in-process queue + one worker (HOST, PORT, MODEL from the environment).
 serve: install
-	$(PY) -m realcustom generate --model tiny --image ../shared/fixtures/dreambench/cat.jpg \
-		--prompt "a cat in the snow" --target cat --out outputs/cat_snow.png \
-		--mask-out outputs/cat_snow_mask.png --seed 0 --steps 4 --width 256 --height 256
+	@if [ -z "$${MODEL:-}" ] || [ "$${MODEL}" = tiny ]; then \
+		echo "make serve: no model weights configured (MODEL unset): running the TINY random-weight model"; fi
+	$(PY) -m service
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
-
 from service.images import decode_subject_image, encode_image
 from service.queue.protocol import JobResult, JobSpec
 from service.settings import Settings
@@ -13,7 +12,7 @@ from service.settings import Settings
 
 def to_generation_job(spec: JobSpec, settings: Settings) -> GenerationJob:
     """Decode the reference images exactly as the API validated them."""
-    subjects = [
+    subjects = tuple(
         SubjectInput(
             image=decode_subject_image(
                 subject.image, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
@@ -21,7 +20,7 @@ def to_generation_job(spec: JobSpec, settings: Settings) -> GenerationJob:
             target=subject.target,
         )
         for subject in spec.subjects
-    ]
+    )
     return GenerationJob(
         id=spec.id,
         prompt=spec.prompt,

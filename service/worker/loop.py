@@ -12,7 +12,6 @@ import logging
 import time
 
 from engines.runner import Runner
-
 from service import metrics
 from service.queue.protocol import (
     JobQueue,
@@ -60,7 +59,7 @@ class Worker:
             "worker %s ready (model=%s, backend=%s)",
             self._name,
             self._runner.model_name,
-            self._runner.backend,
+            self._runner.backend_name,
         )
         try:
             while not await self._should_exit():

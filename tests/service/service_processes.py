@@ -93,13 +93,15 @@ class RedisServer:
 class ServiceProcess:
     """`python -m <module>` with the given environment; logs go to a file for failure reports."""
 
-    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, module: str, env: dict[str, str], log_path: Path, python_flags: tuple[str, ...] = ()
+    ) -> None:
         self.module = module
         self.log_path = log_path
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "LOG_LEVEL": "INFO", **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module],
+            [sys.executable, *python_flags, "-m", module],
             cwd=REPO_ROOT,
             env=full_env,
             stdout=self._log,

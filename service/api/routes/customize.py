@@ -31,11 +31,13 @@ router = APIRouter(tags=["generation"])
     summary="Generate images of the reference subjects in the scene of the prompt (synchronous)",
 )
 async def customize(
+    # Declared first: FastAPI resolves dependencies in order, so auth and rate limit come
+    # before the body is read and validated.
+    _caller: RateLimitedCaller,
     body: CustomizeBody,
     queue: QueueDep,
     settings: SettingsDep,
     tokenizer: TokenizerDep,
-    _caller: RateLimitedCaller,
     idempotency_key: IdempotencyKey = None,
     accept: Annotated[str | None, Header(description="`image/png` (one image) for raw bytes.")] = None,
 ) -> CustomizeResponse | Response:

@@ -39,11 +39,13 @@ async def _find(queue: JobQueue, job_id: str) -> JobRecord:
     summary="Queue a customisation job; poll GET /jobs/{id} for the result",
 )
 async def create_job(
+    # Declared first: FastAPI resolves dependencies in order, so auth and rate limit come
+    # before the body is read and validated.
+    _caller: RateLimitedCaller,
     body: CustomizeBody,
     queue: QueueDep,
     settings: SettingsDep,
     tokenizer: TokenizerDep,
-    _caller: RateLimitedCaller,
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     spec = await run_in_threadpool(build_job_spec, body, settings, tokenizer)
@@ -52,14 +54,14 @@ async def create_job(
 
 
 @router.get("/{job_id}", response_model=JobStatusResponse, responses=ERROR_RESPONSES, summary="Job status")
-async def get_job(job_id: str, queue: QueueDep, _caller: Caller) -> JobStatusResponse:
+async def get_job(_caller: Caller, job_id: str, queue: QueueDep) -> JobStatusResponse:
     return results.status_response(await _find(queue, job_id))
 
 
 @router.delete(
     "/{job_id}", response_model=JobStatusResponse, responses=ERROR_RESPONSES, summary="Cancel a queued job"
 )
-async def cancel_job(job_id: str, queue: QueueDep, _caller: Caller) -> JobStatusResponse:
+async def cancel_job(_caller: Caller, job_id: str, queue: QueueDep) -> JobStatusResponse:
     await _find(queue, job_id)
     record = await queue.cancel(job_id)
     if record is None:
