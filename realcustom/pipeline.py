@@ -133,8 +133,8 @@ class RealCustomPipeline(nn.Module):
     @torch.no_grad()
     def image_tokens(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Projector tokens [N, T, C] of reference images."""
-        pixels = self.reference_encoder.to_tensor(list(images)).to(self.device, self.dtype)
-        return self.project(self.reference_encoder(pixels))
+        # float32 pixels: the encoder's uint8 truncation must see unrounded values.
+        return self.project(self.reference_encoder(self.reference_encoder.to_tensor(list(images))))
 
     def black_image_tokens(self) -> torch.Tensor:
         """Tokens [1, T, C] of the all-black reference (the CFG negative), computed once per process."""
