@@ -122,6 +122,7 @@ class JobStatusResponse(BaseModel):
 
     id: str
     status: JobState
+    worker: str | None = Field(None, description="The worker that ran (or runs) the job.")
     error: str | None = None
     result: CustomizeResponse | None = None
 

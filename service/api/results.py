@@ -82,19 +82,21 @@ def to_response(record: JobRecord, total_s: float) -> CustomizeResponse:
 
 
 def raise_unless_done(record: JobRecord, timeout_s: float) -> None:
-    """Turn a job that did not succeed into the matching error reply."""
+    """Turn a job that did not succeed into the matching error reply (with its id, for GET /jobs)."""
     state = effective_state(record)
+    job = {"X-Job-Id": record.id}
     if state == JobState.DONE:
         return
     if state == JobState.FAILED:
-        raise ApiError(500, "generation_failed", f"the generation failed: {record.error}")
+        raise ApiError(500, "generation_failed", f"the generation failed: {record.error}", headers=job)
     if state == JobState.CANCELLED:
-        raise ApiError(409, "cancelled", "the job was cancelled before it ran")
+        raise ApiError(409, "cancelled", "the job was cancelled before it ran", headers=job)
     raise ApiError(
         504,
         "deadline_exceeded",
         f"the job did not finish within its {timeout_s:.0f} s deadline; it will not be computed. "
         "Retry later, when the service is less busy.",
+        headers=job,
     )
 
 
@@ -103,7 +105,9 @@ def status_response(record: JobRecord) -> JobStatusResponse:
     result = None
     if state == JobState.DONE and record.result is not None:
         result = to_response(record, record.result.finished_at - record.enqueued_at)
-    return JobStatusResponse(id=record.id, status=state, error=record.error, result=result)
+    return JobStatusResponse(
+        id=record.id, status=state, worker=record.worker, error=record.error, result=result
+    )
 
 
 def raw_image_response(record: JobRecord, media_type: str, total_s: float) -> Response:

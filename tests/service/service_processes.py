@@ -147,3 +147,47 @@ def wait_http_ok(base_url: str, path: str, timeout_s: float, process: ServicePro
         wait_until(ok, timeout_s, f"{base_url}{path}", interval_s=0.1)
     except TimeoutError as error:
         raise TimeoutError(f"{error}\n--- {process.module} log ---\n{process.log()[-3000:]}") from None
+
+
+class Api:
+    """A running `python -m service.api` (or `python -m service`) and its base URL."""
+
+    def __init__(
+        self, module: str, env: dict[str, str], log_dir: Path, python_flags: tuple[str, ...] = ()
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = ServiceProcess(
+            module, {**env, "PORT": str(self.port)}, log_dir / f"{module}-{self.port}.log", python_flags
+        )
+        wait_http_ok(self.url, "/healthz", 60, self.process)
+
+    def client(self, **headers: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, headers=headers)
+
+    def ready_workers(self) -> int:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(self.url + "/readyz", timeout=5).json()["detail"].get("ready_workers", 0)
+        return 0
+
+    def wait_ready_workers(self, count: int, timeout_s: float = 90) -> None:
+        wait_until(lambda: self.ready_workers() >= count, timeout_s, f"{count} ready workers", interval_s=0.1)
+
+
+class WorkerProcess(ServiceProcess):
+    """A running `python -m service.worker` with its own metrics port."""
+
+    def __init__(self, worker_id: str, env: dict[str, str], log_dir: Path) -> None:
+        self.worker_id = worker_id
+        self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+        port = self.metrics_url.rsplit(":", 1)[1].split("/")[0]
+        super().__init__(
+            "service.worker",
+            {**env, "WORKER_ID": worker_id, "WORKER_METRICS_PORT": port},
+            log_dir / f"worker-{worker_id}.log",
+        )
+
+    def metric(self, name: str) -> float:
+        """Sum of a metric's samples on this worker's endpoint (whose lines start with `name`)."""
+        text = httpx.get(self.metrics_url, timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_processes import ServiceProcess, free_port, wait_http_ok
+from service_processes import Api
 
 from service.images import decode_subject_image
 
@@ -30,23 +29,10 @@ MAX_BODY = 3_000_000
 MAX_IMAGE = 400_000
 
 
-@dataclass
-class Api:
-    url: str
-    process: ServiceProcess
-
-    def client(self, **headers: str) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, headers=headers)
-
-
-def start_api(
-    redis_url: str, tmp_path: Path, extra_env: dict[str, str] | None = None, python_flags=()
-) -> Api:
-    port = free_port()
+def start_api(redis_url: str, log_dir: Path, extra_env: dict[str, str] | None = None, python_flags=()) -> Api:
     env = {
         "REDIS_URL": redis_url,
         "QUEUE_NAME": f"edge-{uuid.uuid4().hex[:8]}",
-        "PORT": str(port),
         "MAX_BODY_BYTES": str(MAX_BODY),
         "MAX_IMAGE_BYTES": str(MAX_IMAGE),
         "MAX_SIDE": "512",
@@ -54,10 +40,7 @@ def start_api(
         "QUEUE_MAX_DEPTH": "1000",
         **(extra_env or {}),
     }
-    process = ServiceProcess("service.api", env, tmp_path / f"api-{port}.log", python_flags=python_flags)
-    api = Api(f"http://127.0.0.1:{port}", process)
-    wait_http_ok(api.url, "/healthz", 30, process)
-    return api
+    return Api("service.api", env, log_dir, python_flags)
 
 
 @pytest.fixture(scope="module")

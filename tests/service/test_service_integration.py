@@ -1,0 +1,186 @@
+"""The running service end to end: real uvicorn API, real Redis, two real worker processes on
+the tiny model, concurrent HTTP requests with the DreamBench photos."""
+
+from __future__ import annotations
+
+import base64
+import io
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from service_processes import Api, WorkerProcess, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "mask_reused_step": 1}
+PROMPTS = {
+    "backpack": "a backpack in the jungle",
+    "bowl": "a bowl on top of a wooden floor",
+    "can": "a can on the beach",
+    "cat": "a cat in the snow",
+}
+
+
+@dataclass
+class Stack:
+    api: Api
+    workers: list[WorkerProcess]
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
+    log_dir = tmp_path_factory.mktemp("integration")
+    env = {
+        "REDIS_URL": redis_server.url,
+        "QUEUE_NAME": f"it-{uuid.uuid4().hex[:8]}",
+        "HEARTBEAT_S": "0.5",
+        "MAX_BATCH": "4",
+        "BATCH_WINDOW_MS": "20",
+    }
+    workers = [WorkerProcess(f"it-worker-{index}", env, log_dir) for index in (1, 2)]
+    api = Api("service.api", env, log_dir)
+    try:
+        api.wait_ready_workers(2)
+        yield Stack(api, workers)
+    finally:
+        for worker in workers:
+            assert worker.stop() == 0, worker.log()[-2000:]
+        api.process.stop()
+
+
+def decode(data: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(data)))
+    image.load()
+    return image
+
+
+def request_body(photos_b64: dict[str, str], word: str, **overrides) -> dict:
+    return {
+        "prompt": PROMPTS[word],
+        "subjects": [{"image": photos_b64[word], "target": word}],
+        **SMALL,
+        **overrides,
+    }
+
+
+def test_concurrent_requests_are_all_answered_by_both_workers(stack: Stack, photos_b64) -> None:
+    words = list(PROMPTS) * 4
+    bodies = [
+        request_body(photos_b64, word, seed=index, return_masks=index % 2 == 0)
+        for index, word in enumerate(words)
+    ]
+    done_before = sum(
+        worker.metric('realcustom_jobs_finished_total{state="done"}') for worker in stack.workers
+    )
+
+    def send(body: dict) -> httpx.Response:
+        with stack.api.client() as client:
+            return client.post("/customize", json=body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(send, bodies))
+
+    for body, reply in zip(bodies, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()
+        assert answer["seed"] == body["seed"]
+        [image] = [decode(data) for data in answer["images"]]
+        assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
+        if body["return_masks"]:
+            assert [decode(mask).size for mask in answer["masks"]] == [(64, 64)]
+        else:
+            assert answer["masks"] is None
+        timings = answer["timings"]
+        assert 0 <= timings["queue_wait"] <= timings["total"] and 0 < timings["inference"] <= timings["total"]
+    per_worker = [worker.metric('realcustom_jobs_finished_total{state="done"}') for worker in stack.workers]
+    assert sum(per_worker) - done_before == len(bodies)
+    assert all(count > 0 for count in per_worker), per_worker
+    assert sum(worker.metric("realcustom_batch_size_count") for worker in stack.workers) < sum(per_worker)
+
+
+def test_a_seed_reproduces_the_same_image(stack: Stack, photos_b64) -> None:
+    """Alone or batched with other jobs, on either worker: same seed, same pixels."""
+    with stack.api.client() as client:
+        first = client.post("/customize", json=request_body(photos_b64, "cat")).json()
+    seed = first["seed"]  # chosen by the service and returned
+    same = request_body(photos_b64, "cat", seed=seed)
+    others = [request_body(photos_b64, word, seed=seed + 1) for word in ("can", "bowl", "backpack")]
+
+    def send(body: dict) -> dict:
+        with stack.api.client() as client:
+            return client.post("/customize", json=body).json()
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(send, [same, *others, same, *others]))
+    reference = np.asarray(decode(first["images"][0]))
+    for reply in (replies[0], replies[4]):
+        assert reply["seed"] == seed
+        assert np.array_equal(np.asarray(decode(reply["images"][0])), reference)
+    assert not np.array_equal(np.asarray(decode(replies[1]["images"][0])), reference)
+
+
+def test_async_jobs_idempotency_raw_png_multipart_and_formats(
+    stack: Stack, photos_b64, dreambench_dir: Path
+) -> None:
+    body = request_body(photos_b64, "can", num_images=2, output_format="webp", seed=5)
+    with stack.api.client() as client:
+        accepted = client.post("/jobs", json=body, headers={"Idempotency-Key": "can-job"})
+        assert accepted.status_code == 202
+        job_id = accepted.json()["id"]
+        repeated = client.post("/jobs", json=body, headers={"Idempotency-Key": "can-job"})
+        assert repeated.status_code == 202 and repeated.json()["id"] == job_id
+
+        def finished() -> dict | None:
+            status = client.get(f"/jobs/{job_id}").json()
+            return status if status["status"] == "done" else None
+
+        status = wait_until(finished, 30, "the job to finish")
+        assert status["worker"].startswith("it-worker-")
+        images = [decode(data) for data in status["result"]["images"]]
+        assert [(image.format, image.size) for image in images] == [("WEBP", (64, 64))] * 2
+        assert client.delete(f"/jobs/{job_id}").status_code == 409  # done jobs cannot be cancelled
+
+        raw = client.post(
+            "/customize", json=request_body(photos_b64, "cat", seed=1), headers={"Accept": "image/png"}
+        )
+        assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(raw.content)).size == (64, 64) and raw.headers["x-seed"] == "1"
+
+        multipart = client.post(
+            "/customize",
+            files=[("subject_image", ("cat.jpg", (dreambench_dir / "cat.jpg").read_bytes(), "image/jpeg"))],
+            data={
+                "prompt": "a cat in the snow",
+                "subject_target": "cat",
+                "seed": "1",
+                "output_format": "jpeg",
+                **{key: str(value) for key, value in SMALL.items()},
+            },
+        )
+        assert multipart.status_code == 200, multipart.text
+        assert decode(multipart.json()["images"][0]).format == "JPEG"
+
+
+def test_readiness_and_metrics(stack: Stack) -> None:
+    with stack.api.client() as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["detail"]["ready_workers"] == 2
+        text = client.get("/metrics").text
+    assert 'realcustom_http_requests_total{method="POST",route="/customize",status="200"}' in text
+    assert "realcustom_http_request_seconds_bucket" in text and "realcustom_queue_depth 0.0" in text
+    worker = stack.workers[0]
+    assert worker.metric("realcustom_worker_ready") == 1
+    for name in (
+        "realcustom_inference_seconds_count",
+        "realcustom_queue_wait_seconds_count",
+        "realcustom_batch_size_count",
+    ):
+        assert worker.metric(name) > 0, name
+    assert worker.metric("realcustom_worker_busy") == 0
