@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from realcustom.models import SPECS, TINY, ModelSpec, build_pipeline
+from realcustom.models import SPECS, TINY, TINY_SD15, ModelSpec, build_pipeline
 from realcustom.pipeline import RealCustomPipeline
 from realcustom.reference import ReferenceEncoder
 from realcustom.text import TextEncoder
@@ -152,16 +152,20 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> RealCustomPipeline:
-    """`tiny`, `sdxl-random` / `sd15-random` (random weights, for benchmarks), or a directory."""
-    if model == TINY.name:
-        pipeline = build_pipeline(TINY, seed)
-        logger.info("using the tiny model: random weights from seed %d (no real weights configured)", seed)
+    """`tiny` / `tiny-sd15` (toy models), `sdxl-random` / `sd15-random` (full size, random weights,
+    for benchmarks), or a checkpoint directory in the official layout."""
+    if model in (TINY.name, TINY_SD15.name):
+        pipeline = build_pipeline(SPECS[model], seed)
+        logger.info(
+            "using the %s model: random weights from seed %d (no real weights configured)", model, seed
+        )
     elif model.endswith("-random") and model.removesuffix("-random") in SPECS:
         pipeline = build_pipeline(SPECS[model.removesuffix("-random")], seed)
     elif Path(model).is_dir():
         pipeline = load_from_directory(model)
     else:
         raise ValueError(
-            f"unknown model {model!r}: use 'tiny', 'sdxl-random', 'sd15-random' or a checkpoint directory"
+            f"unknown model {model!r}: use 'tiny', 'tiny-sd15', 'sdxl-random', 'sd15-random' "
+            "or a checkpoint directory"
         )
     return pipeline.to(device=device, dtype=dtype)

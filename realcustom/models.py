@@ -175,7 +175,30 @@ TINY = ModelSpec(
     projector=ProjectorConfig(vision_dim=64, out_dim=32, dim_head=16),
     default_size=128,
 )
-SPECS = {spec.name: spec for spec in (SDXL, SD15, TINY)}
+# SD-1.5-shaped toy: one text encoder, no added embeddings, attention at full latent resolution
+# (so masks are upsampled into the first layers, unlike SDXL).
+TINY_SD15 = ModelSpec(
+    "tiny-sd15",
+    {
+        "act_fn": "silu",
+        "attention_head_dim": [2, 2, 4],
+        "block_out_channels": [16, 32, 32],
+        "cross_attention_dim": 16,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "in_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "out_channels": 4,
+        "sample_size": 16,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    {**TINY_VAE, "scaling_factor": 0.18215},
+    (TINY_TEXT,),
+    vision=TINY_REFERENCE_ENCODER,
+    projector=ProjectorConfig(vision_dim=64, out_dim=16, dim_head=16),
+    default_size=128,
+)
+SPECS = {spec.name: spec for spec in (SDXL, SD15, TINY, TINY_SD15)}
 
 
 def build_text_encoder(spec: ModelSpec) -> TextEncoder:
