@@ -1,0 +1,79 @@
+"""Target phrases are located on token boundaries with the real CLIP tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from realcustom.phrases import (
+    MAX_PROMPT_TOKENS,
+    PhraseNotFoundError,
+    PromptTooLongError,
+    check_prompt_length,
+    locate_phrase,
+    target_token_indicator,
+)
+from realcustom.tokenizer import load_clip_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_clip_tokenizer()
+
+
+def test_tokenizer_gives_real_clip_ids(tokenizer) -> None:
+    # Reference ids of CLIP's tokenizer for this sentence.
+    assert tokenizer("a photo of a dog")["input_ids"] == [49406, 320, 1125, 539, 320, 1929, 49407]
+
+
+def test_bigg_tokenizer_pads_with_exclamation_mark() -> None:
+    ids = load_clip_tokenizer(pad_token="!")("a dog", padding="max_length", max_length=6)["input_ids"]
+    assert ids == [49406, 320, 1929, 49407, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "phrase", "expected"),
+    [
+        ("This dog is wearing a spacesuit in space", "dog", [2]),  # the official example
+        ("a hotdog next to a dog", "dog", [6]),  # not inside "hotdog" (the official substring bug)
+        ("a dog and another dog", "dog", [2, 5]),  # every occurrence
+        ("a Dog in the snow", "dog", [2]),  # CLIP lower-cases, so matching does too
+        ("a dog with the pink hat sits", "dog with the pink hat", [2, 3, 4, 5, 6]),  # multi-word
+        ("a dog  with   the pink hat", "dog with the pink hat", [2, 3, 4, 5, 6]),  # any whitespace
+        ("a stuffed animal on the beach", "stuffed animal", [2, 3]),
+        ("a teapot, on a table", "teapot", [2]),  # punctuation is a boundary
+    ],
+)
+def test_locate_phrase(tokenizer, prompt: str, phrase: str, expected: list[int]) -> None:
+    assert locate_phrase(tokenizer, prompt, phrase) == expected
+
+
+def test_multi_token_word_marks_all_its_tokens(tokenizer) -> None:
+    prompt = "a photo of a supercalifragilistic creature"
+    indices = locate_phrase(tokenizer, prompt, "supercalifragilistic")
+    assert len(indices) > 1 and indices == list(range(indices[0], indices[-1] + 1))
+
+
+def test_several_phrases_in_one_prompt(tokenizer) -> None:
+    prompt = "a cat sitting next to a can on the grass"
+    assert locate_phrase(tokenizer, prompt, "cat") == [2]
+    assert locate_phrase(tokenizer, prompt, "can") == [7]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "phrase"), [("a hotdog on a plate", "dog"), ("a cat", "dog"), ("a cat", "  ")]
+)
+def test_missing_phrase_is_a_clear_error(tokenizer, prompt: str, phrase: str) -> None:
+    with pytest.raises(PhraseNotFoundError, match=r"prompt|empty"):
+        locate_phrase(tokenizer, prompt, phrase)
+
+
+def test_indicator_is_the_official_tau(tokenizer) -> None:
+    tau = target_token_indicator(tokenizer, "a red dog sits on grass", "red dog")
+    assert len(tau) == 77 and [i for i, v in enumerate(tau) if v] == [2, 3]
+
+
+def test_prompt_too_long(tokenizer) -> None:
+    prompt = " ".join(["dog"] * (MAX_PROMPT_TOKENS + 1))
+    with pytest.raises(PromptTooLongError, match="at most 75"):
+        check_prompt_length(tokenizer, prompt)
+    check_prompt_length(tokenizer, " ".join(["dog"] * MAX_PROMPT_TOKENS))
