@@ -1,0 +1,29 @@
+// Smoke: two virtual users for 20 s. Every request must succeed with a decodable image.
+// CI runs this against the real service (tiny model, Redis, 2 workers) on loopback.
+import exec from 'k6/execution';
+import { customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
+
+export const options = {
+  summaryTrendStats,
+  scenarios: {
+    smoke: {
+      executor: 'constant-vus',
+      vus: 2,
+      duration: __ENV.DURATION || '20s',
+      gracefulStop: '30s',
+    },
+  },
+  thresholds: {
+    ...thresholds({ p95: __ENV.P95_MS || 10000, p99: __ENV.P99_MS || 15000 }),
+    // A smoke run that sent almost nothing proves nothing.
+    accepted_jobs: ['count>=4'],
+  },
+};
+
+export default function () {
+  customize(exec.scenario.iterationInTest);
+}
+
+export function handleSummary(data) {
+  return summaryFiles(data);
+}
