@@ -1,0 +1,5 @@
+import sys
+
+from realcustom.eval.cli import main
+
+sys.exit(main())
