@@ -45,6 +45,10 @@ class Outcome:
     lost_jobs: list[str]
     jobs_by_state: dict[str, int]
     summary: dict
+    # 1-minute load average before the service started and after k6 ended: other work on the
+    # machine competes for the same cores and shows up here.
+    load_before: float
+    load_after: float
 
     @property
     def passed(self) -> bool:
@@ -142,7 +146,11 @@ def report(args: argparse.Namespace, outcome: Outcome, wall_s: float) -> dict:
         "workers": args.workers,
         "queue_max_depth": args.queue_max_depth,
         "request": {"width": args.size, "height": args.size, "steps": args.steps},
-        "machine": {"cpus": os.cpu_count(), "host": "127.0.0.1 (loopback)"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "host": "127.0.0.1 (loopback)",
+            "load_average_1m": {"before": outcome.load_before, "after": outcome.load_after},
+        },
         "requests": int(metric(summary, "http_reqs", "count")),
         "ok_200": accepted,
         "rejected_429": int(metric(summary, "rejected_429", "passes")),
@@ -201,6 +209,7 @@ def markdown(row: dict) -> str:
 def run(args: argparse.Namespace) -> Outcome:
     """Start Redis, workers and the API, run k6, audit the jobs, stop everything."""
     k6 = Path(sys.executable).parent / "k6"
+    load_before = os.getloadavg()[0]
     redis_port, api_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{api_port}"
     with ExitStack() as stack:
@@ -275,6 +284,9 @@ def run(args: argparse.Namespace) -> Outcome:
             "HEIGHT": str(args.size),
             "STEPS": str(args.steps),
             "ALLOW_429": "1" if args.allow_429 else "0",
+            # Allocating VUs mid-run is slow on a busy machine and shows up as dropped iterations.
+            "VUS": str(args.vus),
+            "MAX_VUS": str(2 * args.vus),
             "K6_NO_USAGE_REPORT": "true",
         }
         try:
@@ -288,9 +300,10 @@ def run(args: argparse.Namespace) -> Outcome:
         except subprocess.TimeoutExpired:
             logger.error("k6 ran past %s s and was stopped", args.k6_timeout)
             k6_exit_code = 124
+        load_after = os.getloadavg()[0]
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         states, lost = audit_jobs(redis_port, settle_s=args.settle)
-    return Outcome(k6_exit_code=k6_exit_code, lost_jobs=lost, jobs_by_state=states, summary=summary)
+    return Outcome(k6_exit_code, lost, states, summary, load_before, load_after)
 
 
 def main() -> int:
@@ -306,6 +319,9 @@ def main() -> int:
     parser.add_argument("--queue-max-depth", type=int, default=16, help="QUEUE_MAX_DEPTH of the service")
     parser.add_argument("--size", type=int, default=128, help="width and height of each request")
     parser.add_argument("--steps", type=int, default=8, help="denoising steps of each request")
+    parser.add_argument(
+        "--vus", type=int, default=32, help="k6 virtual users allocated up front (twice that at most)"
+    )
     parser.add_argument("--allow-429", action="store_true", help="overload run: 429 is an expected answer")
     parser.add_argument("--name", help="file name of the summaries (default: scenario and rate)")
     parser.add_argument("--out", default=str(LOADTESTS / "results"), help="directory of the summaries")
