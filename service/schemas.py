@@ -93,7 +93,7 @@ class CustomizeRequest(BaseModel):
 class Timings(BaseModel):
     """Where the time went, in seconds."""
 
-    queue_wait: float = Field(description="From acceptance until a worker started the job.")
+    queue_wait: float = Field(description="From acceptance until a worker took the job off the queue.")
     inference: float = Field(description="The pipeline's own time for the batch that held the job.")
     total: float = Field(description="From the request's arrival until the reply (synchronous calls).")
 

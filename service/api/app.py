@@ -15,7 +15,7 @@ from service.api.errors import install_error_handlers
 from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.api.openapi import install_openapi
 from service.api.ratelimit import RateLimiter
-from service.api.routes import customize, jobs, ops
+from service.api.routes import customize, demo, jobs, ops
 from service.queue import create_queue
 from service.queue.protocol import JobQueue
 from service.settings import Settings
@@ -59,6 +59,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
     app.include_router(customize.router)
     app.include_router(jobs.router)
     app.include_router(ops.router)
+    app.include_router(demo.router)
     install_error_handlers(app)
     install_openapi(app)
     # Added last = outermost: the size limit applies before anything reads the body.

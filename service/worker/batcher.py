@@ -6,16 +6,20 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from engines.jobs import GenerationJob
-
 from service.queue.protocol import TakenJob
 
 
 @dataclass
 class PendingJob:
-    """A job a worker holds: its queue delivery and the decoded runner job."""
+    """A job a worker holds: its queue delivery, the decoded runner job, when it was taken."""
 
     taken: TakenJob
     job: GenerationJob
+    taken_at: float
+
+    @property
+    def queue_wait_s(self) -> float:
+        return max(0.0, self.taken_at - self.taken.spec.enqueued_at)
 
     @property
     def key(self) -> Hashable:

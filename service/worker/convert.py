@@ -37,12 +37,12 @@ def to_generation_job(spec: JobSpec, settings: Settings) -> GenerationJob:
     )
 
 
-def to_result(spec: JobSpec, output: GenerationOutput, started_at: float, worker: str) -> JobResult:
+def to_result(spec: JobSpec, output: GenerationOutput, queue_wait_s: float, worker: str) -> JobResult:
     """Encode the images in the requested format (masks as PNG)."""
     return JobResult(
         images=[encode_image(image, spec.output_format) for image in output.images],
         masks=[encode_image(mask, "png") for mask in output.masks] if output.masks is not None else None,
-        queue_wait_seconds=max(0.0, started_at - spec.enqueued_at),
+        queue_wait_seconds=queue_wait_s,
         inference_seconds=output.inference_seconds,
         finished_at=time.time(),
         worker=worker,
