@@ -22,13 +22,20 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
+# The demo page's browser test drives Debian's chromium (not Playwright's download); installed
+# here, as root or through sudo, only when it is missing.
+CHROMIUM := /usr/bin/chromium
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo -E) apt-get install -y -qq chromium
+
 # The all-in-one service: API + in-process queue + one worker (HOST, PORT, MODEL from the environment).
 serve: install
 	@if [ -z "$${MODEL:-}" ] || [ "$${MODEL}" = tiny ]; then \
 		echo "make serve: no model weights configured (MODEL unset): running the TINY random-weight model"; fi
 	$(PY) -m service
 
-test: install
+test: install $(CHROMIUM)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not gpu" -q
 
