@@ -98,7 +98,7 @@ class Case:
     status: int
     message: str  # a fragment the reply's message must contain
     json: Any = None
-    content: bytes | None = None
+    content: bytes | Iterator[bytes] | None = None
     files: list[tuple[str, tuple[str, bytes, str]]] | None = None
     data: dict[str, Any] | None = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -113,6 +113,13 @@ def bad_input_cases(cat_jpeg: bytes) -> list[Case]:
             413,
             "larger than",
             content=b"x" * (MAX_BODY + 1),
+            headers={"content-type": "application/json"},
+        ),
+        Case(
+            "body too large (chunked, no Content-Length)",
+            413,
+            "larger than",
+            content=iter([b"x" * 1_000_000] * 4),
             headers={"content-type": "application/json"},
         ),
         Case("image over the byte limit", 413, "limit is", json=body(b64(noise_png(400)))),

@@ -192,3 +192,24 @@ def test_readiness_and_metrics(stack: Stack) -> None:
     ):
         assert worker.metric(name) > 0, name
     assert worker.metric("realcustom_worker_busy") == 0
+
+
+def test_all_in_one_process_serves_the_tiny_model_without_redis(tmp_path: Path, photos_b64) -> None:
+    """`python -m service` (what `make serve` runs): API, in-process queue and worker together."""
+    api = Api("service", {"REDIS_URL": "", "WORKER_METRICS_PORT": "0"}, tmp_path)
+    try:
+        api.wait_ready_workers(1)
+        with api.client() as client:
+            reply = client.post(
+                "/customize", json=request_body(photos_b64, "bowl", seed=3, return_masks=True)
+            )
+            assert reply.status_code == 200, reply.text
+            assert decode(reply.json()["images"][0]).size == (64, 64)
+            job_id = client.post("/jobs", json=request_body(photos_b64, "can")).json()["id"]
+            wait_until(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "done", 30, "the async job")
+            assert "realcustom_inference_seconds_count" in client.get("/metrics").text
+    finally:
+        api.process.stop()  # SIGTERM: uvicorn shuts down gracefully, then re-raises the signal
+    log = api.process.log()
+    assert "serving the TINY random-weight model" in log and "queue: in-process" in log
+    assert "Application shutdown complete" in log and "stopped" in log
