@@ -142,7 +142,8 @@ def report(args: argparse.Namespace, outcome: Outcome, wall_s: float) -> dict:
         "scenario": args.scenario,
         # Smoke runs closed-loop (2 virtual users), not at a rate.
         "target_rate_per_s": None if args.scenario == "smoke" else args.rate,
-        "duration": args.duration,
+        # The spike's shape is fixed in spike.js: 20 s base, 5 s ramp, 20 s at 5x, 5 s down, 30 s base.
+        "duration": "80s" if args.scenario == "spike" else args.duration,
         "workers": args.workers,
         "queue_max_depth": args.queue_max_depth,
         "request": {"width": args.size, "height": args.size, "steps": args.steps},
@@ -340,7 +341,7 @@ def main() -> int:
     row = report(args, outcome, time.monotonic() - started)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"{args.scenario}-{args.rate:g}rps"
+    name = args.name or (args.scenario if args.scenario == "smoke" else f"{args.scenario}-{args.rate:g}rps")
     (out / f"{name}.json").write_text(json.dumps({"result": row, "k6_summary": outcome.summary}, indent=2))
     (out / f"{name}.md").write_text(markdown(row))
     print(markdown(row))
