@@ -233,10 +233,16 @@ class RedisStreamsQueue:
             self._waiters.setdefault(job_id, set()).add(wake)
             try:
                 # Read after registering, so a wake-up between the two cannot be missed.
-                record = await self.get(job_id)
-                remaining = give_up - time.monotonic()
-                if record is None or record.state.finished or remaining <= 0:
-                    return record
+                try:
+                    record = await self.get(job_id)
+                except QueueUnavailableError:
+                    # Redis is restarting: the accepted job is safe in it, so keep waiting.
+                    if time.monotonic() >= give_up:
+                        raise
+                else:
+                    if record is None or record.state.finished or time.monotonic() >= give_up:
+                        return record
+                remaining = max(give_up - time.monotonic(), 0.0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake, min(remaining, WAKE_SAFETY_INTERVAL_S))
             finally:
