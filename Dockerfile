@@ -19,6 +19,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # The API never downloads anything: the tokenizer is built from files in the image.
+    HF_HUB_OFFLINE=1 \
+    HF_HOME=/tmp/huggingface \
     HOST=0.0.0.0 \
     PORT=8000
 
@@ -62,6 +65,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     UV_PYTHON_INSTALL_DIR=/opt/python \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:${PATH} \
+    # The root filesystem may be read-only (it is in k8s/): caches go to the artifacts volume.
+    XDG_CACHE_HOME=/artifacts/cache \
     MODEL=tiny \
     BACKEND=eager
 
