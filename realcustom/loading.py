@@ -14,6 +14,11 @@ Any weight file may also be a `.safetensors` file of the same stem. An optional 
 at the root overrides the architecture (`"spec"`: sdxl | sd15 | tiny, plus `"unet"` and
 `"projector"` config overrides), which is how SD-1.5 weights we train, and the tests' tiny
 checkpoints, are described.
+
+A training checkpoint (realcustom/training) holds only the added weights,
+`realcustom/RealCustom_highres.safetensors`, plus a `realcustom.json` whose `"base_model"` names the
+model they go on top of (`tiny`, `sdxl-random` or a directory in the layout above, with `"seed"`
+for random bases); `load_pipeline` loads such a directory as base + `apply_realcustom_weights`.
 """
 
 from __future__ import annotations
@@ -132,6 +137,40 @@ def load_from_directory(path: str | Path) -> RealCustomPipeline:
     )
 
 
+def trained_weights_base(path: Path) -> dict | None:
+    """The `realcustom.json` of a training checkpoint (added weights only), or None."""
+    config = path / "realcustom.json"
+    if not config.is_file():
+        return None
+    description = json.loads(config.read_text())
+    return description if "base_model" in description else None
+
+
+def apply_realcustom_weights(pipeline: RealCustomPipeline, path: str | Path) -> RealCustomPipeline:
+    """Put RealCustom weights (official key names) into `pipeline`, in place.
+
+    `path` is a weights file (.safetensors/.pth) or a directory holding
+    `realcustom/RealCustom_highres.*`. The file must hold exactly the added weights: every
+    to_k_vision/to_v_vision of the UNet and the whole projector.
+    """
+    path = Path(path)
+    weights_file = find_weights(path, LAYOUT["realcustom"]) if path.is_dir() else path
+    vision_weights, projector_weights = split_realcustom_state_dict(load_weights(weights_file))
+    expected = set(pipeline.unet.vision_state_dict())
+    if set(vision_weights) != expected:
+        missing, unexpected = sorted(expected - set(vision_weights)), sorted(set(vision_weights) - expected)
+        raise ValueError(
+            f"{weights_file}: vision weights do not match the UNet (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    # The base UNet weights stay as they are; the key check above stands in for strict loading.
+    pipeline.unet.unet.load_state_dict(vision_weights, strict=False)
+    pipeline.projector.load_state_dict(projector_weights, strict=True)
+    pipeline._cache.clear()  # cached black-image tokens came from the old projector
+    logger.info("applied RealCustom weights from %s", weights_file)
+    return pipeline
+
+
 def download_official_checkpoints(local_dir: str | Path) -> Path:
     """Fetch the released checkpoints from the hub; a clear error when that is impossible."""
     from huggingface_hub import snapshot_download
@@ -161,6 +200,10 @@ def load_pipeline(
         )
     elif model.endswith("-random") and model.removesuffix("-random") in SPECS:
         pipeline = build_pipeline(SPECS[model.removesuffix("-random")], seed)
+    elif Path(model).is_dir() and (trained := trained_weights_base(Path(model))) is not None:
+        pipeline = apply_realcustom_weights(
+            load_pipeline(trained["base_model"], seed=trained.get("seed", seed)), model
+        )
     elif Path(model).is_dir():
         pipeline = load_from_directory(model)
     else:

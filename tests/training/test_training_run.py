@@ -1,0 +1,169 @@
+"""One tiny curriculum run (configs/train/tiny.yaml, shared by the module) and what it must show:
+the loss falls, checkpoints are in the official layout and change the pipeline's output, frozen
+weights are untouched, and a resumed run takes exactly the steps of the uninterrupted one."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from realcustom.loading import PROJECTOR_PREFIX, apply_realcustom_weights, load_pipeline
+from realcustom.train import main
+from realcustom.training.config import load_config
+from realcustom.training.model import trainable_parameters
+from realcustom.training.trainer import Trainer
+
+PROJECT = Path(__file__).resolve().parents[2]
+TINY_CONFIG = PROJECT / "configs" / "train" / "tiny.yaml"
+WEIGHTS = Path("realcustom") / "RealCustom_highres.safetensors"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Trainer, Path]:
+    output = tmp_path_factory.mktemp("tiny-run")
+    trainer = Trainer(load_config(TINY_CONFIG), output)
+    assert trainer.train() == 60
+    return trainer, output
+
+
+def test_metrics_have_one_line_per_step_in_stage_order(tiny_run):
+    _, output = tiny_run
+    metrics = read_jsonl(output / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 61))
+    stages = [m["stage"] for m in metrics]
+    assert stages == ["reconstruction"] * 20 + ["scale_and_pose"] * 20 + ["recontextualisation"] * 20
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    assert 0.0 <= np.mean([m["dropped_fraction"] for m in metrics]) <= 0.25
+
+
+def test_loss_falls(tiny_run):
+    _, output = tiny_run
+    held_out = read_jsonl(output / "eval.jsonl")
+    assert [e["step"] for e in held_out] == [0, 20, 40, 60]
+    losses = [e["eval_loss"] for e in held_out]
+    # Same samples, noise and timesteps every time: only the weights differ.
+    assert losses[-1] < 0.95 * losses[0]
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses))
+    training = [m["loss"] for m in read_jsonl(output / "metrics.jsonl")]
+    assert np.mean(training[-10:]) < np.mean(training[:10])
+
+
+def test_checkpoints_hold_exactly_the_added_weights_under_official_keys(tiny_run, tiny_pipeline):
+    _, output = tiny_run
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == [
+        "checkpoint-20",
+        "checkpoint-40",
+        "checkpoint-60",
+    ]
+    weights = load_file(str(output / "checkpoint-60" / WEIGHTS))
+    expected = set(tiny_pipeline.unet.vision_state_dict())
+    expected |= {PROJECTOR_PREFIX + name for name in tiny_pipeline.projector.state_dict()}
+    assert set(weights) == expected
+    assert any(k.endswith("attn2.to_k_vision.weight") and k.startswith("down_blocks.1.") for k in weights)
+    description = json.loads((output / "checkpoint-60" / "realcustom.json").read_text())
+    assert description == {"base_model": "tiny", "seed": 0, "step": 60, "stage": "recontextualisation"}
+
+
+def test_checkpoint_loads_in_the_pipeline_and_changes_the_output(tiny_run, dreambench_dir):
+    _, output = tiny_run
+    reference = Image.open(dreambench_dir / "backpack.jpg").convert("RGB")
+
+    def generate(pipeline) -> np.ndarray:
+        result = pipeline("a backpack on the beach", [(reference, "backpack")], num_inference_steps=3, seed=0)
+        return np.asarray(result.images[0], dtype=np.int16)
+
+    base = load_pipeline("tiny")
+    trained = load_pipeline(str(output / "checkpoint-60"))
+    for name, tensor in load_file(str(output / "checkpoint-60" / WEIGHTS)).items():
+        assert torch.equal(trainable_parameters(trained)[name].detach(), tensor)
+    before, after = generate(base), generate(trained)
+    assert np.abs(before - after).mean() > 1.0
+    # The weights file alone, applied to a base model, gives the same pipeline.
+    applied = apply_realcustom_weights(load_pipeline("tiny"), output / "checkpoint-60" / WEIGHTS)
+    assert np.array_equal(generate(applied), after)
+
+
+def test_frozen_weights_are_bit_identical_after_training(tiny_run):
+    trainer, _ = tiny_run
+    fresh = load_pipeline("tiny").state_dict()
+    trained = trainer.pipeline.state_dict()
+    added = {name.removeprefix(PROJECTOR_PREFIX) for name in trainer.trainable}
+    frozen = [k for k in fresh if k.removeprefix("unet.unet.").removeprefix("projector.") not in added]
+    assert len(frozen) > 100
+    assert all(torch.equal(fresh[k], trained[k]) for k in frozen)
+    assert all(not p.requires_grad for n, p in trainer.pipeline.named_parameters() if n in frozen)
+    changed = [
+        name
+        for name, parameter in trainer.trainable.items()
+        if not torch.equal(parameter.detach(), fresh[_pipeline_key(name)])
+    ]
+    assert len(changed) == len(trainer.trainable)
+
+
+def _pipeline_key(official: str) -> str:
+    if official.startswith(PROJECTOR_PREFIX):
+        return "projector." + official.removeprefix(PROJECTOR_PREFIX)
+    return "unet.unet." + official
+
+
+def test_samples_are_written_per_stage(tiny_run):
+    _, output = tiny_run
+    samples = sorted(p.name for p in (output / "samples").glob("*.png"))
+    assert samples == [
+        "00-reconstruction-step20.png",
+        "01-scale_and_pose-step40.png",
+        "02-recontextualisation-step60.png",
+    ]
+    assert Image.open(output / "samples" / samples[0]).size == (64, 64)
+
+
+def test_resume_continues_from_the_same_step(tiny_run, tmp_path):
+    _, output = tiny_run
+    # Resume into a directory that also holds the metrics of steps past the checkpoint.
+    shutil.copy(output / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    resumed = Trainer(load_config(TINY_CONFIG), tmp_path)
+    assert resumed.train(resume_from=output / "checkpoint-40") == 60
+    original = read_jsonl(output / "metrics.jsonl")
+    again = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in again] == list(range(1, 61))
+    assert [m["loss"] for m in again[40:]] == [m["loss"] for m in original[40:]]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-60"]
+    for name in ("training_state/trainable.safetensors", "training_state/ema.safetensors", str(WEIGHTS)):
+        first = load_file(str(output / "checkpoint-60" / name))
+        second = load_file(str(tmp_path / "checkpoint-60" / name))
+        assert all(torch.equal(first[k], second[k]) for k in first), name
+
+
+def test_command_line_trains_and_resumes_latest(tmp_path):
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    raw["data"]["dreambench"]["source"] = str(PROJECT.parent / "shared" / "fixtures" / "dreambench")
+    raw["training"]["checkpoint_every"] = 1
+    for stage in raw["stages"]:
+        stage["steps"] = 1
+    del raw["sampling"], raw["evaluation"]
+    config = tmp_path / "three_steps.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    output = tmp_path / "run"
+    assert main(["--config", str(config), "--output-dir", str(output)]) == 0
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    assert main(["--config", str(config), "--output-dir", str(output), "--resume-from", "latest"]) == 0
+    assert [m["step"] for m in read_jsonl(output / "metrics.jsonl")] == [1, 2, 3]
+    config.write_text("stages: []\n")
+    assert main(["--config", str(config), "--output-dir", str(output)]) == 2
