@@ -82,7 +82,7 @@ def split_realcustom_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, d
 def checkpoint_root(path: Path) -> Path:
     """The directory holding the layout: `path`, or `path/ckpts` as the hub snapshot lands it."""
     for candidate in (path, path / "ckpts", path / "ckpts" / "ckpts"):
-        if (candidate / "realcustom").is_dir():
+        if (candidate / "realcustom").is_dir() or (candidate / "sdxl").is_dir():
             return candidate
     raise FileNotFoundError(
         f"{path} is not a RealCustom checkpoint directory (expected realcustom/RealCustom_highres.pth "
@@ -104,8 +104,12 @@ def _spec_for(root: Path) -> ModelSpec:
     )
 
 
-def load_from_directory(path: str | Path) -> RealCustomPipeline:
-    """Build the spec's architecture and load every component from the official layout."""
+def load_from_directory(path: str | Path, backbone_only: bool = False) -> RealCustomPipeline:
+    """Build the spec's architecture and load every component from the official layout.
+
+    `backbone_only`: the RealCustom weights file may be absent (a backbone to train them for);
+    the added weights then keep their fresh initialisation.
+    """
     root = checkpoint_root(Path(path))
     spec = _spec_for(root)
     text_dirs = [root / name for name in LAYOUT["text_encoders"][: len(spec.text_encoders)]]
@@ -119,14 +123,21 @@ def load_from_directory(path: str | Path) -> RealCustomPipeline:
     )
 
     unet = RealCustomUNet(UNet2DConditionModel.from_config(spec.unet), spec.projector.out_dim)
-    vision_weights, projector_weights = split_realcustom_state_dict(
-        load_weights(find_weights(root, LAYOUT["realcustom"]))
-    )
+    projector = spec.projector.build()
+    added_files = [root / f"{LAYOUT['realcustom']}{suffix}" for suffix in _WEIGHT_SUFFIXES]
+    if backbone_only and not any(candidate.is_file() for candidate in added_files):
+        logger.info("no RealCustom weights in %s: added weights keep their initialisation", root)
+        added = {
+            **unet.vision_state_dict(),
+            **{PROJECTOR_PREFIX + k: v for k, v in projector.state_dict().items()},
+        }
+    else:
+        added = load_weights(find_weights(root, LAYOUT["realcustom"]))
+    vision_weights, projector_weights = split_realcustom_state_dict(added)
     # Base and added weights are disjoint key sets; together they must cover the UNet exactly.
     unet.unet.load_state_dict(
         {**load_weights(find_weights(root, LAYOUT["unet"])), **vision_weights}, strict=True
     )
-    projector = spec.projector.build()
     projector.load_state_dict(projector_weights, strict=True)
 
     vae = AutoencoderKL.from_config(json.loads((root / LAYOUT["vae_config"]).read_text()))
@@ -201,9 +212,12 @@ def load_pipeline(
     elif model.endswith("-random") and model.removesuffix("-random") in SPECS:
         pipeline = build_pipeline(SPECS[model.removesuffix("-random")], seed)
     elif Path(model).is_dir() and (trained := trained_weights_base(Path(model))) is not None:
-        pipeline = apply_realcustom_weights(
-            load_pipeline(trained["base_model"], seed=trained.get("seed", seed)), model
-        )
+        base = trained["base_model"]
+        if Path(base).is_dir():
+            pipeline = load_from_directory(base, backbone_only=True)
+        else:
+            pipeline = load_pipeline(base, seed=trained.get("seed", seed))
+        apply_realcustom_weights(pipeline, model)
     elif Path(model).is_dir():
         pipeline = load_from_directory(model)
     else:

@@ -19,10 +19,10 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from realcustom.loading import apply_realcustom_weights, load_pipeline
+from realcustom.loading import apply_realcustom_weights, load_from_directory, load_pipeline
 from realcustom.pipeline import RealCustomPipeline
 from realcustom.training.checkpoints import checkpoint_dir, load_checkpoint, save_checkpoint
-from realcustom.training.config import TrainConfig
+from realcustom.training.config import TrainConfig, is_model_name
 from realcustom.training.curriculum import Curriculum, StageSpan
 from realcustom.training.data import (
     Record,
@@ -106,7 +106,13 @@ class Trainer:
 
     def _pipeline(self) -> RealCustomPipeline:
         model = self.config.model
-        pipeline = load_pipeline(model.base, seed=model.seed)
+        if is_model_name(model.base):
+            pipeline = load_pipeline(model.base, seed=model.seed)
+        else:
+            # A backbone directory may lack RealCustom weights: they then start from `model.seed`.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(model.seed)
+                pipeline = load_from_directory(model.base, backbone_only=True)
         if model.init_weights is not None:
             apply_realcustom_weights(pipeline, model.init_weights)
         if model.vision_init == "from_text":

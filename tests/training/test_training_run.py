@@ -167,3 +167,29 @@ def test_command_line_trains_and_resumes_latest(tmp_path):
     assert [m["step"] for m in read_jsonl(output / "metrics.jsonl")] == [1, 2, 3]
     config.write_text("stages: []\n")
     assert main(["--config", str(config), "--output-dir", str(output)]) == 2
+
+
+def test_training_a_backbone_without_realcustom_weights(tmp_path, dreambench_dir):
+    from test_loading import save_official_layout  # tests/ is on the path (tests/conftest.py)
+
+    backbone = tmp_path / "backbone"
+    save_official_layout(load_pipeline("tiny", seed=3), backbone)
+    (backbone / "realcustom" / "RealCustom_highres.pth").unlink()
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    raw["model"] = {"base": "backbone", "seed": 1, "vision_init": "from_text"}
+    raw["data"]["dreambench"]["source"] = str(dreambench_dir)
+    raw["stages"] = raw["stages"][-1:]
+    raw["stages"][0]["steps"] = 2
+    del raw["sampling"], raw["evaluation"]
+    config = tmp_path / "backbone.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    trainer = Trainer(load_config(config), tmp_path / "run")
+    assert trainer.train() == 2
+    # The checkpoint names the backbone directory; loading it needs no RealCustom weights there.
+    description = json.loads((tmp_path / "run" / "checkpoint-2" / "realcustom.json").read_text())
+    assert description["base_model"] == str(backbone)
+    loaded = load_pipeline(str(tmp_path / "run" / "checkpoint-2"))
+    for name, parameter in trainable_parameters(loaded).items():
+        assert torch.equal(parameter, trainer.ema.shadow[name])
+    base = load_pipeline("tiny", seed=3).state_dict()
+    assert torch.equal(loaded.state_dict()["unet.unet.conv_in.weight"], base["unet.unet.conv_in.weight"])
