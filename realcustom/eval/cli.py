@@ -87,7 +87,11 @@ def evaluate(args: argparse.Namespace) -> Path:
         metric_models=scorers.description,
     )
     check_or_store_config(args.out, config)
-    records = run_cases(args.out, cases, generator, scorers, sampling, args.images_per_prompt, args.seed)
+    try:
+        records = run_cases(args.out, cases, generator, scorers, sampling, args.images_per_prompt, args.seed)
+    finally:
+        if isinstance(generator, ServiceGenerator):
+            generator.close()
     random_weights = args.tiny_metrics or args.model == "tiny" or args.model.endswith("-random")
     results = write_results(args.out, config, records, random_weights)
     used = sorted({subject for case in cases for subject in case.subjects}, key=bench.subjects.index)
