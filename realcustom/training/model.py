@@ -43,6 +43,20 @@ def freeze_all_but_added_weights(pipeline: RealCustomPipeline) -> dict[str, nn.P
     return trainable
 
 
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def place_for_training(
+    pipeline: RealCustomPipeline, device: torch.device | str, mixed_precision: str
+) -> None:
+    """Move to `device`; frozen weights in the compute dtype, the VAE and the trainable weights in
+    float32 (the SDXL VAE overflows in fp16; AdamW needs float32 master weights)."""
+    pipeline.to(device, WEIGHT_DTYPES[mixed_precision])
+    pipeline.vae.to(torch.float32)
+    for parameter in trainable_parameters(pipeline).values():
+        parameter.data = parameter.data.float()
+
+
 @torch.no_grad()
 def init_vision_from_text(pipeline: RealCustomPipeline) -> None:
     """Copy each attn2's text to_k/to_v into to_k_vision/to_v_vision (IP-Adapter's initialisation).

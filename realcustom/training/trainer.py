@@ -40,14 +40,13 @@ from realcustom.training.model import (
     freeze_all_but_added_weights,
     image_tokens_kept_for_backward,
     init_vision_from_text,
-    trainable_parameters,
+    place_for_training,
 )
 
 logger = logging.getLogger(__name__)
 
 # Stage number of the held-out evaluation samples: a seed stream no training stage uses.
 EVALUATION_STREAM = 2**31
-WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 
@@ -113,17 +112,11 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(model.seed)
                 pipeline = load_from_directory(model.base, backbone_only=True)
-        if model.init_weights is not None:
-            apply_realcustom_weights(pipeline, model.init_weights)
         if model.vision_init == "from_text":
             init_vision_from_text(pipeline)
-        # Frozen weights in the compute dtype; the VAE and the trainable weights stay float32
-        # (the SDXL VAE overflows in fp16; AdamW needs float32 master weights).
-        weight_dtype = WEIGHT_DTYPES[self.config.training.mixed_precision]
-        pipeline.to(self.accelerator.device, weight_dtype)
-        pipeline.vae.to(torch.float32)
-        for parameter in trainable_parameters(pipeline).values():
-            parameter.data = parameter.data.float()
+        if model.init_weights is not None:  # explicit starting weights win over vision_init
+            apply_realcustom_weights(pipeline, model.init_weights)
+        place_for_training(pipeline, self.accelerator.device, self.config.training.mixed_precision)
         return pipeline
 
     # ---- the run ---------------------------------------------------------------------------

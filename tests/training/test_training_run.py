@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +195,30 @@ def test_training_a_backbone_without_realcustom_weights(tmp_path, dreambench_dir
         assert torch.equal(parameter, trainer.ema.shadow[name])
     base = load_pipeline("tiny", seed=3).state_dict()
     assert torch.equal(loaded.state_dict()["unet.unet.conv_in.weight"], base["unet.unet.conv_in.weight"])
+
+
+def test_module_entry_point_with_bf16_and_gradient_checkpointing(tmp_path, dreambench_dir):
+    """`python -m realcustom.train` in its own process (accelerate's precision is per process)."""
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    raw["data"]["dreambench"]["source"] = str(dreambench_dir)
+    raw["training"].update(mixed_precision="bf16", gradient_checkpointing=True, checkpoint_every=100)
+    raw["stages"] = raw["stages"][:1]
+    raw["stages"][0]["steps"] = 2
+    del raw["sampling"], raw["evaluation"]
+    config = tmp_path / "bf16.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    command = [
+        sys.executable,
+        "-m",
+        "realcustom.train",
+        "--config",
+        str(config),
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
+    completed = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+    weights = load_file(str(tmp_path / "run" / "checkpoint-2" / WEIGHTS))
+    assert all(tensor.dtype == torch.float32 for tensor in weights.values())  # master weights stay fp32
