@@ -1,7 +1,8 @@
 """The worker loop: take jobs, batch compatible ones, run them, store results, acknowledge.
 
-Runs on an asyncio loop; the runner itself runs in a thread, so heartbeats (which keep this
-worker's jobs from being reclaimed) continue while a batch computes.
+Runs on an asyncio loop; the runner itself runs in a thread, so while a batch computes the loop
+keeps heart-beating (which keeps this worker's jobs from being reclaimed) and takes and decodes
+the next jobs.
 """
 
 from __future__ import annotations
@@ -64,10 +65,16 @@ class Worker:
         try:
             while not await self._should_exit():
                 try:
-                    await self._fill_backlog()
                     batch, self._backlog = next_batch(self._backlog, self._settings.max_batch)
-                    if batch:
+                    if not batch:
+                        await self._fill_backlog()
+                        continue
+                    # Take and decode the next jobs while this batch computes.
+                    prefetch = asyncio.create_task(self._fill_backlog())
+                    try:
                         await self._run_batch(batch)
+                    finally:
+                        await prefetch
                 except QueueUnavailableError as error:
                     logger.warning("queue unavailable (%s); retrying", error)
                     await asyncio.sleep(RETRY_DELAY_S)
@@ -102,7 +109,7 @@ class Worker:
 
     async def _fill_backlog(self) -> None:
         room = self._settings.max_batch - len(self._backlog)
-        if room <= 0:
+        if room <= 0 or (self._stopping.is_set() and not self._drain):
             return
         taken = await self._queue.take(self._name, room, block_s=0.0 if self._backlog else TAKE_BLOCK_S)
         arrivals = [(job, time.time()) for job in taken]

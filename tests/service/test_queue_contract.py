@@ -119,7 +119,7 @@ def test_waiter_is_woken_when_the_result_is_stored(make_queue) -> None:
         return latency
 
     # Far below the 1 s safety re-read: the wake-up came from the notification.
-    assert run(scenario()) < 0.2
+    assert run(scenario()) < 0.5
 
 
 def test_depth_is_bounded(make_queue) -> None:
