@@ -19,10 +19,11 @@ table.summary { border-collapse: collapse; margin-bottom: 1rem; }
 table.summary td, table.summary th { border: 1px solid #ccc; padding: .25rem .5rem; text-align: right; }
 .case { display: flex; gap: 1rem; align-items: flex-start; border-top: 1px solid #ddd; padding: .75rem 0; }
 .refs img, .output img { width: 128px; height: 128px; object-fit: cover; display: block; }
-.output { display: flex; flex-direction: column; gap: .25rem; }
+.output { display: flex; flex-direction: column; gap: .25rem; max-width: 280px; }
 .masks { display: flex; gap: .25rem; }
 .masks img { width: 62px; height: 62px; image-rendering: pixelated; }
-.steps img { height: 24px; width: auto; image-rendering: pixelated; display: block; }
+.steps { font-size: .75rem; color: #555; }
+.steps img { height: 40px; width: auto; image-rendering: pixelated; display: block; }
 .prompt b { color: #b3261e; }
 .scores { font-size: .8rem; color: #555; }
 .warning { background: #fff3cd; padding: .5rem; border: 1px solid #e0c36a; }
@@ -60,11 +61,15 @@ def _case_html(record: dict, references: dict[str, str]) -> str:
     outputs = []
     for k, image in enumerate(record["images"]):
         masks = "".join(f'<img src="{path}" alt="mask">' for path in record["masks"][k])
-        steps = "".join(f'<img src="{path}" alt="mask evolution">' for path in record["mask_steps"][k])
+        steps = "".join(
+            f'<div class="steps"><span>{html.escape(target)}, per step:</span>'
+            f'<img src="{path}" alt="mask evolution of {html.escape(target)}"></div>'
+            for target, path in zip(record["targets"], record["mask_steps"][k], strict=False)
+        )
         scores = " · ".join(f"{metric} {record['scores'][metric][k]:.1f}" for metric in METRICS)
         outputs.append(
             f'<div class="output"><img src="{image}" alt="output {k}"><div class="masks">{masks}</div>'
-            f'<div class="steps">{steps}</div><div class="scores">{scores}</div></div>'
+            f'{steps}<div class="scores">{scores}</div></div>'
         )
     return (
         f'<div class="case" id="{html.escape(record["id"])}"><div class="refs">{refs}</div>'

@@ -141,12 +141,12 @@ def score_case(
     return scores, per_subject
 
 
-def mask_strip(masks: list[Image.Image], height: int = 64) -> Image.Image:
-    """Per-step masks side by side (the gallery's mask evolution)."""
+def mask_strip(masks: list[Image.Image], height: int = 64, gap: int = 4) -> Image.Image:
+    """Per-step masks side by side on a grey background (the gallery's mask evolution)."""
     thumbs = [mask.resize((height, height), Image.Resampling.NEAREST) for mask in masks]
-    strip = Image.new("L", (height * len(thumbs), height))
+    strip = Image.new("L", ((height + gap) * len(thumbs) - gap, height), 128)
     for index, thumb in enumerate(thumbs):
-        strip.paste(thumb, (index * height, 0))
+        strip.paste(thumb, (index * (height + gap), 0))
     return strip
 
 

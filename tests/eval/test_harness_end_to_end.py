@@ -106,8 +106,8 @@ def test_gallery_links_every_file(run) -> None:
     assert sum("/mask_" in s for s in sources) == 4 + 2 * 2
     strips = [s for s in sources if "/steps_" in s]
     assert len(strips) == 4 + 2 * 2
-    # Mask recomputed at steps 1 and 2 (then reused): two 64 px frames per strip.
-    assert Image.open(out / strips[0]).size == (128, 64)
+    # Mask recomputed at steps 1 and 2 (then reused): two 64 px frames per strip, 4 px apart.
+    assert Image.open(out / strips[0]).size == (64 + 4 + 64, 64)
     assert "a <b>backpack</b> and a <b>cat</b> in the jungle" in page
 
 
