@@ -30,7 +30,7 @@ JOBS_FINISHED = Counter(
 )
 QUEUE_DEPTH = Gauge("realcustom_queue_depth", "Accepted jobs not yet finished (read at scrape time).")
 QUEUE_WAIT_SECONDS = Histogram(
-    "realcustom_queue_wait_seconds", "Acceptance until a worker takes the job.", buckets=LATENCY_BUCKETS
+    "realcustom_queue_wait_seconds", "Acceptance until the job's batch starts.", buckets=LATENCY_BUCKETS
 )
 INFERENCE_SECONDS = Histogram(
     "realcustom_inference_seconds", "Runner time of one batch.", buckets=LATENCY_BUCKETS

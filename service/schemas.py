@@ -93,7 +93,10 @@ class CustomizeRequest(BaseModel):
 class Timings(BaseModel):
     """Where the time went, in seconds."""
 
-    queue_wait: float = Field(description="From acceptance until a worker took the job off the queue.")
+    queue_wait: float = Field(
+        description="From acceptance until the job's batch started on a worker (includes the worker's "
+        "image decoding and batching window)."
+    )
     inference: float = Field(description="The pipeline's own time for the batch that held the job.")
     total: float = Field(description="From the request's arrival until the reply (synchronous calls).")
 

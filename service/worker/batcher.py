@@ -11,15 +11,10 @@ from service.queue.protocol import TakenJob
 
 @dataclass
 class PendingJob:
-    """A job a worker holds: its queue delivery, the decoded runner job, when it was taken."""
+    """A job a worker holds: its queue delivery and the decoded runner job."""
 
     taken: TakenJob
     job: GenerationJob
-    taken_at: float
-
-    @property
-    def queue_wait_s(self) -> float:
-        return max(0.0, self.taken_at - self.taken.spec.enqueued_at)
 
     @property
     def key(self) -> Hashable:

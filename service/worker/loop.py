@@ -112,17 +112,15 @@ class Worker:
         if room <= 0 or (self._stopping.is_set() and not self._drain):
             return
         taken = await self._queue.take(self._name, room, block_s=0.0 if self._backlog else TAKE_BLOCK_S)
-        arrivals = [(job, time.time()) for job in taken]
         window_s = self._settings.batch_window_ms / 1000
         if taken and len(taken) < room and window_s > 0:
             # Concurrent requests arrive a few milliseconds apart: wait briefly to batch them.
             await asyncio.sleep(window_s)
-            more = await self._queue.take(self._name, room - len(taken), block_s=0.0)
-            arrivals += [(job, time.time()) for job in more]
-        for job, taken_at in arrivals:
-            await self._accept(job, taken_at)
+            taken += await self._queue.take(self._name, room - len(taken), block_s=0.0)
+        for job in taken:
+            await self._accept(job)
 
-    async def _accept(self, taken: TakenJob, taken_at: float) -> None:
+    async def _accept(self, taken: TakenJob) -> None:
         """Decode a delivery into the backlog, or finish it at once (expired, undecodable)."""
         if taken.spec.expired():
             await self._finish(taken, JobState.EXPIRED, error="the deadline passed before a worker was free")
@@ -132,7 +130,7 @@ class Worker:
         except ValueError as error:
             await self._finish(taken, JobState.FAILED, error=f"the job could not be decoded: {error}")
             return
-        self._backlog.append(PendingJob(taken=taken, job=job, taken_at=taken_at))
+        self._backlog.append(PendingJob(taken=taken, job=job))
 
     async def _run_batch(self, batch: list[PendingJob]) -> None:
         runnable: list[PendingJob] = []
@@ -146,12 +144,13 @@ class Worker:
         if not runnable:
             return
         self._running = runnable
+        started_at = time.time()
         metrics.WORKER_BUSY.set(1)
         metrics.BATCH_SIZE.observe(len(runnable))
         for pending in runnable:
-            metrics.QUEUE_WAIT_SECONDS.observe(pending.queue_wait_s)
+            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, started_at - pending.taken.spec.enqueued_at))
         try:
-            results = await asyncio.to_thread(self._compute, runnable)
+            results = await asyncio.to_thread(self._compute, runnable, started_at)
         except Exception as error:  # a failing batch must still end every job it holds
             logger.exception("batch of %d jobs failed", len(runnable))
             for pending in runnable:
@@ -165,10 +164,12 @@ class Worker:
         for pending, result in zip(runnable, results, strict=True):
             await self._finish(pending.taken, JobState.DONE, result=result)
 
-    def _compute(self, batch: list[PendingJob]) -> list[JobResult]:
+    def _compute(self, batch: list[PendingJob], started_at: float) -> list[JobResult]:
         outputs = self._runner.run([pending.job for pending in batch])
         return [
-            to_result(pending.taken.spec, output, pending.queue_wait_s, self._name)
+            to_result(
+                pending.taken.spec, output, max(0.0, started_at - pending.taken.spec.enqueued_at), self._name
+            )
             for pending, output in zip(batch, outputs, strict=True)
         ]
 
