@@ -1,0 +1,236 @@
+"""Service overhead on CPU: end-to-end latency through HTTP + Redis + worker, minus the pipeline's
+own time, on the tiny model, at several client concurrencies.
+
+Starts `python -m service.api` and one `python -m service.worker` against a Redis (a private key
+prefix, cleaned afterwards), sends DreamBench photos, and writes
+benchmarks/service_overhead.{json,md}.
+
+    .venv/bin/python benchmarks/service_overhead.py [--redis-url redis://127.0.0.1:6379/0]
+
+Per request (client side): e2e = reply latency; inference = the runner's time for the batch that
+held the job; queue_wait = acceptance -> its batch starts on a worker. Reported:
+- overhead = e2e - inference (everything that is not the pipeline: HTTP, validation, Redis,
+  image decode/encode, batching window, and waiting behind other jobs);
+- service_cost = e2e - inference - queue_wait (HTTP, API validation, Redis, result encoding and
+  delivery).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ROOT.parent / "shared" / "fixtures" / "dreambench"
+SUBJECTS = {"cat": "a cat in the snow", "can": "a can on the beach", "backpack": "a backpack in the jungle"}
+PARAMS = {"width": 64, "height": 64, "num_inference_steps": 2, "mask_reused_step": 1}
+
+logger = logging.getLogger("service_overhead")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(module: str, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = log_path.open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_ready(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not become ready")
+
+
+def bodies() -> list[dict]:
+    return [
+        {
+            "prompt": prompt,
+            "subjects": [
+                {"image": base64.b64encode((PHOTOS / f"{word}.jpg").read_bytes()).decode(), "target": word}
+            ],
+            "seed": 0,
+            **PARAMS,
+        }
+        for word, prompt in SUBJECTS.items()
+    ]
+
+
+async def run_level(url: str, concurrency: int, requests: int, payloads: list[dict]) -> dict:
+    samples: list[tuple[float, float, float]] = []
+    counter = iter(range(requests))
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for index in counter:
+            started = time.perf_counter()
+            reply = await client.post("/customize", json=payloads[index % len(payloads)])
+            e2e = time.perf_counter() - started
+            reply.raise_for_status()
+            timings = reply.json()["timings"]
+            samples.append((e2e, timings["inference"], timings["queue_wait"]))
+
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    e2e, inference, queue_wait = (np.array(column) * 1000 for column in zip(*samples, strict=True))
+
+    def percentiles(values: np.ndarray) -> dict[str, float]:
+        return {
+            "p50": round(float(np.percentile(values, 50)), 1),
+            "p99": round(float(np.percentile(values, 99)), 1),
+        }
+
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "throughput_rps": round(requests / wall, 1),
+        "e2e_ms": percentiles(e2e),
+        "inference_ms": percentiles(inference),
+        "queue_wait_ms": percentiles(queue_wait),
+        "overhead_ms": percentiles(e2e - inference),
+        "service_cost_ms": percentiles(e2e - inference - queue_wait),
+        "overhead_share_p50": round(float(np.percentile((e2e - inference) / e2e, 50)), 3),
+    }
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [
+        "# Service overhead (CPU, tiny model)",
+        "",
+        f"Measured {report['date']} on {report['machine']} with `benchmarks/service_overhead.py`: "
+        f"one API process, one worker (MAX_BATCH={report['max_batch']}, "
+        f"BATCH_WINDOW_MS={report['batch_window_ms']}), Redis Streams, OMP_NUM_THREADS=1, "
+        f"{PARAMS['width']}x{PARAMS['height']} px, {PARAMS['num_inference_steps']} steps, DreamBench photos "
+        "(767-1282 px JPEGs, decoded by the API and again by the worker). Client, API, worker and Redis "
+        "share the "
+        f"machine's cores; the 1-minute load average at the end was {report['load_average_1min_at_end']} "
+        "(other jobs shared the machine).",
+        "",
+        "- e2e: client-side latency of `POST /customize`; inference: the runner's time for the batch "
+        "holding the job.",
+        "- queue wait: acceptance until the job's batch starts (includes the worker's image decode and "
+        "batching window).",
+        "- overhead = e2e - inference (includes waiting behind other jobs); service cost = e2e - inference "
+        "- queue_wait (HTTP, validation and decoding in the API, Redis, result encoding and delivery).",
+        "",
+        "| clients | requests | req/s | e2e p50 / p99 ms | inference p50 / p99 ms | queue wait p50 / p99 ms "
+        "| overhead p50 / p99 ms | service cost p50 / p99 ms | overhead share of e2e (p50) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in report["levels"]:
+        cells = [
+            f"{level[key]['p50']} / {level[key]['p99']}"
+            for key in ("e2e_ms", "inference_ms", "queue_wait_ms", "overhead_ms", "service_cost_ms")
+        ]
+        lines.append(
+            f"| {level['concurrency']} | {level['requests']} | {level['throughput_rps']} | "
+            + " | ".join(cells)
+            + f" | {level['overhead_share_p50']:.0%} |"
+        )
+    lines += [
+        "",
+        "Reading: with 8 and 32 clients the single CPU worker is saturated, so most of the overhead is "
+        "queue wait (jobs waiting for the worker, which more workers or a GPU remove); the service cost "
+        "column is what each request pays for the service itself.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--levels", default="1,8,32", help="client concurrencies")
+    parser.add_argument("--requests-per-client", type=int, default=12)
+    parser.add_argument("--min-requests", type=int, default=60)
+    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--batch-window-ms", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "service_overhead")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        "REDIS_URL": args.redis_url,
+        "QUEUE_NAME": prefix,
+        "PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+        "LOG_LEVEL": "WARNING",
+        "MAX_BATCH": str(args.max_batch),
+        "BATCH_WINDOW_MS": str(args.batch_window_ms),
+        "QUEUE_MAX_DEPTH": "1000",
+        "WORKER_METRICS_PORT": "0",
+    }
+    log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    processes = [
+        start("service.worker", env, log_dir / f"{prefix}-worker.log"),
+        start("service.api", env, log_dir / f"{prefix}-api.log"),
+    ]
+    try:
+        wait_ready(url)
+        payloads = bodies()
+        asyncio.run(run_level(url, 4, 16, payloads))  # warm connections and caches
+        levels = []
+        for concurrency in map(int, args.levels.split(",")):
+            requests = max(args.min_requests, concurrency * args.requests_per_client)
+            level = asyncio.run(run_level(url, concurrency, requests, payloads))
+            logger.info(json.dumps(level))
+            levels.append(level)
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(30)
+        client = redis.Redis.from_url(args.redis_url)
+        keys = list(client.scan_iter(f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"CPU only, {os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+        "load_average_1min_at_end": round(os.getloadavg()[0], 1),
+        "model": "tiny",
+        "max_batch": args.max_batch,
+        "batch_window_ms": args.batch_window_ms,
+        "params": PARAMS,
+        "levels": levels,
+    }
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(report, args.out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
