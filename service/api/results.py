@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 
 from fastapi import Response
@@ -44,9 +45,13 @@ def raw_image_type(accept: str | None, request: CustomizeRequest) -> str | None:
     return produced
 
 
-async def submit(queue: JobQueue, spec: JobSpec, idempotency_key: str | None) -> JobRecord:
+async def submit(queue: JobQueue, spec: JobSpec, caller: str, idempotency_key: str | None) -> JobRecord:
+    """Enqueue; an Idempotency-Key is scoped to its caller (hashed: the caller may be an API key)."""
+    scoped_key = None
+    if idempotency_key:
+        scoped_key = hashlib.sha256(f"{caller}\0{idempotency_key}".encode()).hexdigest()
     try:
-        record = await queue.submit(spec, idempotency_key)
+        record = await queue.submit(spec, scoped_key)
     except QueueFullError as error:
         metrics.JOBS_REJECTED.labels("queue_full").inc()
         raise ApiError(

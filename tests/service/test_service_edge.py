@@ -330,7 +330,7 @@ def test_docs_describe_both_body_types_with_examples(api: Api) -> None:
 
 def test_api_keys_and_rate_limit(redis_server, tmp_path: Path) -> None:
     api = start_api(
-        redis_server.url, tmp_path, {"API_KEYS": "key-one, key-two", "RATE_LIMIT_PER_MINUTE": "3"}
+        redis_server.url, tmp_path, {"API_KEYS": "key-one, key-two, key-three", "RATE_LIMIT_PER_MINUTE": "3"}
     )
     try:
         with api.client() as client:
@@ -350,7 +350,13 @@ def test_api_keys_and_rate_limit(redis_server, tmp_path: Path) -> None:
             assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
             other_key = client.post("/jobs", json=body(), headers={"Authorization": "Bearer key-two"})
             assert other_key.status_code == 202, other_key.text
-        assert "API keys required (2 configured)" in api.process.log()
+            # Idempotency keys are per caller: the same key from another caller is another job.
+            same_key = {"Authorization": "Bearer key-two", "Idempotency-Key": "k"}
+            first = client.post("/jobs", json=body(), headers=same_key).json()["id"]
+            assert client.post("/jobs", json=body(), headers=same_key).json()["id"] == first
+            third = {"Authorization": "Bearer key-three", "Idempotency-Key": "k"}
+            assert client.post("/jobs", json=body(), headers=third).json()["id"] != first
+        assert "API keys required (3 configured)" in api.process.log()
     finally:
         api.process.stop()
 

@@ -33,7 +33,7 @@ router = APIRouter(tags=["generation"])
 async def customize(
     # Declared first: FastAPI resolves dependencies in order, so auth and rate limit come
     # before the body is read and validated.
-    _caller: RateLimitedCaller,
+    caller: RateLimitedCaller,
     body: CustomizeBody,
     queue: QueueDep,
     settings: SettingsDep,
@@ -45,7 +45,7 @@ async def customize(
     raw_type = results.raw_image_type(accept, body)
     # Image decoding is CPU work: keep it off the event loop.
     spec = await run_in_threadpool(build_job_spec, body, settings, tokenizer)
-    record = await results.submit(queue, spec, idempotency_key)
+    record = await results.submit(queue, spec, caller, idempotency_key)
     finished = await queue.wait(record.id, timeout_s=record.deadline - time.time())
     record = finished or record
     results.raise_unless_done(record, settings.job_timeout_s)

@@ -41,7 +41,7 @@ async def _find(queue: JobQueue, job_id: str) -> JobRecord:
 async def create_job(
     # Declared first: FastAPI resolves dependencies in order, so auth and rate limit come
     # before the body is read and validated.
-    _caller: RateLimitedCaller,
+    caller: RateLimitedCaller,
     body: CustomizeBody,
     queue: QueueDep,
     settings: SettingsDep,
@@ -49,7 +49,7 @@ async def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobAccepted:
     spec = await run_in_threadpool(build_job_spec, body, settings, tokenizer)
-    record = await results.submit(queue, spec, idempotency_key)
+    record = await results.submit(queue, spec, caller, idempotency_key)
     return JobAccepted(id=record.id, status=results.effective_state(record), url=f"/jobs/{record.id}")
 
 
