@@ -22,8 +22,10 @@ REQUEST_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 JOBS_ACCEPTED = Counter("realcustom_jobs_accepted_total", "Jobs accepted into the queue.")
-JOBS_REJECTED = Counter(
-    "realcustom_jobs_rejected_total", "Requests refused before queueing, by reason.", ["reason"]
+REQUESTS_REJECTED = Counter(
+    "realcustom_requests_rejected_total",
+    "Requests refused with an error reply, by its code (invalid_image, queue_full, ...).",
+    ["reason"],
 )
 JOBS_FINISHED = Counter(
     "realcustom_jobs_finished_total", "Jobs finished by workers, by terminal state.", ["state"]

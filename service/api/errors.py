@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from service import metrics
 from service.errors import ApiError
 from service.queue.protocol import QueueUnavailableError
 
@@ -25,6 +26,7 @@ def _reply(status_code: int, code: str, message: str, field: str | None = None, 
 
 async def _api_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ApiError)
+    metrics.REQUESTS_REJECTED.labels(error.code).inc()
     return _reply(error.status_code, error.code, error.message, error.field, error.headers)
 
 

@@ -15,6 +15,7 @@ class _BodyTooLargeError(Exception):
 
 
 async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+    metrics.REQUESTS_REJECTED.labels(code).inc()
     body = json.dumps({"error": {"code": code, "message": message, "field": None}}).encode()
     await send(
         {

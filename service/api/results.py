@@ -53,7 +53,6 @@ async def submit(queue: JobQueue, spec: JobSpec, caller: str, idempotency_key: s
     try:
         record = await queue.submit(spec, scoped_key)
     except QueueFullError as error:
-        metrics.JOBS_REJECTED.labels("queue_full").inc()
         raise ApiError(
             429, "queue_full", str(error), headers=retry_after_header(error.retry_after_s)
         ) from None

@@ -268,8 +268,10 @@ def test_every_bad_input_gets_a_4xx_that_says_what_to_change(api: Api, dreambenc
                 failures.append(f"{case.name}: {reply.status_code} {reply.text[:300]}")
         assert client.get("/jobs/no-such-job").status_code == 404
         assert client.delete("/jobs/no-such-job").status_code == 404
-        assert client.get("/metrics").status_code == 200
+        text = client.get("/metrics").text
     assert not failures, "\n".join(failures)
+    for reason in ("invalid_image", "target_not_in_prompt", "prompt_too_long", "body_too_large"):
+        assert f'realcustom_requests_rejected_total{{reason="{reason}"}}' in text
     assert "Traceback" not in api.process.log()
 
 
