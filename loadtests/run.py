@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -45,14 +46,28 @@ class Outcome:
     lost_jobs: list[str]
     jobs_by_state: dict[str, int]
     summary: dict
-    # 1-minute load average before the service started and after k6 ended: other work on the
-    # machine competes for the same cores and shows up here.
-    load_before: float
-    load_after: float
+    # CPU seconds over the k6 run: the machine's in all, and the service's + k6's. Other work on
+    # the machine competes for the same cores; the difference shows how much.
+    cpu_machine_s: float
+    cpu_ours_s: float
 
     @property
     def passed(self) -> bool:
         return self.k6_exit_code == 0 and not self.lost_jobs
+
+
+def machine_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (all cores, from /proc/stat)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -150,7 +165,13 @@ def report(args: argparse.Namespace, outcome: Outcome, wall_s: float) -> dict:
         "machine": {
             "cpus": os.cpu_count(),
             "host": "127.0.0.1 (loopback)",
-            "load_average_1m": {"before": outcome.load_before, "after": outcome.load_after},
+            "cpu_s_during_k6": {
+                "machine": round(outcome.cpu_machine_s, 1),
+                "service_and_k6": round(outcome.cpu_ours_s, 1),
+                "other_processes": round(outcome.cpu_machine_s - outcome.cpu_ours_s, 1),
+            },
+            # What one answered request costs the service + k6, whatever else ran beside it.
+            "cpu_s_per_200": round(outcome.cpu_ours_s / accepted, 3) if accepted else None,
         },
         "requests": int(metric(summary, "http_reqs", "count")),
         "ok_200": accepted,
@@ -196,6 +217,7 @@ def markdown(row: dict) -> str:
         ("passed", "yes" if row["passed"] else "NO"),
     ]
     request = row["request"]
+    cpu = row["machine"]["cpu_s_during_k6"]
     return (
         "| " + " | ".join(name for name, _ in columns) + " |\n"
         "|" + "---|" * len(columns) + "\n"
@@ -203,14 +225,14 @@ def markdown(row: dict) -> str:
         f"{row['workers']} workers, tiny model, {request['width']}x{request['height']}, "
         f"{request['steps']} steps, queue depth {row['queue_max_depth']}, {row['machine']['cpus']} CPUs, "
         f"loopback. Latencies are of the 200 answers. Jobs in Redis after the run, by state: "
-        f"{row['jobs_in_redis_by_state']}.\n"
+        f"{row['jobs_in_redis_by_state']}. CPU during the k6 run ({row['k6_run_s']} s): service + k6 "
+        f"{cpu['service_and_k6']} s, other processes on the machine {cpu['other_processes']} s.\n"
     )
 
 
 def run(args: argparse.Namespace) -> Outcome:
     """Start Redis, workers and the API, run k6, audit the jobs, stop everything."""
     k6 = Path(sys.executable).parent / "k6"
-    load_before = os.getloadavg()[0]
     redis_port, api_port = free_port(), free_port()
     base_url = f"http://127.0.0.1:{api_port}"
     with ExitStack() as stack:
@@ -290,6 +312,9 @@ def run(args: argparse.Namespace) -> Outcome:
             "MAX_VUS": str(2 * args.vus),
             "K6_NO_USAGE_REPORT": "true",
         }
+        machine_before = machine_cpu_s()
+        ours_before = sum(process_cpu_s(process.pid) for process in processes)
+        k6_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             k6_run = subprocess.run(
                 [str(k6), "run", "--quiet", str(LOADTESTS / f"{args.scenario}.js")],
@@ -301,10 +326,13 @@ def run(args: argparse.Namespace) -> Outcome:
         except subprocess.TimeoutExpired:
             logger.error("k6 ran past %s s and was stopped", args.k6_timeout)
             k6_exit_code = 124
-        load_after = os.getloadavg()[0]
+        k6_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        k6_cpu_s = (k6_after.ru_utime + k6_after.ru_stime) - (k6_before.ru_utime + k6_before.ru_stime)
+        cpu_ours_s = sum(process_cpu_s(process.pid) for process in processes) - ours_before + k6_cpu_s
+        cpu_machine_s = machine_cpu_s() - machine_before
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         states, lost = audit_jobs(redis_port, settle_s=args.settle)
-    return Outcome(k6_exit_code, lost, states, summary, load_before, load_after)
+    return Outcome(k6_exit_code, lost, states, summary, cpu_machine_s, cpu_ours_s)
 
 
 def main() -> int:
