@@ -13,9 +13,10 @@ Format: a JSONL manifest, one record per line:
 
 Paths are relative to the manifest's folder (absolute paths are kept).
 
-Sampling is stateless: sample `index` of a stage is a pure function of (run seed, index), drawn
-with replacement from the stage's data mix. The trainer numbers samples by global step, so a
-resumed run sees exactly the samples the uninterrupted run would have seen, on any device count.
+Sampling is stateless: sample `index` of a stage is a pure function of (run seed, stage, index),
+drawn with replacement from the stage's data mix. The trainer numbers samples by global step, so a
+resumed run sees exactly the samples the uninterrupted run would have seen, and how a step's
+samples are split over devices and micro-batches does not change which samples they are.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class StageDataset(Dataset):
     """Samples of one stage: target pixels, caption, reference pixels (or the black image).
 
     Item `index` -> dict with `pixels` [3, res, res] in [-1, 1], `reference` [3, R, R] in [0, 1]
-    (all zeros when dropped), `caption`, `dropped` (bool) and `source` (kind of reference).
+    (all zeros when dropped), `caption`, `dropped` (bool), `source` (kind of reference), `index`.
     """
 
     def __init__(
@@ -172,6 +173,7 @@ class StageDataset(Dataset):
             "caption": record.caption,
             "dropped": dropped,
             "source": source.kind,
+            "index": index,
         }
 
 
@@ -182,6 +184,7 @@ def collate(samples: list[dict]) -> dict:
         "captions": [s["caption"] for s in samples],
         "dropped": torch.tensor([s["dropped"] for s in samples]),
         "sources": [s["source"] for s in samples],
+        "indices": [s["index"] for s in samples],
     }
 
 

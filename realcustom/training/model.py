@@ -49,12 +49,17 @@ WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 def place_for_training(
     pipeline: RealCustomPipeline, device: torch.device | str, mixed_precision: str
 ) -> None:
-    """Move to `device`; frozen weights in the compute dtype, the VAE and the trainable weights in
-    float32 (the SDXL VAE overflows in fp16; AdamW needs float32 master weights)."""
-    pipeline.to(device, WEIGHT_DTYPES[mixed_precision])
-    pipeline.vae.to(torch.float32)
-    for parameter in trainable_parameters(pipeline).values():
-        parameter.data = parameter.data.float()
+    """Move to `device`; frozen encoder and UNet weights in the compute dtype; the VAE and the
+    trainable weights stay float32 (the SDXL VAE overflows in fp16; AdamW needs float32 master
+    weights) and are never rounded through the compute dtype on the way."""
+    weight_dtype = WEIGHT_DTYPES[mixed_precision]
+    pipeline.to(device)
+    pipeline.text_encoder.to(weight_dtype)
+    pipeline.reference_encoder.to(weight_dtype)
+    trainable = {id(parameter) for parameter in trainable_parameters(pipeline).values()}
+    for parameter in pipeline.unet.parameters():
+        if id(parameter) not in trainable:
+            parameter.data = parameter.data.to(weight_dtype)
 
 
 @torch.no_grad()

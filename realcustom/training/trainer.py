@@ -1,8 +1,10 @@
 """The training loop: curriculum stages, accelerate (one or many GPUs), EMA, checkpoints, logs.
 
-Every random draw (which record, crops, dropout, noise, timesteps, VAE posterior sample) is a
-function of (run seed, global step, micro-step, process, slot), so a run resumed from
-`checkpoint-N` takes exactly the steps the uninterrupted run would have taken after step N.
+Every random draw (which record, crops, dropout, noise, timestep, VAE posterior sample) is a
+function of (run seed, stage, sample index), and a step's samples are numbered step * global batch
++ position. So a run resumed from `checkpoint-N` takes exactly the steps the uninterrupted run
+would have taken after step N, and splitting the same global batch over more devices or
+micro-batches trains on the same samples with the same noise.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ logger = logging.getLogger(__name__)
 
 # Stage number of the held-out evaluation samples: a seed stream no training stage uses.
 EVALUATION_STREAM = 2**31
+# Last seed word of a sample's noise draw, to keep it apart from the sample's data draw.
+NOISE_STREAM = 1
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 
@@ -176,7 +180,7 @@ class Trainer:
         batches = iter(loader)
         started = time.perf_counter()
         for step in range(first_step, span.end):
-            loss, dropped = self._optimizer_step(step, batches)
+            loss, dropped = self._optimizer_step(step, span.index, batches)
             completed = step + 1
             if completed % optim.log_every == 0 or completed == span.end:
                 record = {
@@ -195,7 +199,7 @@ class Trainer:
             self._sample(span, span.end)
         return span.end
 
-    def _optimizer_step(self, step: int, batches) -> tuple[float, float]:
+    def _optimizer_step(self, step: int, stage_index: int, batches) -> tuple[float, float]:
         """One optimizer step over `gradient_accumulation_steps` micro-batches; (loss, dropped share)."""
         optim = self.config.training
         accelerator = self.accelerator
@@ -205,7 +209,7 @@ class Trainer:
         accumulation = optim.gradient_accumulation_steps
         for micro in range(accumulation):
             batch = next(batches)
-            draw = self._draw(step, micro, accelerator.process_index, batch=batch)
+            draw = self._draw(batch, stage_index)
             last = micro == accumulation - 1
             # Gradients are all-reduced only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if last else accelerator.no_sync(self.loss_module)
@@ -230,18 +234,20 @@ class Trainer:
         mean_dropped = accelerator.reduce(torch.stack(dropped).mean(), reduction="mean")
         return float(mean_loss), float(mean_dropped)
 
-    def _draw(self, *index: int, batch: dict) -> NoiseDraw:
-        """Noise, VAE posterior draw and timesteps of one micro-batch, seeded by its `index` (on the
-        CPU, so every device draws the same numbers)."""
-        generator = torch.Generator("cpu").manual_seed(torch_seed(self.config.seed, *index))
-        batch_size = batch["pixels"].shape[0]
-        shape = (batch_size, *self.pipeline.latent_shape(*batch["pixels"].shape[-2:]))
+    def _draw(self, batch: dict, stage_index: int) -> NoiseDraw:
+        """Noise, VAE posterior draw and timestep of every sample, each from the sample's own seed
+        (on the CPU, so any device, batch split or device count draws the same numbers)."""
+        shape = self.pipeline.latent_shape(*batch["pixels"].shape[-2:])
         num_timesteps = self.loss_module_unwrapped.num_train_timesteps
-        return NoiseDraw(
-            noise=torch.randn(shape, generator=generator),
-            latent_noise=torch.randn(shape, generator=generator),
-            timesteps=torch.randint(0, num_timesteps, (batch_size,), generator=generator),
-        )
+        noise, latent_noise, timesteps = [], [], []
+        for index in batch["indices"]:
+            generator = torch.Generator("cpu").manual_seed(
+                torch_seed(self.config.seed, stage_index, index, NOISE_STREAM)
+            )
+            noise.append(torch.randn(shape, generator=generator))
+            latent_noise.append(torch.randn(shape, generator=generator))
+            timesteps.append(torch.randint(0, num_timesteps, (), generator=generator))
+        return NoiseDraw(torch.stack(noise), torch.stack(latent_noise), torch.stack(timesteps))
 
     @property
     def loss_module_unwrapped(self) -> DenoisingLoss:
@@ -264,7 +270,7 @@ class Trainer:
         total = 0.0
         for first in range(0, evaluation.samples, batch_size):
             batch = collate([dataset[i] for i in range(first, min(first + batch_size, evaluation.samples))])
-            draw = self._draw(EVALUATION_STREAM, first, batch=batch)
+            draw = self._draw(batch, EVALUATION_STREAM)
             with self.accelerator.autocast():
                 loss = self.loss_module_unwrapped(
                     batch["pixels"].to(self.accelerator.device),

@@ -11,6 +11,8 @@ from realcustom.training.model import (
     freeze_all_but_added_weights,
     image_tokens_kept_for_backward,
     init_vision_from_text,
+    place_for_training,
+    trainable_parameters,
 )
 
 
@@ -91,3 +93,18 @@ def test_loss_is_the_epsilon_mse(timestep):
             image_tokens=tokens.unsqueeze(1),
         )
     torch.testing.assert_close(loss, torch.nn.functional.mse_loss(prediction, noise))
+
+
+def test_bf16_placement_rounds_only_the_frozen_encoders_and_unet():
+    pipeline = load_pipeline("tiny")
+    before = {name: p.detach().clone() for name, p in freeze_all_but_added_weights(pipeline).items()}
+    vae_before = {name: p.detach().clone() for name, p in pipeline.vae.named_parameters()}
+    place_for_training(pipeline, "cpu", "bf16")
+    after = trainable_parameters(pipeline)
+    assert all(
+        after[name].dtype == torch.float32 and torch.equal(after[name], p) for name, p in before.items()
+    )
+    assert all(torch.equal(p, vae_before[name]) for name, p in pipeline.vae.named_parameters())
+    assert pipeline.dtype == torch.bfloat16  # the frozen UNet weights
+    assert next(pipeline.text_encoder.parameters()).dtype == torch.bfloat16
+    assert pipeline.reference_encoder.siglip.pos_embed.dtype == torch.bfloat16

@@ -119,10 +119,10 @@ def stage(*sources: ReferenceSource, resolution: int = 64) -> StageConfig:
 
 def test_dropout_rate_is_the_configured_one_and_dropped_references_are_black(records):
     dataset = StageDataset(records, stage(ReferenceSource("self")), 112, 0.1, seed=0)
-    samples = [dataset[i] for i in range(2000)]
+    samples = [dataset[i] for i in range(1000)]
     dropped = [s for s in samples if s["dropped"]]
-    # Binomial(2000, 0.1): sd ~ 13.4; +-4 sd.
-    assert 146 <= len(dropped) <= 254
+    # Binomial(1000, 0.1): sd ~ 9.5; +-4 sd.
+    assert 62 <= len(dropped) <= 138
     assert all(torch.equal(s["reference"], torch.zeros(3, 112, 112)) for s in dropped)
     assert all(s["reference"].max() > 0 for s in samples if not s["dropped"])
 
