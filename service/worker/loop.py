@@ -44,7 +44,8 @@ class Worker:
         self._settings = settings
         self._name = name
         self._backlog: list[PendingJob] = []
-        self._running: list[PendingJob] = []
+        # Every delivery taken and not yet finished or returned, by token: kept claimed by heartbeats.
+        self._held: dict[str, TakenJob] = {}
         self._stopping = asyncio.Event()
         self._drain = False
 
@@ -99,7 +100,7 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             try:
-                in_flight = [pending.taken for pending in self._backlog + self._running]
+                in_flight = list(self._held.values())
                 await self._queue.heartbeat(
                     self._name, ready=not self._stopping.is_set(), in_flight=in_flight
                 )
@@ -118,6 +119,7 @@ class Worker:
             await asyncio.sleep(window_s)
             taken += await self._queue.take(self._name, room - len(taken), block_s=0.0)
         for job in taken:
+            self._held[job.token] = job
             await self._accept(job)
 
     async def _accept(self, taken: TakenJob) -> None:
@@ -139,27 +141,36 @@ class Worker:
                 await self._finish(pending.taken, JobState.EXPIRED, error="the deadline passed while queued")
             elif await self._queue.start(self._name, pending.taken):
                 runnable.append(pending)
-            else:
+            else:  # `start` acknowledged it
+                self._held.pop(pending.taken.token, None)
                 logger.info("skipping job %s: cancelled or finished elsewhere", pending.taken.spec.id)
-        if not runnable:
-            return
-        self._running = runnable
+        if runnable:
+            await self._compute_and_store(runnable)
+
+    async def _compute_and_store(self, runnable: list[PendingJob]) -> None:
         started_at = time.time()
         metrics.WORKER_BUSY.set(1)
         metrics.BATCH_SIZE.observe(len(runnable))
         for pending in runnable:
             metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, started_at - pending.taken.spec.enqueued_at))
+        failure: Exception | None = None
         try:
             results = await asyncio.to_thread(self._compute, runnable, started_at)
         except Exception as error:  # a failing batch must still end every job it holds
-            logger.exception("batch of %d jobs failed", len(runnable))
-            for pending in runnable:
-                await self._finish(pending.taken, JobState.FAILED, error=f"{type(error).__name__}: {error}")
-            return
+            failure = error
         finally:
-            self._running = []
             metrics.WORKER_BUSY.set(0)
             record_gpu_memory()
+        if failure is not None:
+            logger.error("batch of %d jobs failed", len(runnable), exc_info=failure)
+            if len(runnable) > 1:
+                # One bad job (or a batch too large for the device) must not fail the others.
+                for pending in runnable:
+                    await self._compute_and_store([pending])
+                return
+            message = f"{type(failure).__name__}: {failure}"
+            await self._finish(runnable[0].taken, JobState.FAILED, error=message)
+            return
         metrics.INFERENCE_SECONDS.observe(results[0].inference_seconds)
         for pending, result in zip(runnable, results, strict=True):
             await self._finish(pending.taken, JobState.DONE, result=result)
@@ -192,6 +203,7 @@ class Worker:
         while True:
             try:
                 await self._queue.finish(taken, record)
+                self._held.pop(taken.token, None)
                 break
             except QueueUnavailableError as outage:
                 logger.warning("storing job %s failed (%s); retrying", spec.id, outage)
@@ -204,5 +216,6 @@ class Worker:
         for pending in self._backlog:
             with contextlib.suppress(QueueUnavailableError):
                 await self._queue.release(pending.taken)
+                self._held.pop(pending.taken.token, None)
                 logger.info("returned job %s to the queue", pending.taken.spec.id)
         self._backlog = []
