@@ -16,7 +16,9 @@ from service.queue.protocol import QueueUnavailableError
 logger = logging.getLogger(__name__)
 
 
-def _reply(status_code: int, code: str, message: str, field: str | None = None, headers=None) -> JSONResponse:
+def _reply(
+    status_code: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message, "field": field}},
         status_code=status_code,
