@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from service_processes import Api, RedisServer, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -66,13 +67,21 @@ def test_killed_worker_job_completes_on_the_other_and_sigterm_finishes_in_flight
             assert done["status"] == "done" and done["worker"] == survivor.worker_id
             assert "reclaimed job" in survivor.log()
 
-            # Graceful stop: SIGTERM while a job runs -> it is finished, stored, and the worker exits 0.
+            # Graceful stop: SIGTERM while a job runs and the next one is already taken (prefetched)
+            # -> the running job is finished and stored, the taken one returned to the queue.
             job_id = client.post("/jobs", json=cat_body(cat_b64, seed=12, **SLOW)).json()["id"]
             wait_status(client, job_id, {"running"}, 30)
+            next_id = client.post("/jobs", json=cat_body(cat_b64, seed=13, **SLOW)).json()["id"]
+            stream = redis.Redis.from_url(redis_server.url)
+            stream_key = f"{env['QUEUE_NAME']}:stream"
+            wait_until(lambda: stream.xpending(stream_key, "workers")["pending"] == 2, 10, "the prefetch")
             survivor.process.send_signal(signal.SIGTERM)
             assert survivor.process.wait(30) == 0
             assert job_status(client, job_id)["status"] == "done"
-            assert "worker kill-" in survivor.log() and "stopped" in survivor.log()
+            assert job_status(client, next_id)["status"] == "queued"
+            assert stream.xpending(stream_key, "workers")["pending"] == 0 and stream.xlen(stream_key) == 1
+            assert f"returned job {next_id}" in survivor.log() and "stopped" in survivor.log()
+            stream.close()
     finally:
         for worker in workers.values():
             if worker.alive():
