@@ -53,6 +53,7 @@ class Worker:
         """Stop after the current batch; with `drain`, only once the queue is empty too."""
         self._drain = drain
         self._stopping.set()
+        metrics.WORKER_READY.set(0)  # probes see the stop at once, not after the batch
 
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
