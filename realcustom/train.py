@@ -1,7 +1,7 @@
 """`python -m realcustom.train --config FILE --output-dir DIR [--resume-from latest|PATH]`.
 
 Trains the projector and the image cross-attention with the config's curriculum; works the same
-under `accelerate launch -m realcustom.train ...` on one or many GPUs. Writes
+under `accelerate launch` or `torchrun` on one or many GPUs. Writes
 DIR/checkpoint-STEP/ (official key layout, loadable with `--model DIR/checkpoint-STEP`),
 DIR/metrics.jsonl and DIR/samples/. See docs/TRAINING.md.
 """

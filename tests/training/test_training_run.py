@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -224,7 +225,8 @@ def test_module_entry_point_with_bf16_and_gradient_checkpointing(tmp_path, dream
     assert all(tensor.dtype == torch.float32 for tensor in weights.values())  # master weights stay fp32
 
 
-def short_run(tmp_path: Path, dreambench_dir: Path, name: str, **training) -> dict[str, torch.Tensor]:
+def short_config(tmp_path: Path, dreambench_dir: Path, name: str, **training) -> Path:
+    """Three steps of the tiny config's middle stage (self + multiview), no samples or evaluation."""
     raw = yaml.safe_load(TINY_CONFIG.read_text())
     raw["data"]["dreambench"]["source"] = str(dreambench_dir)
     raw["training"].update(training, checkpoint_every=100)
@@ -233,6 +235,11 @@ def short_run(tmp_path: Path, dreambench_dir: Path, name: str, **training) -> di
     del raw["sampling"], raw["evaluation"]
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def short_run(tmp_path: Path, dreambench_dir: Path, name: str, **training) -> dict[str, torch.Tensor]:
+    config = short_config(tmp_path, dreambench_dir, name, **training)
     trainer = Trainer(load_config(config), tmp_path / name)
     trainer.train()
     return {name: parameter.detach().clone() for name, parameter in trainer.trainable.items()}
@@ -249,3 +256,23 @@ def test_splitting_the_batch_into_micro_batches_trains_on_the_same_samples(tmp_p
         torch.testing.assert_close(split[name], tensor, rtol=0, atol=3e-5, msg=name)
     other = short_run(tmp_path, dreambench_dir, "other", batch_size=2, gradient_accumulation_steps=1)
     assert any(not torch.allclose(other[name], tensor) for name, tensor in whole.items())
+
+
+def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, dreambench_dir):
+    """Data-parallel path (DDP over gloo on the CPU, launched like on GPUs): 2 processes x batch 2
+    give the weights of 1 process x batch 4, and only the main process writes."""
+    config = short_config(tmp_path, dreambench_dir, "ddp", batch_size=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "realcustom.train", "--config", str(config), "--output-dir", str(tmp_path / "ddp")]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        command, cwd=PROJECT, env=environment, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert [m["step"] for m in read_jsonl(tmp_path / "ddp" / "metrics.jsonl")] == [1, 2, 3]
+    distributed = load_file(
+        str(tmp_path / "ddp" / "checkpoint-3" / "training_state" / "trainable.safetensors")
+    )
+    whole = short_run(tmp_path, dreambench_dir, "whole", batch_size=4)
+    for name, tensor in whole.items():
+        torch.testing.assert_close(distributed[name], tensor, rtol=0, atol=3e-5, msg=name)
