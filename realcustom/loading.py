@@ -203,7 +203,8 @@ def load_pipeline(
     seed: int = 0,
 ) -> RealCustomPipeline:
     """`tiny` / `tiny-sd15` (toy models), `sdxl-random` / `sd15-random` (full size, random weights,
-    for benchmarks), or a checkpoint directory in the official layout."""
+    for benchmarks), a checkpoint directory in the official layout, or a training checkpoint
+    directory (base model + added weights, see `apply_realcustom_weights`)."""
     if model in (TINY.name, TINY_SD15.name):
         pipeline = build_pipeline(SPECS[model], seed)
         logger.info(

@@ -28,7 +28,7 @@ class ModelConfig:
     """Which backbone to train on and how the added weights start."""
 
     base: str = "tiny"
-    """`tiny`, `sdxl-random`, `sd15-random`, or a directory in the official layout (realcustom/loading.py),
+    """`tiny`, `tiny-sd15`, `sdxl-random`, `sd15-random`, or a directory in the official layout,
     with or without RealCustom weights (without: a new backbone, the added weights start fresh)."""
     seed: int = 0
     """Seed of the random weights of `tiny` / `*-random` bases."""

@@ -104,7 +104,7 @@ def load_rgb(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
-def center_region_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+def random_square_crop(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
     """Resize the shorter side to `size`, then a random square crop of `size` x `size`."""
     scale = size / min(image.size)
     resized = image.resize(
@@ -155,7 +155,7 @@ class StageDataset(Dataset):
         source = self.stage.sources[source_id]
         record = self.records[int(rng.choice(self.eligible[source_id]))]
         target = load_rgb(record.image)
-        pixels = image_to_tensor(center_region_crop(target, self.stage.resolution, rng)) * 2 - 1
+        pixels = image_to_tensor(random_square_crop(target, self.stage.resolution, rng)) * 2 - 1
         dropped = bool(rng.random() < self.image_dropout)
         if dropped:
             # The black image: exactly the negative reference used for CFG at inference.

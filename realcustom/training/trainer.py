@@ -255,7 +255,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluation_loss(self) -> float:
-        """Mean loss over the held-out samples with the current online weights."""
+        """Mean loss over the held-out samples with the weights currently in the model."""
         evaluation = self.config.evaluation
         span = self.curriculum.spans[-1]
         dataset = StageDataset(

@@ -27,8 +27,9 @@ def test_only_the_projector_and_the_image_cross_attention_train():
     assert requires_grad == {id(p) for p in trainable.values()}
 
 
-def test_vision_init_from_text_copies_the_text_projections():
-    pipeline = load_pipeline("tiny")
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd15"])
+def test_vision_init_from_text_copies_the_text_projections(model):
+    pipeline = load_pipeline(model)
     init_vision_from_text(pipeline)
     for attn in pipeline.unet.cross_attention_layers:
         assert torch.equal(attn.to_k_vision.weight, attn.to_k.weight)
@@ -67,8 +68,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("timestep", [0, 999])
-def test_loss_is_the_epsilon_mse(timestep):
-    pipeline = load_pipeline("tiny")
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd15"])
+def test_loss_is_the_epsilon_mse(model, timestep):
+    pipeline = load_pipeline(model)
     generator = torch.Generator().manual_seed(1)
     pixels = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
     reference = torch.rand(1, 3, 112, 112, generator=generator)
