@@ -80,7 +80,10 @@ class CustomizeRequest(BaseModel):
         0.25, gt=0.0, le=1.0, description="Share of the image the subject mask may cover."
     )
     mask_reused_step: int = Field(
-        12, ge=0, description="Step after which the subject mask is frozen and reused."
+        12,
+        ge=0,
+        description="Step from which the subject mask is frozen and reused (past the last step: "
+        "recomputed at every step).",
     )
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="Random seed; random (and returned) when absent."

@@ -32,12 +32,9 @@ def _check_limits(request: CustomizeRequest, settings: Settings) -> None:
             raise _reject(name, f"{name} must be between {settings.min_side} and {settings.max_side}")
     if request.num_inference_steps > settings.max_steps:
         raise _reject("num_inference_steps", f"num_inference_steps must be at most {settings.max_steps}")
-    if request.mask_reused_step > request.num_inference_steps:
-        raise _reject(
-            "mask_reused_step",
-            f"mask_reused_step ({request.mask_reused_step}) must not exceed num_inference_steps "
-            f"({request.num_inference_steps})",
-        )
+    # A mask_reused_step past the last step is valid: the mask is then recomputed at every step.
+    if request.mask_reused_step > settings.max_steps:
+        raise _reject("mask_reused_step", f"mask_reused_step must be at most {settings.max_steps}")
     if request.num_images > settings.max_num_images:
         raise _reject("num_images", f"num_images must be at most {settings.max_num_images}")
     if len(request.subjects) > settings.max_subjects:
