@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from realcustom.loading import PROJECTOR_PREFIX, load_pipeline
+from realcustom.models import SDXL, build_pipeline
 from realcustom.training.model import (
     DenoisingLoss,
     freeze_all_but_added_weights,
@@ -110,3 +111,16 @@ def test_bf16_placement_rounds_only_the_frozen_encoders_and_unet():
     assert pipeline.dtype == torch.bfloat16  # the frozen UNet weights
     assert next(pipeline.text_encoder.parameters()).dtype == torch.bfloat16
     assert pipeline.reference_encoder.siglip.pos_embed.dtype == torch.bfloat16
+
+
+def test_full_size_sdxl_trains_exactly_the_157_released_tensors():
+    """Built on the meta device (shapes only): the trainable set is the released checkpoint's."""
+    with torch.device("meta"):
+        pipeline = build_pipeline(SDXL)
+    trainable = trainable_parameters(pipeline)
+    assert len(trainable) == 157  # 140 to_k/v_vision + 17 projector tensors
+    assert sum(1 for name in trainable if name.startswith(PROJECTOR_PREFIX)) == 17
+    assert trainable["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k_vision.weight"].shape == (
+        640,
+        2048,
+    )
