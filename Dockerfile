@@ -89,7 +89,9 @@ COPY service ./service
 RUN uv pip install . \
     && uv pip install --no-deps open-clip-torch==3.3.0 \
     && useradd --system --uid 10001 --user-group --create-home app \
-    && install -d -o 10001 -g 10001 /artifacts /models
+    && install -d -o 10001 -g 10001 /artifacts /models \
+    # The engines cache defaults to ./artifacts: make that the volume.
+    && ln -s /artifacts /app/artifacts
 
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/entrypoint.sh
 COPY --chmod=0644 docker/worker_ready.py /usr/local/lib/realcustom/worker_ready.py
