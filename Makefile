@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install serve test lint format bench clean
+.PHONY: install serve test lint format bench engines clean
 
 install: $(STAMP)
 
@@ -49,6 +49,18 @@ format: install
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# ONNX graphs of ENGINE_MODEL's ENGINE_BUCKETS into artifacts/engines/onnx/<key>/ (+ TensorRT engines in
+# artifacts/engines/trt/<key>/ where TensorRT and a GPU exist). docs/ENGINES.md.
+ENGINE_MODEL ?= tiny
+ENGINE_BUCKETS ?=
+engines: install
+	$(PY) -m engines.export --model $(ENGINE_MODEL) $(if $(ENGINE_BUCKETS),--buckets $(ENGINE_BUCKETS),)
+
+# CPU: the batched eager loop vs the official-style three-call loop, one run (ratio, not times);
+# writes benchmarks/results/cpu-bench.{json,md}. GPU numbers: benchmarks/gpu_bench.py.
+bench: install
+	$(PY) benchmarks/cpu_bench.py
 
 # --- Deployment: images, Kubernetes, load tests (docs/DEPLOYMENT.md) ---------------------------
 .PHONY: docker-build docker-push deploy lint-deploy loadtest

@@ -1,7 +1,10 @@
 """Backends that run the denoising loop, chosen by name, with a capability check at selection.
 
-`eager` is the reference (realcustom.denoise). Faster backends register here; a backend that
-cannot run on this machine says why in one log line and the runner falls back to `eager`.
+`eager` is the reference (realcustom.denoise). `compiled` (torch.compile + CUDA graphs,
+engines/compiled.py) and `tensorrt` (engines built from ONNX, engines/tensorrt/) register here; a
+backend that cannot run on this machine says why in one log line and the runner falls back to
+`eager`. Optional members a backend may have: `warmup()` (prepare graphs/engines before serving)
+and `stats` (a mapping of counters, e.g. `graph_misses`, that the worker exports).
 """
 
 from __future__ import annotations
@@ -43,16 +46,26 @@ class EagerBackend:
         return denoise(pipeline.unet, cond, latents, settings)
 
 
-BACKENDS: dict[str, type] = {"eager": EagerBackend}
+def _registry() -> dict[str, type]:
+    from engines.compiled import CompiledBackend
+    from engines.tensorrt.backend import TensorRTBackend
+
+    return {"eager": EagerBackend, "compiled": CompiledBackend, "tensorrt": TensorRTBackend}
 
 
-def select_backend(name: str, pipeline: RealCustomPipeline) -> Backend:
-    """The named backend, or `eager` with one log line saying why the named one cannot run here."""
+BACKENDS: dict[str, type] = _registry()
+
+
+def select_backend(name: str, pipeline: RealCustomPipeline, **options) -> Backend:
+    """The named backend, or `eager` with one log line saying why the named one cannot run here.
+
+    `options` (e.g. `buckets`) go to the named backend only, never to the eager fallback.
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)}")
     backend_class = BACKENDS[name]
     reason = backend_class.unavailable_reason(pipeline)
     if reason is not None:
         logger.warning("backend %r unavailable (%s); falling back to 'eager'", name, reason)
-        backend_class = EagerBackend
-    return backend_class(pipeline)
+        return EagerBackend(pipeline)
+    return backend_class(pipeline, **options)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from engines.backends import Backend, select_backend
 from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
+from engines.static_loop import parse_buckets
 from realcustom.denoise import Conditioning, LoopSettings
 from realcustom.loading import load_pipeline
 from realcustom.pipeline import RealCustomPipeline, check_size, mask_to_image
@@ -41,6 +42,13 @@ class Runner:
     @property
     def backend_name(self) -> str:
         return self.backend.name
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The backend's counters (a snapshot): `graph_replays`, `graph_misses` (steps that ran
+        without a captured graph), `eager_loops` (loops that fell back to the reference loop),
+        `graphs_captured`. Empty for `eager`. Monotonic, so the worker can export them as counters."""
+        return dict(getattr(self.backend, "stats", {}))
 
     @torch.no_grad()
     def conditioning(self, jobs: Sequence[GenerationJob]) -> Conditioning:
@@ -129,6 +137,9 @@ class Runner:
             mask_reused_step=1,
         )
         started = time.perf_counter()
+        prepare = getattr(self.backend, "warmup", None)
+        if prepare is not None:  # compile and capture the configured buckets first
+            prepare()
         self.run([job])
         logger.info(
             "warm-up done in %.2f s (model %s, backend %s)",
@@ -138,10 +149,20 @@ class Runner:
         )
 
 
-def load_runner(model: str = "tiny", backend: str = "eager", device: str | None = None) -> Runner:
-    """Load the model once and pick the backend (falling back to eager with a reason if needed)."""
+def load_runner(
+    model: str = "tiny",
+    backend: str = "eager",
+    device: str | None = None,
+    buckets: str | Sequence[str] | None = None,
+) -> Runner:
+    """Load the model once and pick the backend (falling back to eager with a reason if needed).
+
+    buckets: shapes the `compiled`/`tensorrt` backends prepare at warm-up, e.g.
+    "1x1024x1024,4x1024x1024" (BATCHxHEIGHTxWIDTH[sSUBJECTS]); default: batch 1 at the model's size.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 on GPUs, as the official pipeline runs (the SDXL VAE overflows in fp16).
     dtype = torch.bfloat16 if device.startswith("cuda") and model != "tiny" else torch.float32
     pipeline = load_pipeline(model, device=device, dtype=dtype)
-    return Runner(pipeline, select_backend(backend, pipeline), model)
+    options = {} if buckets is None or backend == "eager" else {"buckets": parse_buckets(buckets)}
+    return Runner(pipeline, select_backend(backend, pipeline, **options), model)

@@ -1,0 +1,312 @@
+"""ONNX export of the projector and of the UNet in its two RealCustom++ roles, per static shape.
+
+Graphs (names are the ONNX input/output names):
+
+* projector:  global_tokens [N,Tg,Cv], local_tokens [N,Tl,Cv] (, shallow_tokens) -> image_tokens [N,T,C]
+* guidance:   latents [B,4,h,w], timestep [B] (float32), text [B,77,D], target_tokens [B,S,77]
+              (, pooled [B,P], time_ids [B,6] on SDXL) -> eps [B,4,h,w],
+              layer_maps [B,S,L,h/2,w/2]: every attn2 layer's target-token map (head mean, summed
+              over each subject's target tokens), bilinearly resized to the mask resolution as
+              `realcustom.masks.mask_scores` does first; masks are then computed in torch from
+              `layer_maps.unbind(2)` (the resize to the same size is exact, so masks equal eager).
+* generation: latents [2B,4,h,w], timestep [2B], text [2B,77,D], masks [2B,S,h/2,w/2]
+              (, pooled, time_ids), then either image_k_00, image_v_00, ... [2B,S,heads,T,d]
+              per attn2 layer (variant "kv", what the loop uses: K/V computed once per request)
+              or image_tokens [2B,S,T,C] (variant "tokens") -> eps [2B,4,h,w].
+
+Shapes are static (one graph per bucket: TensorRT builds its best kernels for fixed shapes, and
+CUDA graphs need fixed shapes anyway). Graphs whose weights exceed 2 GB (the protobuf limit; SDXL's
+UNet is ~10 GB in fp32) are saved with external data in one `<stem>.data` file next to the graph.
+The TorchScript-based exporter is used (`dynamo=False`): it needs no extra packages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engines.static_loop import Bucket
+from realcustom import attention
+from realcustom.pipeline import RealCustomPipeline
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+PROTOBUF_LIMIT = 2 * 1024**3
+GRAPHS = ("projector", "guidance", "generation")
+
+
+class ProjectorGraph(nn.Module):
+    def __init__(self, projector: nn.Module):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, global_tokens, local_tokens, shallow_tokens=None):
+        return self.projector(global_tokens, local_tokens, shallow_tokens)
+
+
+class GuidanceGraph(nn.Module):
+    """`RealCustomUNet.guidance` -> (eps, layer maps stacked at the mask resolution)."""
+
+    def __init__(self, unet, mask_size: tuple[int, int]):
+        super().__init__()
+        self.unet = unet
+        self.mask_size = mask_size
+
+    def forward(self, latents, timestep, text, target_tokens, pooled=None, time_ids=None):
+        eps, maps, _ = self.unet.guidance(latents, timestep, text, pooled, time_ids, target_tokens)
+        resized = [F.interpolate(m.float(), size=self.mask_size, mode="bilinear") for m in maps]
+        return eps, torch.stack(resized, dim=2)
+
+
+class GenerationGraph(nn.Module):
+    """`RealCustomUNet.generation` with image K/V per layer (variant "kv") or image tokens."""
+
+    def __init__(self, unet, is_sdxl: bool, variant: str):
+        super().__init__()
+        if variant not in ("kv", "tokens"):
+            raise ValueError(f"generation variant must be 'kv' or 'tokens', got {variant!r}")
+        self.unet = unet
+        self.is_sdxl = is_sdxl
+        self.variant = variant
+
+    def forward(self, latents, timestep, text, masks, *rest):
+        pooled, time_ids = (rest[0], rest[1]) if self.is_sdxl else (None, None)
+        image = rest[2:] if self.is_sdxl else rest
+        if self.variant == "tokens":
+            return self.unet.generation(latents, timestep, text, pooled, time_ids, image[0], masks)
+        pairs = [(image[i], image[i + 1]) for i in range(0, len(image), 2)]
+        return self.unet.generation(
+            latents, timestep, text, pooled, time_ids, masks=masks, image_key_values=pairs
+        )
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph: what it is and the static shape it was exported for."""
+
+    graph: str  # projector | guidance | generation
+    bucket: Bucket
+    variant: str = "kv"  # generation only
+
+    @property
+    def stem(self) -> str:
+        extra = f"-{self.variant}" if self.graph == "generation" else ""
+        return f"{self.graph}{extra}-{self.bucket}"
+
+
+@torch.no_grad()
+def example_inputs(
+    pipeline: RealCustomPipeline, spec: GraphSpec
+) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """Input names and deterministic example tensors (random values, the graph's exact shapes)."""
+    unet = pipeline.unet
+    device, dtype = pipeline.device, pipeline.dtype
+    generator = torch.Generator("cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device, dtype)
+
+    bucket = spec.bucket
+    channels, h, w = pipeline.latent_shape(bucket.height, bucket.width)
+    config = unet.unet.config
+    tokens = pipeline.black_image_tokens()  # [1, T, C]
+    num_tokens, token_dim = tokens.shape[1:]
+    if spec.graph == "projector":
+        features = pipeline.reference_encoder.black_features(bucket.batch)
+        names = ["global_tokens", "local_tokens"]
+        values = [features.global_tokens, features.local_tokens]
+        if features.shallow_tokens is not None:
+            names.append("shallow_tokens")
+            values.append(features.shallow_tokens)
+        return names, tuple(rand(*v.shape) for v in values)
+
+    batch = bucket.batch if spec.graph == "guidance" else 2 * bucket.batch
+    subjects = bucket.subjects
+    latents = rand(batch, channels, h, w)
+    timestep = torch.full((batch,), 999.0, device=device)
+    text = rand(batch, 77, config.cross_attention_dim)
+    sdxl = []
+    if unet.is_sdxl:
+        pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        time_ids = torch.tensor([bucket.width, bucket.height, 0, 0, bucket.width, bucket.height])
+        sdxl = [rand(batch, pooled_dim), time_ids.to(device, dtype).expand(batch, -1).contiguous()]
+    if spec.graph == "guidance":
+        target = torch.zeros(batch, subjects, 77)
+        for s in range(subjects):
+            target[:, s, 2 + s] = 1
+        names = ["latents", "timestep", "text", "target_tokens"] + (["pooled", "time_ids"] if sdxl else [])
+        return names, (latents, timestep, text, target.to(device, dtype), *sdxl)
+
+    masks = torch.rand(batch, subjects, h // 2, w // 2, generator=generator).to(device, dtype)
+    names = ["latents", "timestep", "text", "masks"] + (["pooled", "time_ids"] if sdxl else [])
+    image_tokens = rand(batch, subjects, num_tokens, token_dim)
+    if spec.variant == "tokens":
+        return [*names, "image_tokens"], (latents, timestep, text, masks, *sdxl, image_tokens)
+    kv_names, kv = [], []
+    for layer, (key, value) in enumerate(unet.image_key_values(image_tokens)):
+        kv_names += [f"image_k_{layer:02d}", f"image_v_{layer:02d}"]
+        kv += [key.contiguous(), value.contiguous()]
+    return names + kv_names, (latents, timestep, text, masks, *sdxl, *kv)
+
+
+def graph_module(pipeline: RealCustomPipeline, spec: GraphSpec) -> tuple[nn.Module, list[str]]:
+    bucket = spec.bucket
+    if spec.graph == "projector":
+        return ProjectorGraph(pipeline.projector), ["image_tokens"]
+    if spec.graph == "guidance":
+        _, h, w = pipeline.latent_shape(bucket.height, bucket.width)
+        return GuidanceGraph(pipeline.unet, (h // 2, w // 2)), ["eps", "layer_maps"]
+    if spec.graph == "generation":
+        return GenerationGraph(pipeline.unet, pipeline.unet.is_sdxl, spec.variant), ["eps"]
+    raise ValueError(f"unknown graph {spec.graph!r}; choose from {GRAPHS}")
+
+
+def _export_friendly_mask_resize(masks: torch.Tensor, layer_size: tuple[int, int]) -> torch.Tensor:
+    """`resize_masks_to_layer` with size= instead of a traced scale factor (which the exporter
+    cannot take). The same values: image sizes are multiples of 32, so every layer/mask ratio is
+    a power of two and bilinear sampling positions coincide (the ONNX-vs-eager tests check it)."""
+    if tuple(masks.shape[-2:]) == tuple(layer_size):
+        return masks.flatten(2)
+    return F.interpolate(masks, size=tuple(layer_size), mode="bilinear").flatten(2)
+
+
+@contextlib.contextmanager
+def _exportable_attention():
+    original = attention.resize_masks_to_layer
+    attention.resize_masks_to_layer = _export_friendly_mask_resize
+    try:
+        yield
+    finally:
+        attention.resize_masks_to_layer = original
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def save_with_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Save `model` as `path` plus one `<stem>.data` file holding every tensor over 1 KiB."""
+    data_name = f"{path.stem}.data"
+    (path.parent / data_name).unlink(missing_ok=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=1024,
+    )
+
+
+@torch.no_grad()
+def export_graph(
+    pipeline: RealCustomPipeline,
+    spec: GraphSpec,
+    path: Path,
+    external_data: bool | None = None,
+    opset: int = OPSET,
+) -> Path:
+    """Export one graph to `path`. external_data: None = only when the weights exceed 2 GB."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module, output_names = graph_module(pipeline, spec)
+    input_names, inputs = example_inputs(pipeline, spec)
+    large = _weight_bytes(module) >= PROTOBUF_LIMIT
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        raw = Path(scratch) / path.name
+        with warnings.catch_warnings(), _exportable_attention():
+            warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
+            torch.onnx.export(
+                module.eval(),
+                inputs,
+                str(raw),
+                dynamo=False,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                do_constant_folding=True,
+            )
+        if external_data or (external_data is None and large):
+            # The exporter may scatter external tensors over many files: gather them into one.
+            save_with_external_data(onnx.load(str(raw), load_external_data=True), path)
+        else:
+            shutil.move(str(raw), path)
+    logger.info("exported %s -> %s", spec.stem, path)
+    return path
+
+
+def export_key(
+    pipeline: RealCustomPipeline, model_id: str, specs: list[GraphSpec], opset: int = OPSET
+) -> str:
+    """Directory key of one export: model identity, dtype, graph specs, opset, torch version."""
+    material = json.dumps(
+        {
+            "model": model_id,
+            "unet": dict(pipeline.unet.unet.config),
+            "dtype": str(pipeline.dtype),
+            "graphs": [asdict(s) for s in specs],
+            "opset": opset,
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def graph_specs(buckets: list[Bucket], variant: str = "kv") -> list[GraphSpec]:
+    """Projector (per distinct batch of reference images: one per bucket batch) + both UNet roles."""
+    specs = []
+    for bucket in buckets:
+        specs += [
+            GraphSpec("projector", Bucket(bucket.batch, bucket.height, bucket.width, 1)),
+            GraphSpec("guidance", bucket),
+            GraphSpec("generation", bucket, variant),
+        ]
+    return list(dict.fromkeys(specs))
+
+
+def export_all(
+    pipeline: RealCustomPipeline,
+    model_id: str,
+    buckets: list[Bucket],
+    root: Path,
+    variant: str = "kv",
+    external_data: bool | None = None,
+) -> Path:
+    """Export every graph of every bucket into <root>/<export key>/ with a manifest; reuses a
+    complete earlier export of the same key. Returns the export directory."""
+    specs = graph_specs(buckets, variant)
+    directory = Path(root) / export_key(pipeline, model_id, specs)
+    manifest_path = directory / "manifest.json"
+    if manifest_path.is_file():
+        logger.info("ONNX export %s already complete", directory)
+        return directory
+    entries = []
+    for spec in specs:
+        path = export_graph(pipeline, spec, directory / f"{spec.stem}.onnx", external_data)
+        input_names, inputs = example_inputs(pipeline, spec)
+        entries.append(
+            {
+                **asdict(spec),
+                "stem": spec.stem,
+                "file": path.name,
+                "inputs": {name: list(t.shape) for name, t in zip(input_names, inputs, strict=True)},
+            }
+        )
+    manifest = {"model": model_id, "dtype": str(pipeline.dtype), "opset": OPSET, "graphs": entries}
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return directory

@@ -1,0 +1,121 @@
+"""ONNX export of the tiny model: onnxruntime matches eager within 1e-4; Polygraphy checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from engines.onnx_check import check_graph, check_model, polygraphy_inspect
+from engines.onnx_export import (
+    GraphSpec,
+    example_inputs,
+    export_all,
+    graph_module,
+    save_with_external_data,
+)
+from engines.static_loop import Bucket
+from engines.tensorrt.cache import onnx_digest
+from realcustom.masks import generate_masks
+
+BUCKET = Bucket(1, 64, 64, 2)  # two subject slots: the multi-subject map and mask paths
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def export(tiny_pipeline, tmp_path_factory):
+    directory = export_all(tiny_pipeline, "tiny", [BUCKET], tmp_path_factory.mktemp("onnx"))
+    return directory, json.loads((directory / "manifest.json").read_text())
+
+
+def _run(tiny_pipeline, directory, entry):
+    spec = GraphSpec(entry["graph"], Bucket(**entry["bucket"]), entry["variant"])
+    names, inputs = example_inputs(tiny_pipeline, spec)
+    module, output_names = graph_module(tiny_pipeline, spec)
+    with torch.no_grad():
+        expected = module(*inputs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    feeds = {name: tensor.numpy() for name, tensor in zip(names, inputs, strict=True)}
+    return feeds, dict(zip(output_names, (e.numpy() for e in expected), strict=True))
+
+
+def test_onnx_export_writes_every_graph_with_static_shapes(export, tiny_pipeline):
+    directory, manifest = export
+    stems = [g["stem"] for g in manifest["graphs"]]
+    assert stems == ["projector-1x64x64", "guidance-1x64x64s2", "generation-kv-1x64x64s2"]
+    generation = onnx.load(str(directory / "generation-kv-1x64x64s2.onnx"), load_external_data=False)
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in generation.graph.input}
+    layers = tiny_pipeline.unet.num_layers
+    assert len([n for n in inputs if n.startswith("image_k_")]) == layers
+    assert inputs["masks"] == [2, 2, 4, 4] and inputs["latents"] == [2, 4, 8, 8]
+    assert all(all(d > 0 for d in dims) for dims in inputs.values())  # static
+
+
+def test_onnx_graphs_match_eager_in_onnxruntime(export, tiny_pipeline):
+    directory, manifest = export
+    for entry in manifest["graphs"]:
+        feeds, expected = _run(tiny_pipeline, directory, entry)
+        session = ort.InferenceSession(str(directory / entry["file"]), providers=["CPUExecutionProvider"])
+        outputs = session.run(list(expected), feeds)
+        for name, got in zip(expected, outputs, strict=True):
+            assert got.shape == expected[name].shape, (entry["stem"], name)
+            assert np.abs(got - expected[name]).max() <= ATOL, (entry["stem"], name)
+
+
+def test_onnx_guidance_maps_give_the_eager_masks(export, tiny_pipeline):
+    """Masks from the exported stacked maps equal masks from the eager per-layer maps."""
+    directory, manifest = export
+    entry = next(g for g in manifest["graphs"] if g["graph"] == "guidance")
+    feeds, _ = _run(tiny_pipeline, directory, entry)
+    session = ort.InferenceSession(str(directory / entry["file"]), providers=["CPUExecutionProvider"])
+    (layer_maps,) = session.run(["layer_maps"], feeds)
+    scope = torch.tensor([0.25])
+    from_onnx, _ = generate_masks(list(torch.from_numpy(layer_maps).unbind(2)), (4, 4), ("max_norm",), scope)
+    with torch.no_grad():
+        _, maps, _ = tiny_pipeline.unet.guidance(
+            *(torch.from_numpy(feeds[n]) for n in ("latents", "timestep", "text", "pooled", "time_ids")),
+            target_tokens=torch.from_numpy(feeds["target_tokens"]),
+        )
+    eager, _ = generate_masks(maps, (4, 4), ("max_norm",), scope)
+    assert torch.equal(from_onnx > 0, eager > 0)
+    torch.testing.assert_close(from_onnx, eager, rtol=0, atol=ATOL)
+
+
+def test_onnx_polygraphy_checks(export, tiny_pipeline):
+    directory, manifest = export
+    for entry in manifest["graphs"]:
+        path = directory / entry["file"]
+        check_model(path)
+        feeds, expected = _run(tiny_pipeline, directory, entry)
+        assert check_graph(path, feeds, expected, atol=ATOL), entry["stem"]
+    report = polygraphy_inspect(directory / "guidance-1x64x64s2.onnx")
+    assert "target_tokens" in report and "(1, 2, 77)" in report and "layer_maps" in report
+
+
+def test_onnx_external_data_round_trip(export, tiny_pipeline, tmp_path):
+    """Graphs over 2 GB are saved with external data: the same path, forced on the tiny graph."""
+    directory, manifest = export
+    entry = next(g for g in manifest["graphs"] if g["graph"] == "generation")
+    target = tmp_path / "generation.onnx"
+    save_with_external_data(onnx.load(str(directory / entry["file"])), target)
+    data = tmp_path / "generation.data"
+    assert data.is_file() and data.stat().st_size > target.stat().st_size
+    feeds, expected = _run(tiny_pipeline, directory, entry)
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    (eps,) = session.run(["eps"], feeds)
+    assert np.abs(eps - expected["eps"]).max() <= ATOL
+    check_model(target)
+    before = onnx_digest(target)
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    assert onnx_digest(target) != before  # the engine cache key sees the weights
+
+
+def test_onnx_export_is_reused_when_complete(export, tiny_pipeline):
+    directory, _ = export
+    mtime = (directory / "manifest.json").stat().st_mtime_ns
+    assert export_all(tiny_pipeline, "tiny", [BUCKET], directory.parent) == directory
+    assert (directory / "manifest.json").stat().st_mtime_ns == mtime
