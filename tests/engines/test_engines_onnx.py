@@ -119,3 +119,19 @@ def test_onnx_export_is_reused_when_complete(export, tiny_pipeline):
     mtime = (directory / "manifest.json").stat().st_mtime_ns
     assert export_all(tiny_pipeline, "tiny", [BUCKET], directory.parent) == directory
     assert (directory / "manifest.json").stat().st_mtime_ns == mtime
+
+
+def test_onnx_generation_tokens_variant_matches_eager(tiny_pipeline, tmp_path):
+    """The generation graph that takes image tokens (K/V projected inside) instead of K/V."""
+    from engines.onnx_export import export_graph
+
+    spec = GraphSpec("generation", Bucket(1, 64, 64), "tokens")
+    path = export_graph(tiny_pipeline, spec, tmp_path / f"{spec.stem}.onnx")
+    names, inputs = example_inputs(tiny_pipeline, spec)
+    assert names[-1] == "image_tokens"
+    module, _ = graph_module(tiny_pipeline, spec)
+    with torch.no_grad():
+        expected = module(*inputs).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (eps,) = session.run(["eps"], {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
+    assert np.abs(eps - expected).max() <= ATOL
