@@ -198,33 +198,6 @@ def test_training_a_backbone_without_realcustom_weights(tmp_path, dreambench_dir
     assert torch.equal(loaded.state_dict()["unet.unet.conv_in.weight"], base["unet.unet.conv_in.weight"])
 
 
-def test_module_entry_point_with_bf16_and_gradient_checkpointing(tmp_path, dreambench_dir):
-    """`python -m realcustom.train` in its own process (accelerate's precision is per process)."""
-    raw = yaml.safe_load(TINY_CONFIG.read_text())
-    raw["data"]["dreambench"]["source"] = str(dreambench_dir)
-    raw["training"].update(mixed_precision="bf16", gradient_checkpointing=True, checkpoint_every=100)
-    raw["stages"] = raw["stages"][:1]
-    raw["stages"][0]["steps"] = 2
-    del raw["sampling"], raw["evaluation"]
-    config = tmp_path / "bf16.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    command = [
-        sys.executable,
-        "-m",
-        "realcustom.train",
-        "--config",
-        str(config),
-        "--output-dir",
-        str(tmp_path / "run"),
-    ]
-    completed = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=120, check=False)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
-    weights = load_file(str(tmp_path / "run" / "checkpoint-2" / WEIGHTS))
-    assert all(tensor.dtype == torch.float32 for tensor in weights.values())  # master weights stay fp32
-
-
 def short_config(tmp_path: Path, dreambench_dir: Path, name: str, **training) -> Path:
     """Three steps of the tiny config's middle stage (self + multiview), no samples or evaluation."""
     raw = yaml.safe_load(TINY_CONFIG.read_text())
@@ -259,9 +232,10 @@ def test_splitting_the_batch_into_micro_batches_trains_on_the_same_samples(tmp_p
 
 
 def test_two_processes_train_like_one_with_the_whole_batch(tmp_path, dreambench_dir):
-    """Data-parallel path (DDP over gloo on the CPU, launched like on GPUs): 2 processes x batch 2
-    give the weights of 1 process x batch 4, and only the main process writes."""
-    config = short_config(tmp_path, dreambench_dir, "ddp", batch_size=2)
+    """`python -m realcustom.train` under a launcher, data-parallel (DDP over gloo on the CPU) with
+    gradient checkpointing: 2 processes x batch 2 give the weights of 1 process x batch 4 (without
+    checkpointing), and only the main process writes."""
+    config = short_config(tmp_path, dreambench_dir, "ddp", batch_size=2, gradient_checkpointing=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "realcustom.train", "--config", str(config), "--output-dir", str(tmp_path / "ddp")]
     environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
