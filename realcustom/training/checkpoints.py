@@ -1,7 +1,8 @@
 """Checkpoints: the deliverable weights in the official key layout, plus the state to resume.
 
     DIR/checkpoint-STEP/
-        realcustom/RealCustom_highres.safetensors   added weights, official keys (EMA when on)
+        realcustom/RealCustom_highres.safetensors   added weights, official keys (EMA when on);
+                                                    .pth instead with export_format: pth
         realcustom.json                             {"base_model", "seed", "step", "stage"}
         training_state/trainable.safetensors        the online (non-EMA) trainable weights
         training_state/ema.safetensors              EMA shadow weights (when EMA is on)
@@ -60,13 +61,17 @@ def save_checkpoint(
     stage: str,
     base_model: str,
     base_seed: int,
+    export_format: str = "safetensors",
 ) -> None:
     """Write one checkpoint (call on the main process only)."""
     online = _to_cpu(dict(trainable))
     exported = _to_cpu(ema.shadow) if ema is not None else online
-    weights_file = path / f"{LAYOUT['realcustom']}.safetensors"
+    weights_file = path / f"{LAYOUT['realcustom']}.{export_format}"
     weights_file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(exported, str(weights_file))
+    if export_format == "pth":
+        torch.save(exported, weights_file)
+    else:
+        save_file(exported, str(weights_file))
     description = {"base_model": base_model, "seed": base_seed, "step": step, "stage": stage}
     (path / "realcustom.json").write_text(json.dumps(description, indent=2) + "\n")
 

@@ -21,6 +21,7 @@ from realcustom.training.references import ReferenceAugmentation
 REFERENCE_SOURCES = ("self", "multiview")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 VISION_INITS = ("keep", "from_text")
+EXPORT_FORMATS = ("safetensors", "pth")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class OptimConfig:
     log_every: int = 10
     checkpoint_every: int = 1000
     """Also written at the end of every stage."""
+    export_format: str = "safetensors"
+    """File type of the exported weights: `safetensors`, or `pth` (a torch pickle, what the
+    official inference code's `torch.load` reads)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -107,6 +111,8 @@ class OptimConfig:
             raise ValueError("training.image_dropout must be in [0, 1)")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError("training.ema_decay must be in (0, 1) or null")
+        if self.export_format not in EXPORT_FORMATS:
+            raise ValueError(f"training.export_format must be one of {EXPORT_FORMATS}")
         if self.log_every < 1 or self.checkpoint_every < 1:
             raise ValueError("training.log_every and checkpoint_every must be at least 1")
 

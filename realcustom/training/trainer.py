@@ -317,6 +317,7 @@ class Trainer:
                 stage=stage,
                 base_model=model.base,
                 base_seed=model.seed,
+                export_format=self.config.training.export_format,
             )
         self.accelerator.wait_for_everyone()
 

@@ -153,7 +153,7 @@ def test_resume_continues_from_the_same_step(tiny_run, tmp_path):
 def test_command_line_trains_and_resumes_latest(tmp_path):
     raw = yaml.safe_load(TINY_CONFIG.read_text())
     raw["data"]["dreambench"]["source"] = str(PROJECT.parent / "shared" / "fixtures" / "dreambench")
-    raw["training"]["checkpoint_every"] = 1
+    raw["training"].update(checkpoint_every=1, export_format="pth")
     for stage in raw["stages"]:
         stage["steps"] = 1
     del raw["sampling"], raw["evaluation"]
@@ -168,6 +168,13 @@ def test_command_line_trains_and_resumes_latest(tmp_path):
     ]
     assert main(["--config", str(config), "--output-dir", str(output), "--resume-from", "latest"]) == 0
     assert [m["step"] for m in read_jsonl(output / "metrics.jsonl")] == [1, 2, 3]
+    # The official code reads the weights with torch.load: a plain dict under the official keys.
+    exported = torch.load(
+        output / "checkpoint-3" / "realcustom" / "RealCustom_highres.pth", weights_only=True
+    )
+    loaded = trainable_parameters(load_pipeline(str(output / "checkpoint-3")))
+    assert set(exported) == set(loaded)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in exported.items())
     config.write_text("stages: []\n")
     assert main(["--config", str(config), "--output-dir", str(output)]) == 2
 
