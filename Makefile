@@ -104,7 +104,7 @@ lint-deploy: install
 	$(PY) tests/deploy/deploy_checks.py
 
 # Starts Redis, the API and 2 workers (tiny model) on loopback, runs loadtests/$(SCENARIO).js,
-# writes loadtests/results/$(SCENARIO)*.{json,md}, stops everything. RATE, DURATION and
+# writes outputs/loadtests/$(SCENARIO)*.{json,md}, stops everything. RATE, DURATION and
 # LOADTEST_ARGS (more flags): see loadtests/run.py --help.
 loadtest: install
 	$(PY) loadtests/run.py --scenario $(SCENARIO) $(if $(RATE),--rate $(RATE),) \

@@ -353,7 +353,9 @@ def main() -> int:
     )
     parser.add_argument("--allow-429", action="store_true", help="overload run: 429 is an expected answer")
     parser.add_argument("--name", help="file name of the summaries (default: scenario and rate)")
-    parser.add_argument("--out", default=str(LOADTESTS / "results"), help="directory of the summaries")
+    parser.add_argument(
+        "--out", default=str(ROOT / "outputs" / "loadtests"), help="directory of the summaries (git-ignored)"
+    )
     parser.add_argument("--logs", help="keep the service logs here (default: discarded)")
     parser.add_argument("--fixtures", type=Path, default=FIXTURES)
     parser.add_argument("--ready-timeout", type=float, default=180.0)
