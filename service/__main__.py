@@ -12,8 +12,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import uvicorn
-from engines.runner import load_runner
 
+from engines.runner import load_runner
 from service.api.app import create_app
 from service.logs import configure_logging
 from service.queue.protocol import JobQueue
@@ -25,7 +25,9 @@ logger = logging.getLogger("service")
 
 async def _load_and_serve(settings: Settings, queue: JobQueue, worker_ready: asyncio.Future[Worker]) -> None:
     try:
-        runner = await asyncio.to_thread(load_runner, settings.model, settings.backend, settings.device)
+        runner = await asyncio.to_thread(
+            load_runner, settings.model, settings.backend, settings.device, settings.buckets
+        )
         if settings.warmup:
             await asyncio.to_thread(runner.warmup)
     except Exception:

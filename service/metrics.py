@@ -42,6 +42,26 @@ BATCH_SIZE = Histogram(
 )
 WORKER_BUSY = Gauge("realcustom_worker_busy", "1 while this worker runs a batch.")
 WORKER_READY = Gauge("realcustom_worker_ready", "1 once this worker's model is loaded and warm.")
+ENGINE_EVENTS = Counter(
+    "realcustom_engine_events_total",
+    "Engine counters by event: graph_replays, graph_misses (steps run without a captured CUDA "
+    "graph), eager_loops (loops that fell back to the reference), graphs_captured.",
+    ["event"],
+)
 GPU_MEMORY_BYTES = Gauge(
     "realcustom_gpu_memory_bytes", "GPU memory of this worker's device, by kind.", ["kind"]
 )
+
+
+class EngineStatsExporter:
+    """Turns the runner's monotonic counter snapshots into increments of ENGINE_EVENTS."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] = {}
+
+    def record(self, snapshot: dict[str, int]) -> None:
+        for event, value in snapshot.items():
+            delta = value - self._last.get(event, 0)
+            if delta > 0:
+                ENGINE_EVENTS.labels(event=event).inc(delta)
+            self._last[event] = value

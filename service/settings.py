@@ -36,6 +36,11 @@ class Settings(BaseSettings):
         "eager", description="Execution backend of `engines.runner.load_runner`."
     )
     device: str | None = Field(None, description="Torch device of the worker; unset = cuda when present.")
+    buckets: str | None = Field(
+        None,
+        description="Shapes the compiled/tensorrt backends capture at warm-up, comma-separated "
+        "BATCHxHEIGHTxWIDTH (e.g. `1x1024x1024,4x1024x1024`); unset = batch 1 at the model's size.",
+    )
     warmup: bool = Field(True, description="Run one warm-up generation before a worker reports ready.")
     tokenizer_path: str | None = Field(
         None, description="Directory of a CLIP tokenizer; unset = the bundled CLIP BPE vocabulary."

@@ -7,9 +7,9 @@ import logging
 import signal
 import sys
 
-from engines.runner import load_runner
 from prometheus_client import start_http_server
 
+from engines.runner import load_runner
 from service.logs import configure_logging
 from service.queue import create_queue
 from service.settings import Settings, load_settings
@@ -24,7 +24,9 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     logger.info("loading model %s (backend %s)", settings.model, settings.backend)
-    runner = await asyncio.to_thread(load_runner, settings.model, settings.backend, settings.device)
+    runner = await asyncio.to_thread(
+        load_runner, settings.model, settings.backend, settings.device, settings.buckets
+    )
     if settings.warmup:
         await asyncio.to_thread(runner.warmup)
     if stopping.is_set():

@@ -44,6 +44,7 @@ class Worker:
         self._settings = settings
         self._name = name
         self._backlog: list[PendingJob] = []
+        self._engine_stats = metrics.EngineStatsExporter()
         # Every delivery taken and not yet finished or returned, by token: kept claimed by heartbeats.
         self._held: dict[str, TakenJob] = {}
         self._stopping = asyncio.Event()
@@ -162,6 +163,7 @@ class Worker:
         finally:
             metrics.WORKER_BUSY.set(0)
             record_gpu_memory()
+            self._engine_stats.record(self._runner.stats)
         if failure is not None:
             logger.error("batch of %d jobs failed", len(runnable), exc_info=failure)
             if len(runnable) > 1:
