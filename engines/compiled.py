@@ -230,7 +230,40 @@ class GraphCache:
         return LoopResult(buffers.x0[:batch].clone(), history[:, :batch, :subjects].clone())
 
 
-class CompiledBackend:
+class GraphBackend:
+    """What the graph-replaying backends share: buckets, programs, the graph cache, its counters."""
+
+    graphs: GraphCache
+
+    def _configure(
+        self,
+        pipeline: RealCustomPipeline,
+        buckets: Sequence[Bucket] | None,
+        programs: Sequence[Program] | None,
+    ) -> None:
+        self.pipeline = pipeline
+        size = pipeline.default_size
+        self.bucket_config = list(buckets) if buckets else [Bucket(1, size, size)]
+        self.programs = list(programs) if programs else [Program()]
+        self.prepared = False
+
+    @property
+    def stats(self) -> Counter[str]:
+        return self.graphs.stats
+
+    def warmup(self) -> None:
+        """Capture every configured bucket (called by Runner.warmup before serving)."""
+        if not self.prepared:
+            self.graphs.prepare(self.bucket_config, self.programs)
+            self.prepared = True
+
+    def denoise(
+        self, pipeline: RealCustomPipeline, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings
+    ) -> LoopResult:
+        return self.graphs.denoise(cond, latents, settings)
+
+
+class CompiledBackend(GraphBackend):
     """torch.compile + CUDA graphs; needs a CUDA device (falls back to eager otherwise)."""
 
     name = "compiled"
@@ -253,26 +286,7 @@ class CompiledBackend:
         compile_mode: str | None = None,
         capture: EagerCapture | CudaGraphCapture | None = None,
     ):
-        self.pipeline = pipeline
-        size = pipeline.default_size
-        self.bucket_config = list(buckets) if buckets else [Bucket(1, size, size)]
-        self.programs = list(programs) if programs else [Program()]
+        self._configure(pipeline, buckets, programs)
         if capture is None:
             capture = CudaGraphCapture() if pipeline.device.type == "cuda" else EagerCapture()
         self.graphs = GraphCache(pipeline, capture, compile_backend, compile_mode)
-        self.prepared = False
-
-    @property
-    def stats(self) -> Counter[str]:
-        return self.graphs.stats
-
-    def warmup(self) -> None:
-        """Capture every configured bucket (called by Runner.warmup before serving)."""
-        if not self.prepared:
-            self.graphs.prepare(self.bucket_config, self.programs)
-            self.prepared = True
-
-    def denoise(
-        self, pipeline: RealCustomPipeline, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings
-    ) -> LoopResult:
-        return self.graphs.denoise(cond, latents, settings)

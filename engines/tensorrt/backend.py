@@ -15,17 +15,15 @@ the machines this was developed on). Its capability check says so at selection.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from engines.compiled import CudaGraphCapture, GraphCache
+from engines.compiled import CudaGraphCapture, GraphBackend, GraphCache
 from engines.static_loop import Bucket, Program, StaticBuffers, StepKind, finish_step
 from engines.tensorrt import tensorrt_unavailable_reason
 from engines.tensorrt.cache import BuildSettings, EngineCache
-from realcustom.denoise import Conditioning, LoopResult, LoopSettings
 from realcustom.masks import generate_masks
 from realcustom.pipeline import RealCustomPipeline
 
@@ -34,7 +32,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("artifacts/engines")
 
 
-class TensorRTBackend:
+class TensorRTBackend(GraphBackend):
     name = "tensorrt"
 
     @staticmethod
@@ -53,10 +51,7 @@ class TensorRTBackend:
         model_id: str | None = None,
         precision: str | None = None,
     ):
-        self.pipeline = pipeline
-        size = pipeline.default_size
-        self.bucket_config = list(buckets) if buckets else [Bucket(1, size, size)]
-        self.programs = list(programs) if programs else [Program()]
+        self._configure(pipeline, buckets, programs)
         self.cache_dir = Path(cache_dir)
         self.model_id = model_id or pipeline.name
         self.precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
@@ -65,11 +60,6 @@ class TensorRTBackend:
         self.engines: dict[Bucket, dict[str, object]] = {}
         self._scratch: dict[int, dict[str, torch.Tensor]] = {}
         self.graphs = GraphCache(pipeline, CudaGraphCapture(), step_factory=self._make_step)
-        self.prepared = False
-
-    @property
-    def stats(self) -> Counter[str]:
-        return self.graphs.stats
 
     # ---- engines ---------------------------------------------------------------------------
 
@@ -153,15 +143,3 @@ class TensorRTBackend:
             finish_step(buffers, generation_out["eps"])
 
         return step
-
-    # ---- backend interface -------------------------------------------------------------------
-
-    def warmup(self) -> None:
-        if not self.prepared:
-            self.graphs.prepare(self.bucket_config, self.programs)
-            self.prepared = True
-
-    def denoise(
-        self, pipeline: RealCustomPipeline, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings
-    ) -> LoopResult:
-        return self.graphs.denoise(cond, latents, settings)
