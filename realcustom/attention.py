@@ -17,6 +17,8 @@ shared `AttentionState` before the call, so no extra kwargs travel through diffu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +56,17 @@ class AttentionState:
         self.full_probability_layers = frozenset()
         self.maps = {}
         self.full_probabilities = {}
+
+    @contextmanager
+    def instructed(self, **instructions) -> Iterator[AttentionState]:
+        """Set the instructions for the calls inside the block; cleared on exit, whatever happens."""
+        self.reset()
+        for name, value in instructions.items():
+            setattr(self, name, value)
+        try:
+            yield self
+        finally:
+            self.reset()
 
 
 def layer_resolution(num_tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:

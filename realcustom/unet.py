@@ -53,16 +53,12 @@ class RealCustomUNet(nn.Module):
         full_probability_layers: frozenset[int] = frozenset(),
     ) -> tuple[torch.Tensor, list[torch.Tensor], dict[int, torch.Tensor]]:
         """Text-only pass; returns ε, the per-layer maps [B,S,h_l,w_l] in layer order, full probs kept."""
-        state = self.attention_state
-        state.reset()
-        state.target_tokens = target_tokens
-        state.full_probability_layers = full_probability_layers
-        try:
+        with self.attention_state.instructed(
+            target_tokens=target_tokens, full_probability_layers=full_probability_layers
+        ) as state:
             eps = self._forward(latents, timestep, text, pooled, time_ids)
             maps = [state.maps[layer_id] for layer_id in range(self.num_layers)]
             return eps, maps, dict(state.full_probabilities)
-        finally:
-            state.reset()
 
     def generation(
         self,
@@ -76,15 +72,10 @@ class RealCustomUNet(nn.Module):
         image_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Pass with image tokens [B,S,T,C] (or their per-layer K/V) under masks [B,S,h_m,w_m]."""
-        state = self.attention_state
-        state.reset()
-        state.image_tokens = image_tokens
-        state.image_key_values = image_key_values
-        state.masks = masks
-        try:
+        with self.attention_state.instructed(
+            image_tokens=image_tokens, image_key_values=image_key_values, masks=masks
+        ):
             return self._forward(latents, timestep, text, pooled, time_ids)
-        finally:
-            state.reset()
 
     def image_key_values(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's image K/V of [B,S,T,C] tokens: constant over steps, so computed once."""

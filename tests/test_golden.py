@@ -212,28 +212,22 @@ def test_golden_attn2_layer(layer: str, standalone: dict[str, torch.Tensor], inp
     mask = standalone["attn2.mask"]
 
     def run(**instructions) -> torch.Tensor:
-        state.reset()
-        state.latent_size = (16, 16)  # the fixture's 128-pixel image
-        for key, value in instructions.items():
-            setattr(state, key, value)
-        with torch.no_grad():
-            out = attn(hidden, encoder_hidden_states=inputs["prompt_embeds"])
-        return out
+        with state.instructed(**instructions), torch.no_grad():
+            state.latent_size = (16, 16)  # the fixture's 128-pixel image
+            return attn(hidden, encoder_hidden_states=inputs["prompt_embeds"])
 
-    try:
-        assert_close(
-            run(image_tokens=tokens, masks=mask),
-            standalone[f"attn2.{layer}.out_masked"],
-            ATOL["eps"],
-            "out_masked",
-        )
-        assert_close(
-            run(image_tokens=tokens), standalone[f"attn2.{layer}.out_unmasked"], ATOL["eps"], "out_unmasked"
-        )
-        assert_close(run(), standalone[f"attn2.{layer}.out_text_only"], ATOL["eps"], "out_text_only")
-        probs_name = f"attn2.{layer}.text_probs"
-        if probs_name in standalone:
-            run(target_tokens=torch.zeros(2, 1, 77), full_probability_layers=frozenset({layer_id}))
+    out_masked = standalone[f"attn2.{layer}.out_masked"]
+    assert_close(run(image_tokens=tokens, masks=mask), out_masked, ATOL["eps"], "out_masked")
+    assert_close(
+        run(image_tokens=tokens), standalone[f"attn2.{layer}.out_unmasked"], ATOL["eps"], "out_unmasked"
+    )
+    assert_close(run(), standalone[f"attn2.{layer}.out_text_only"], ATOL["eps"], "out_text_only")
+    probs_name = f"attn2.{layer}.text_probs"
+    if probs_name in standalone:
+        with state.instructed(
+            target_tokens=torch.zeros(2, 1, 77), full_probability_layers=frozenset({layer_id})
+        ):
+            state.latent_size = (16, 16)
+            with torch.no_grad():
+                attn(hidden, encoder_hidden_states=inputs["prompt_embeds"])
             assert_close(state.full_probabilities[layer_id], standalone[probs_name], ATOL["map"], probs_name)
-    finally:
-        state.reset()
