@@ -64,11 +64,10 @@ class Runner:
             [pipeline.target_tokens(job.prompt, [s.target for s in job.subjects]) for job in jobs],
             num_subjects,
         )
-        # Encode every distinct reference once (a photo may serve several phrases or jobs).
-        distinct = {id(s.image): s.image for job in jobs for s in job.subjects}
-        encoded = dict(zip(distinct, pipeline.image_tokens(list(distinct.values())), strict=True))
+        # Every distinct reference is encoded once (a photo may serve several phrases or jobs).
+        encoded = iter(pipeline.reference_tokens([s.image for job in jobs for s in job.subjects]))
         tokens = _pad_subjects(
-            [torch.stack([encoded[id(s.image)] for s in job.subjects]) for job in jobs], num_subjects
+            [torch.stack([next(encoded) for _ in job.subjects]) for job in jobs], num_subjects
         )
         black = pipeline.black_image_tokens().unsqueeze(1).expand(len(jobs), num_subjects, -1, -1)
 

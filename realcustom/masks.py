@@ -71,6 +71,13 @@ def resolve_overlaps(masks: torch.Tensor, policy: str) -> torch.Tensor:
     return masks * (torch.arange(masks.shape[1], device=masks.device).view(1, -1, 1) == winner)
 
 
+def check_mask_mode(mode: Sequence[str]) -> None:
+    """Reject mode strings the official code does not know ("none" = plain layer mean)."""
+    unknown = [name for name in mode if name not in MASK_MODES and name != "none"]
+    if unknown:
+        raise ValueError(f"unknown mask mode(s) {unknown}; choose from {MASK_MODES}")
+
+
 def generate_masks(
     maps: Sequence[torch.Tensor],
     mask_size: tuple[int, int],
@@ -79,9 +86,7 @@ def generate_masks(
     overlap: str = "exclusive",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks [B,S,h,w] and the scores they were selected from, from per-layer maps [B,S,h_l,w_l]."""
-    unknown = [name for name in mode if name not in MASK_MODES and name != "none"]
-    if unknown:
-        raise ValueError(f"unknown mask mode(s) {unknown}; choose from {MASK_MODES}")
+    check_mask_mode(mode)
     score = mask_scores(maps, mask_size, mode)
     masks = resolve_overlaps(select_mask(score, mode, scope), overlap)
     return masks.unflatten(-1, mask_size), score.unflatten(-1, mask_size)

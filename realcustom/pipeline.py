@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from realcustom.denoise import Conditioning, LoopSettings, LoopTrace, denoise
-from realcustom.masks import MASK_MODES, OVERLAP_POLICIES
+from realcustom.masks import OVERLAP_POLICIES, check_mask_mode
 from realcustom.phrases import check_prompt_length, target_token_indicator
 from realcustom.reference import ReferenceEncoder, VisionFeatures
 from realcustom.schedulers import SCHEDULERS
@@ -239,7 +239,8 @@ class RealCustomPipeline(nn.Module):
         if image_features is not None:
             tokens = torch.stack([self.project(features) for features in image_features], dim=1)
         else:
-            tokens = self._subject_tokens([image for image, _ in subjects])
+            # [1, S, T, C]: one token set per subject
+            tokens = torch.stack(self.reference_tokens([image for image, _ in subjects])).unsqueeze(0)
         if negative_image_features is not None:
             negative_tokens = self.project(negative_image_features).unsqueeze(1)
         else:
@@ -282,20 +283,17 @@ class RealCustomPipeline(nn.Module):
             raise ValueError(f"output_type must be 'pil' or 'latent', got {output_type!r}")
         return RealCustomOutput(images, result.masks if return_masks else None)
 
-    def _subject_tokens(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[1, S, T, C]; a reference given for several phrases is encoded once."""
+    def reference_tokens(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Projector tokens [T, C] per image; a photo passed several times is encoded once."""
         distinct: dict[int, Image.Image] = {}
         for image in images:
             distinct.setdefault(id(image), image)
-        encoded = self.image_tokens(list(distinct.values()))
-        position = {key: index for index, key in enumerate(distinct)}
-        return torch.stack([encoded[position[id(image)]] for image in images]).unsqueeze(0)
+        encoded = dict(zip(distinct, self.image_tokens(list(distinct.values())), strict=True))
+        return [encoded[id(image)] for image in images]
 
     @staticmethod
     def _check_settings(mask_mode, mask_scope, scheduler, overlap, steps, mask_reused_step) -> None:
-        unknown = [mode for mode in mask_mode if mode not in (*MASK_MODES, "none")]
-        if unknown:
-            raise ValueError(f"unknown mask mode(s) {unknown}; choose from {MASK_MODES}")
+        check_mask_mode(mask_mode)
         if not 0 < mask_scope <= 1:
             raise ValueError(f"mask_scope must be in (0, 1], got {mask_scope}")
         if scheduler not in SCHEDULERS:
