@@ -50,12 +50,20 @@ class AttentionState:
     full_probability_layers: frozenset[int] = frozenset()
     maps: dict[int, torch.Tensor] = field(default_factory=dict)
     full_probabilities: dict[int, torch.Tensor] = field(default_factory=dict)
+    resized_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.target_tokens = self.image_tokens = self.image_key_values = self.masks = None
         self.full_probability_layers = frozenset()
         self.maps = {}
         self.full_probabilities = {}
+        self.resized_masks = {}
+
+    def masks_for_layer(self, layer_size: tuple[int, int]) -> torch.Tensor:
+        """`masks` resized to one layer ([B, S, h*w]); layers of equal size share one resize per call."""
+        if layer_size not in self.resized_masks:
+            self.resized_masks[layer_size] = resize_masks_to_layer(self.masks, layer_size)
+        return self.resized_masks[layer_size]
 
     @contextmanager
     def instructed(self, **instructions) -> Iterator[AttentionState]:
@@ -174,7 +182,7 @@ class RealCustomAttnProcessor:
         out = out.transpose(-3, -2).flatten(-2)  # [B, S, N, C]
         if state.masks is not None:
             layer_size = layer_resolution(num_tokens, state.latent_size)
-            out = out * resize_masks_to_layer(state.masks.to(out.dtype), layer_size).unsqueeze(-1)
+            out = out * state.masks_for_layer(layer_size).to(out.dtype).unsqueeze(-1)
         return out.sum(dim=1)
 
 
