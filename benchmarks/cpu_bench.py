@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines.bench_utils import loops, synthetic_request, time_interleaved
+from benchmarks.harness import loops, synthetic_request, time_interleaved
 from realcustom.loading import load_pipeline
 
 

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engines.bench_utils import loops, parity, synthetic_request, time_interleaved
+from benchmarks.harness import loops, parity, synthetic_request, time_interleaved
 from engines.compiled import CompiledBackend, EagerCapture
 from engines.static_loop import Bucket
 from realcustom.loading import load_pipeline

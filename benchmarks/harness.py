@@ -1,7 +1,7 @@
 """What the benchmarks share: one synthetic request per batch size, the three loops, timing.
 
 The loops timed (same process, same inputs):
-* `three_call`: the official-style loop (engines/reference_loops.py): guidance, conditional and
+* `three_call`: the official-style loop (benchmarks/baseline_loop.py): guidance, conditional and
   unconditional as three UNet calls of batch B, projector and image K/V recomputed in every
   image-conditioned call, a host sync per step;
 * `batched`: our eager loop (realcustom.denoise): cond+uncond as one batch-2B call, projector
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from benchmarks.baseline_loop import three_call_denoise
 from engines.backends import EagerBackend
 from engines.jobs import GenerationJob, SubjectInput
-from engines.reference_loops import three_call_denoise
 from engines.runner import Runner
 from realcustom.denoise import Conditioning, LoopResult, LoopSettings, denoise
 from realcustom.pipeline import RealCustomPipeline
@@ -120,13 +120,13 @@ def time_interleaved(
     return summary
 
 
-def parity(reference: LoopResult, candidate: LoopResult) -> dict[str, float]:
-    """How far a backend's result is from the eager loop's: latents and mask agreement."""
-    ref, out = reference.latents.float(), candidate.latents.float()
-    ref_masks, masks = reference.masks.float(), candidate.masks.float()
+def parity(eager: LoopResult, candidate: LoopResult) -> dict[str, float]:
+    """How far a loop's result is from the eager batched loop's: latents and mask agreement."""
+    expected, out = eager.latents.float(), candidate.latents.float()
+    expected_masks, masks = eager.masks.float(), candidate.masks.float()
     return {
-        "latents_max_abs": float((ref - out).abs().max()),
-        "latents_rel_l2": float((ref - out).norm() / ref.norm().clamp_min(1e-12)),
-        "mask_support_agreement": float(((ref_masks > 0) == (masks > 0)).float().mean()),
-        "masks_max_abs": float((ref_masks - masks).abs().max()),
+        "latents_max_abs": float((expected - out).abs().max()),
+        "latents_rel_l2": float((expected - out).norm() / expected.norm().clamp_min(1e-12)),
+        "mask_support_agreement": float(((expected_masks > 0) == (masks > 0)).float().mean()),
+        "masks_max_abs": float((expected_masks - masks).abs().max()),
     }

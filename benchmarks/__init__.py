@@ -1,0 +1,1 @@
+"""Benchmark scripts and the code only they use: the three-call baseline loop, timing and parity."""
