@@ -1,20 +1,25 @@
 """The `compiled` backend: torch.compile'd steps captured as CUDA graphs, one per graph key.
 
-At warm-up, for every configured bucket (batch, height, width, subjects) and program (scheduler,
-mask mode, overlap), the backend allocates the bucket's static buffers, compiles the two step
-functions (MASK_UPDATE, MASK_REUSE) and captures each as a CUDA graph in one shared memory pool.
-A request's loop is then: copy its conditioning and noise into the buffers of the smallest bucket
-that holds it (extra rows repeat the last row, extra subject slots are zero), compute every layer's
-image K/V once into the buffers, and replay one graph per step. Between replays the host only
-enqueues work (the step-index increment and a copy of the step's mask into the history): there is
-no host synchronisation inside the loop.
+At warm-up, for every configured bucket (batch, height, width, subjects) and `GraphSettings`
+(scheduler family, mask mode, overlap), the backend allocates the bucket's `LoopState`, compiles
+`realcustom.step.denoise_step` for both step kinds and captures each as a CUDA graph in one shared
+memory pool. A request's loop is then: copy its conditioning and noise into the state of the
+smallest bucket that holds it (extra rows repeat the last row, extra subject slots are zero),
+compute every layer's image K/V once into the state, and replay one graph per step; the step index
+advances inside the graph, and between replays the host only enqueues a copy of the step's mask
+into the mask history: no host synchronisation inside the loop.
 
-A loop whose key was not captured (no fitting bucket, another program, a diffusers scheduler) runs
-eagerly and is counted in `stats` (`graph_misses` per step run uncaptured; `eager_loops` per loop
-that fell back to the reference loop); the worker exports these counters.
+Everything runs without autograd: parameters are frozen at load (realcustom.loading) and warm-up,
+capture and replay run under `torch.no_grad()`, so no buffer ever carries autograd history (which
+would make dynamo recompile and keep every warm-up forward's activations alive).
 
-Capture is pluggable (`CaptureStrategy`) so the key logic, the buffers and the replay loop are
-tested on the CPU with `EagerCapture` (runs the step function on the buffers, no graph).
+A loop whose key was not captured (no fitting bucket, other settings) runs the same step eagerly
+on a state of its exact shape, counted in `stats` (`graph_misses` per step); a diffusers scheduler
+runs the eager loop (`eager_loops`). The worker exports these counters.
+
+Capture is pluggable: `CudaGraphCapture` on a GPU; on the CPU, `WarmupCapture` runs the very same
+warm-up (compilation included) and replays the compiled function without a graph, which is how the
+CPU tests execute everything but the CUDA graph itself.
 """
 
 from __future__ import annotations
@@ -26,36 +31,47 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from engines.static_loop import (
-    Bucket,
-    GraphKey,
-    Program,
-    StaticBuffers,
-    StepKind,
-    advance,
-    pick_bucket,
-    run_step,
-    step_kinds,
-)
+from engines.static_loop import Bucket, GraphKey, GraphSettings, bucket_state, pick_bucket
 from realcustom.denoise import Conditioning, LoopResult, LoopSettings, denoise
 from realcustom.pipeline import RealCustomPipeline
+from realcustom.step import LoopState, StepKind, TorchUNetCalls, UNetCalls, denoise_step, step_kinds
 
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[], None]
 
 
-class EagerCapture:
-    """No graph: 'replay' runs the step function on the static buffers (CPU tests, debugging)."""
+class WarmupCapture:
+    """Warm-up runs (compilation, autotuning, lazy initialisation), then replay = the function.
 
-    name = "eager"
+    The CPU stand-in for CUDA graphs: it calls the step exactly as `CudaGraphCapture` does
+    before recording, so tests exercise compilation and the step on real buffers.
+    """
+
+    name = "warmup"
+
+    def __init__(self, warmup_runs: int = 2):
+        self.warmup_runs = warmup_runs
 
     def capture(self, fn: StepFn, reset: Callable[[], None]) -> StepFn:
+        with torch.no_grad():
+            for _ in range(self.warmup_runs):
+                reset()
+                fn()
         return fn
 
 
-class CudaGraphCapture:
-    """torch.cuda.graph capture after warm-up runs on a side stream; all graphs share one pool.
+class EagerCapture(WarmupCapture):
+    """No warm-up and no graph: the step function as it is (debugging, cheap CPU tests)."""
+
+    name = "eager"
+
+    def __init__(self) -> None:
+        super().__init__(warmup_runs=0)
+
+
+class CudaGraphCapture(WarmupCapture):
+    """Warm-up on a side stream, then `torch.cuda.graph` capture; all graphs share one pool.
 
     Sharing the pool is safe here: graphs are replayed one at a time on one stream, and every
     graph writes its results into buffers allocated outside capture (nothing it allocates
@@ -65,7 +81,7 @@ class CudaGraphCapture:
     name = "cuda_graph"
 
     def __init__(self, warmup_runs: int = 3):
-        self.warmup_runs = warmup_runs
+        super().__init__(warmup_runs)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: list[torch.cuda.CUDAGraph] = []  # keep captured graphs alive
 
@@ -73,122 +89,91 @@ class CudaGraphCapture:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(self.warmup_runs):  # compiles, autotunes, initialises cuBLAS workspaces
-                reset()
-                fn()
+            super().capture(fn, reset)
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         reset()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
             fn()
         self.graphs.append(graph)
         return graph.replay
 
 
 def compile_step(fn: StepFn, compile_backend: str | None, mode: str | None = None) -> StepFn:
-    """torch.compile the step (None: leave it eager). CUDA graphs are ours, so inductor's own
-    cudagraph trees stay off (mode 'max-autotune-no-cudagraphs' or the default)."""
+    """torch.compile the step with fullgraph=True (a graph break is an error, not a slow path);
+    None leaves it eager. CUDA graphs are ours, so inductor's own cudagraph trees stay off
+    (mode 'max-autotune-no-cudagraphs' or the default)."""
     if compile_backend is None:
         return fn
     import torch._dynamo
 
-    # One compiled entry per (key, kind): raise dynamo's recompile limits accordingly
-    # (`recompile_limit` is the newer name of `cache_size_limit`).
+    # One compiled entry per (key, kind): raise dynamo's recompile limits accordingly.
     config = torch._dynamo.config
-    for name, value in (("recompile_limit", 256), ("accumulated_recompile_limit", 1024)):
-        legacy = {"recompile_limit": "cache_size_limit"}.get(name, "accumulated_cache_size_limit")
-        name = name if hasattr(config, name) else legacy
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), value))
-    return torch.compile(fn, backend=compile_backend, mode=mode, dynamic=False)
+    config.recompile_limit = max(config.recompile_limit, 256)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+    return torch.compile(fn, backend=compile_backend, mode=mode, dynamic=False, fullgraph=True)
 
 
-class GraphCache:
-    """Buffers per (bucket, program), captured step functions per graph key, and the counters."""
+CallsFactory = Callable[[LoopState, Bucket], UNetCalls]
+
+
+class GraphLoop:
+    """Drives loops over captured steps: a state per (bucket, settings), a step per graph key."""
 
     def __init__(
         self,
         pipeline: RealCustomPipeline,
-        capture: EagerCapture | CudaGraphCapture,
+        capture: WarmupCapture,
         compile_backend: str | None = None,
         compile_mode: str | None = None,
-        step_factory: Callable[[StaticBuffers, StepKind], StepFn] | None = None,
+        calls_factory: CallsFactory | None = None,
+        state_dtype: torch.dtype | None = None,
     ):
         self.pipeline = pipeline
-        self.step_factory = step_factory
+        self.state_dtype = state_dtype  # None: the model's dtype (TensorRT engines want fp32)
         self.capture_strategy = capture
         self.compile_backend = compile_backend
         self.compile_mode = compile_mode
-        self.buffers: dict[tuple[Bucket, Program], StaticBuffers] = {}
+        # How the UNet roles run inside a step (torch modules unless a backend says otherwise).
+        self.calls_factory = calls_factory or (lambda state, bucket: TorchUNetCalls(pipeline.unet))
+        self.states: dict[tuple[Bucket, GraphSettings], LoopState] = {}
         self.steps: dict[GraphKey, StepFn] = {}
         self.buckets: list[Bucket] = []
         self.stats: Counter[str] = Counter()
 
     # ---- preparation ----------------------------------------------------------------------
 
-    def _buffers(self, bucket: Bucket, program: Program, keep: bool = True) -> StaticBuffers:
-        if (bucket, program) not in self.buffers:
-            pipeline = self.pipeline
-            tokens = pipeline.black_image_tokens()  # [1, T, C], cached once per process
-            unet = pipeline.unet
-            text_encoder_dim = unet.unet.config.cross_attention_dim
-            pooled_dim = None
-            if unet.is_sdxl:
-                time_dims = 6 * unet.unet.config.addition_time_embed_dim
-                pooled_dim = unet.unet.config.projection_class_embeddings_input_dim - time_dims
-            channels, h, _ = pipeline.latent_shape(bucket.height, bucket.width)
-            buffers = StaticBuffers(
-                unet,
-                bucket,
-                program,
-                text_shape=(77, text_encoder_dim),
-                pooled_dim=pooled_dim,
-                image_token_shape=tuple(tokens.shape[1:]),
-                latent_channels=channels,
-                latent_factor=bucket.height // h,
-                device=pipeline.device,
-                dtype=pipeline.dtype,
-            )
-            if not keep:
-                return buffers
-            self.buffers[bucket, program] = buffers
-        return self.buffers[bucket, program]
-
-    def _step_fn(self, buffers: StaticBuffers, kind: StepKind) -> StepFn:
-        if self.step_factory is not None:  # e.g. TensorRT engines instead of the torch UNet
-            return self.step_factory(buffers, kind)
-        unet = self.pipeline.unet
-
-        def step() -> None:
-            run_step(unet, buffers, kind)
-
-        return step
-
-    def prepare(self, buckets: Sequence[Bucket], programs: Sequence[Program]) -> None:
-        """Allocate, compile and capture every (bucket, program, kind); log what it cost."""
+    @torch.no_grad()
+    def prepare(self, buckets: Sequence[Bucket], graph_settings: Sequence[GraphSettings]) -> None:
+        """Allocate, compile and capture every (bucket, settings, kind); log what it cost."""
         for bucket in buckets:
             if bucket not in self.buckets:
                 self.buckets.append(bucket)
-            for program in programs:
-                if not program.capturable:
-                    logger.warning(
-                        "program %s cannot be captured (scheduler); its loops run eagerly", program
-                    )
+            for settings in graph_settings:
+                if not settings.capturable:
+                    logger.warning("%s cannot be captured (scheduler); its loops run eagerly", settings)
                     continue
-                buffers = self._buffers(bucket, program)
+                state = self.states.get((bucket, settings))
+                if state is None:
+                    state = bucket_state(self.pipeline, bucket, settings, self.state_dtype)
+                    self.states[bucket, settings] = state
+                calls = self.calls_factory(state, bucket)
                 for kind in StepKind:
-                    key = GraphKey.of(kind, bucket, program)
+                    key = GraphKey.of(kind, bucket, settings)
                     if key in self.steps:
                         continue
                     started = time.perf_counter()
-                    fn = compile_step(self._step_fn(buffers, kind), self.compile_backend, self.compile_mode)
 
-                    def reset(buffers: StaticBuffers = buffers) -> None:
-                        buffers.latents.normal_()
-                        buffers.step.zero_()
-                        buffers.schedule.load(2)
+                    def step(calls=calls, state=state, kind=kind, mask=settings.mask) -> None:
+                        denoise_step(calls, state, kind, mask)
 
+                    def reset(state: LoopState = state) -> None:
+                        state.latents.normal_()
+                        state.step.zero_()
+                        state.schedule.load(2)
+
+                    fn = compile_step(step, self.compile_backend, self.compile_mode)
                     self.steps[key] = self.capture_strategy.capture(fn, reset)
                     self.stats["graphs_captured"] += 1
                     logger.info("captured %s in %.1f s", key, time.perf_counter() - started)
@@ -197,54 +182,53 @@ class GraphCache:
 
     @torch.no_grad()
     def denoise(self, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings) -> LoopResult:
-        program = Program.of(settings)
+        graph_settings = GraphSettings.of(settings)
+        if not graph_settings.capturable:
+            self.stats["eager_loops"] += 1
+            return denoise(self.pipeline.unet, cond, latents, settings)
         batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
         factor = 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
         height, width = latents.shape[-2] * factor, latents.shape[-1] * factor
-        if not program.capturable:
-            self.stats["eager_loops"] += 1
-            return denoise(self.pipeline.unet, cond, latents, settings)
         bucket = pick_bucket(self.buckets, batch, subjects, height, width)
-        captured = bucket is not None and (bucket, program) in self.buffers
-        if not captured:
-            # Not prepared: the same step functions, run uncaptured on buffers of this exact shape.
+        state = self.states.get((bucket, graph_settings)) if bucket is not None else None
+        if state is None:
+            # Not prepared: the same step, run uncaptured on a state of this exact shape.
             bucket = Bucket(batch, height, width, subjects)
-        buffers = self._buffers(bucket, program, keep=captured)
-        buffers.load(self.pipeline.unet, cond, latents, settings.num_inference_steps)
+            state = bucket_state(self.pipeline, bucket, graph_settings)
+            captured, calls = False, TorchUNetCalls(self.pipeline.unet)
+        else:
+            captured, calls = True, None
+        state.schedule.load(settings.num_inference_steps)
+        state.load(self.pipeline.unet, cond, latents, settings.mask_reused_step, state.schedule)
 
         kinds = step_kinds(settings.num_inference_steps, settings.mask_reused_step)
-        history = torch.empty(
-            len(kinds), *buffers.masks.shape, dtype=buffers.masks.dtype, device=latents.device
-        )
+        history = torch.empty(len(kinds), *state.masks.shape, dtype=state.masks.dtype, device=latents.device)
         for k, kind in enumerate(kinds):
-            step = self.steps.get(GraphKey.of(kind, bucket, program)) if captured else None
-            if step is None:
-                self.stats["graph_misses"] += 1
-                run_step(self.pipeline.unet, buffers, kind)
-            else:
+            if captured:
                 self.stats["graph_replays"] += 1
-                step()
-            history[k].copy_(buffers.masks)
-            if k + 1 < len(kinds):
-                advance(buffers)
-        return LoopResult(buffers.x0[:batch].clone(), history[:, :batch, :subjects].clone())
+                self.steps[GraphKey.of(kind, bucket, graph_settings)]()
+            else:
+                self.stats["graph_misses"] += 1
+                denoise_step(calls, state, kind, graph_settings.mask)
+            history[k].copy_(state.masks)
+        return LoopResult(state.x0[:batch].clone(), history[:, :batch, :subjects].clone())
 
 
 class GraphBackend:
-    """What the graph-replaying backends share: buckets, programs, the graph cache, its counters."""
+    """What the graph-replaying backends share: buckets, graph settings, the loop, its counters."""
 
-    graphs: GraphCache
+    graphs: GraphLoop
 
     def _configure(
         self,
         pipeline: RealCustomPipeline,
         buckets: Sequence[Bucket] | None,
-        programs: Sequence[Program] | None,
+        graph_settings: Sequence[GraphSettings] | None,
     ) -> None:
         self.pipeline = pipeline
         size = pipeline.default_size
         self.bucket_config = list(buckets) if buckets else [Bucket(1, size, size)]
-        self.programs = list(programs) if programs else [Program()]
+        self.graph_settings = list(graph_settings) if graph_settings else [GraphSettings()]
         self.prepared = False
 
     @property
@@ -254,7 +238,7 @@ class GraphBackend:
     def warmup(self) -> None:
         """Capture every configured bucket (called by Runner.warmup before serving)."""
         if not self.prepared:
-            self.graphs.prepare(self.bucket_config, self.programs)
+            self.graphs.prepare(self.bucket_config, self.graph_settings)
             self.prepared = True
 
     def denoise(
@@ -281,12 +265,12 @@ class CompiledBackend(GraphBackend):
         self,
         pipeline: RealCustomPipeline,
         buckets: Sequence[Bucket] | None = None,
-        programs: Sequence[Program] | None = None,
+        graph_settings: Sequence[GraphSettings] | None = None,
         compile_backend: str | None = default_compile_backend,
         compile_mode: str | None = None,
-        capture: EagerCapture | CudaGraphCapture | None = None,
+        capture: WarmupCapture | None = None,
     ):
-        self._configure(pipeline, buckets, programs)
+        self._configure(pipeline, buckets, graph_settings)
         if capture is None:
-            capture = CudaGraphCapture() if pipeline.device.type == "cuda" else EagerCapture()
-        self.graphs = GraphCache(pipeline, capture, compile_backend, compile_mode)
+            capture = CudaGraphCapture() if pipeline.device.type == "cuda" else WarmupCapture()
+        self.graphs = GraphLoop(pipeline, capture, compile_backend, compile_mode)

@@ -4,15 +4,21 @@ Graphs (names are the ONNX input/output names):
 
 * projector:  global_tokens [N,Tg,Cv], local_tokens [N,Tl,Cv] (, shallow_tokens) -> image_tokens [N,T,C]
 * guidance:   latents [B,4,h,w], timestep [B] (float32), text [B,77,D], target_tokens [B,S,77]
-              (, pooled [B,P], time_ids [B,6] on SDXL) -> eps [B,4,h,w],
+              (, pooled [B,P], time_ids [B,6] on SDXL) ->
               layer_maps [B,S,L,h/2,w/2]: every attn2 layer's target-token map (head mean, summed
               over each subject's target tokens), bilinearly resized to the mask resolution as
               `realcustom.masks.mask_scores` does first; masks are then computed in torch from
               `layer_maps.unbind(2)` (the resize to the same size is exact, so masks equal eager).
+              The guidance pass's ε is not an output (the loop never uses it), so TensorRT can
+              prune the UNet's tail after the last attn2 layer.
 * generation: latents [2B,4,h,w], timestep [2B], text [2B,77,D], masks [2B,S,h/2,w/2]
               (, pooled, time_ids), then either image_k_00, image_v_00, ... [2B,S,heads,T,d]
               per attn2 layer (variant "kv", what the loop uses: K/V computed once per request)
               or image_tokens [2B,S,T,C] (variant "tokens") -> eps [2B,4,h,w].
+
+Graphs are always exported in fp32 (a bf16 pipeline is exported from an fp32 copy): ONNX
+rejects bf16 Conv at opset 17, and TensorRT picks reduced precision itself from the builder's
+BF16/FP16 flag (engines/tensorrt/builder.py). Every graph input and output is therefore fp32.
 
 Shapes are static (one graph per bucket: TensorRT builds its best kernels for fixed shapes, and
 CUDA graphs need fixed shapes anyway). Graphs whose weights exceed 2 GB (the protobuf limit; SDXL's
@@ -23,6 +29,7 @@ The TorchScript-based exporter is used (`dynamo=False`): it needs no extra packa
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -58,7 +65,7 @@ class ProjectorGraph(nn.Module):
 
 
 class GuidanceGraph(nn.Module):
-    """`RealCustomUNet.guidance` -> (eps, layer maps stacked at the mask resolution)."""
+    """`RealCustomUNet.guidance` -> layer maps stacked at the mask resolution (no ε)."""
 
     def __init__(self, unet, mask_size: tuple[int, int]):
         super().__init__()
@@ -66,9 +73,9 @@ class GuidanceGraph(nn.Module):
         self.mask_size = mask_size
 
     def forward(self, latents, timestep, text, target_tokens, pooled=None, time_ids=None):
-        eps, maps, _ = self.unet.guidance(latents, timestep, text, pooled, time_ids, target_tokens)
+        _, maps, _ = self.unet.guidance(latents, timestep, text, pooled, time_ids, target_tokens)
         resized = [F.interpolate(m.float(), size=self.mask_size, mode="bilinear") for m in maps]
-        return eps, torch.stack(resized, dim=2)
+        return torch.stack(resized, dim=2)
 
 
 class GenerationGraph(nn.Module):
@@ -168,7 +175,7 @@ def graph_module(pipeline: RealCustomPipeline, spec: GraphSpec) -> tuple[nn.Modu
         return ProjectorGraph(pipeline.projector), ["image_tokens"]
     if spec.graph == "guidance":
         _, h, w = pipeline.latent_shape(bucket.height, bucket.width)
-        return GuidanceGraph(pipeline.unet, (h // 2, w // 2)), ["eps", "layer_maps"]
+        return GuidanceGraph(pipeline.unet, (h // 2, w // 2)), ["layer_maps"]
     if spec.graph == "generation":
         return GenerationGraph(pipeline.unet, pipeline.unet.is_sdxl, spec.variant), ["eps"]
     raise ValueError(f"unknown graph {spec.graph!r}; choose from {GRAPHS}")
@@ -219,9 +226,10 @@ def export_graph(
     external_data: bool | None = None,
     opset: int = OPSET,
 ) -> Path:
-    """Export one graph to `path`. external_data: None = only when the weights exceed 2 GB."""
+    """Export one graph (in fp32) to `path`. external_data: None = only when the weights exceed 2 GB."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    pipeline = fp32_pipeline(pipeline)
     module, output_names = graph_module(pipeline, spec)
     input_names, inputs = example_inputs(pipeline, spec)
     large = _weight_bytes(module) >= PROTOBUF_LIMIT
@@ -248,6 +256,13 @@ def export_graph(
     return path
 
 
+def fp32_pipeline(pipeline: RealCustomPipeline) -> RealCustomPipeline:
+    """The pipeline itself when it is fp32, else an fp32 copy (what every graph is exported from)."""
+    if pipeline.dtype == torch.float32:
+        return pipeline
+    return copy.deepcopy(pipeline).float()
+
+
 def export_key(
     pipeline: RealCustomPipeline, model_id: str, specs: list[GraphSpec], opset: int = OPSET
 ) -> str:
@@ -256,7 +271,7 @@ def export_key(
         {
             "model": model_id,
             "unet": dict(pipeline.unet.unet.config),
-            "dtype": str(pipeline.dtype),
+            "dtype": str(torch.float32),  # graphs are always fp32 (fp32_pipeline)
             "graphs": [asdict(s) for s in specs],
             "opset": opset,
             "torch": torch.__version__,
@@ -295,6 +310,7 @@ def export_all(
     if manifest_path.is_file():
         logger.info("ONNX export %s already complete", directory)
         return directory
+    pipeline = fp32_pipeline(pipeline)
     entries = []
     for spec in specs:
         path = export_graph(pipeline, spec, directory / f"{spec.stem}.onnx", external_data)

@@ -104,6 +104,18 @@ def _split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.unflatten(-1, (heads, -1)).transpose(-3, -2)
 
 
+def subject_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K_sᵀ/√d) V_s for every subject s with the shared query: [B, heads, N, d] and
+    [B, S, heads, T, d] -> [B, S, N, C]. Subjects are folded into the batch so SDPA gets 4-D
+    inputs, which every fused kernel (flash, memory-efficient, cuDNN) needs."""
+    batch, subjects = key.shape[:2]
+    folded_query = query.unsqueeze(1).expand(batch, subjects, *query.shape[1:]).flatten(0, 1)
+    out = F.scaled_dot_product_attention(
+        folded_query, key.flatten(0, 1), value.flatten(0, 1)
+    )  # [B*S, heads, N, d]
+    return out.unflatten(0, (batch, subjects)).transpose(-3, -2).flatten(-2)
+
+
 def image_key_value(attn: Attention, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K, V of the image tokens for one layer: [B, S, T, C] -> 2 x [B, S, heads, T, d]."""
     key = _split_heads(attn.to_k_vision(image_tokens), attn.heads)
@@ -175,11 +187,7 @@ class RealCustomAttnProcessor:
             key, value = state.image_key_values[self.layer_id]
         else:
             key, value = image_key_value(attn, state.image_tokens)
-        batch, subjects = key.shape[:2]
-        # Every subject attends with the shared query: [B, heads, N, d] -> [B, S, heads, N, d].
-        subject_query = query.unsqueeze(1).expand(batch, subjects, *query.shape[1:])
-        out = F.scaled_dot_product_attention(subject_query, key, value)
-        out = out.transpose(-3, -2).flatten(-2)  # [B, S, N, C]
+        out = subject_attention(query, key, value)  # [B, S, N, C]
         if state.masks is not None:
             layer_size = layer_resolution(num_tokens, state.latent_size)
             out = out * state.masks_for_layer(layer_size).to(out.dtype).unsqueeze(-1)

@@ -1,12 +1,8 @@
-"""The RealCustom++ denoising loop (Adaptive Mask Guidance), written out step by step.
+"""The RealCustom++ denoising loop (Adaptive Mask Guidance), run eagerly.
 
-Per step k:
-1. if k < mask_reused_step: guidance pass (text only, target-word maps recorded) -> masks;
-   otherwise the last masks are reused;
-2. generation pass: the conditional (prompt + reference tokens) and unconditional (negative
-   prompt + black-image tokens) samples as one batch, both gated by the same masks;
-3. classifier-free guidance ε = ε_u + w(ε_c − ε_u);
-4. scheduler step. After the loop the scheduler's x̂₀ of the last step is what gets decoded.
+The step itself (guidance pass -> masks, generation pass, CFG, scheduler update) is defined once in
+realcustom/step.py; this loop runs it on a state of the loop's exact shape. After the loop the
+scheduler's x̂₀ of the last step is what gets decoded (the final sample for diffusers schedulers).
 """
 
 from __future__ import annotations
@@ -16,8 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from realcustom.masks import generate_masks
-from realcustom.schedulers import make_scheduler
+from realcustom.step import (
+    LoopState,
+    MaskSettings,
+    StepKind,
+    TorchUNetCalls,
+    denoise_step,
+    make_schedule,
+    step_kinds,
+)
 from realcustom.unet import RealCustomUNet
 
 
@@ -69,14 +72,6 @@ class LoopTrace:
         return torch.stack([step[name] for step in self.steps if name in step])
 
 
-def _expand_time(timestep: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    return timestep.to(device).expand(batch)
-
-
-def _cat(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
-    return None if first is None else torch.cat([first, second])
-
-
 @torch.no_grad()
 def denoise(
     unet: RealCustomUNet,
@@ -85,70 +80,34 @@ def denoise(
     settings: LoopSettings,
     trace: LoopTrace | None = None,
 ) -> LoopResult:
-    """Run the loop from initial noise `latents` [B, 4, h, w]."""
-    scheduler = make_scheduler(settings.scheduler, settings.num_inference_steps)
-    batch = cond.batch_size
-    mask_size = (latents.shape[-2] // 2, latents.shape[-1] // 2)
-    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
-    scale = cond.guidance_scale.to(latents).view(-1, 1, 1, 1)
+    """Run the loop from initial noise `latents` [B, 4, h, w]: `denoise_step` on a state of this
+    loop's exact shape, every step run eagerly (the reference every faster loop is checked against)."""
+    batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
+    state = LoopState(
+        unet,
+        rows=batch,
+        subjects=subjects,
+        latent_shape=tuple(latents.shape[1:]),
+        text_shape=tuple(cond.prompt_embeds.shape[1:]),
+        pooled_dim=None if cond.pooled is None else cond.pooled.shape[-1],
+        image_token_shape=tuple(cond.image_tokens.shape[2:]),
+        device=latents.device,
+        dtype=next(unet.parameters()).dtype,
+    )
+    schedule = make_schedule(settings.scheduler, batch, latents.device, settings.num_inference_steps)
+    state.load(unet, cond, latents, settings.mask_reused_step, schedule)
+    calls = TorchUNetCalls(unet, trace.full_probability_layers if trace else frozenset())
+    mask = MaskSettings(tuple(settings.mask_mode), settings.overlap)
 
-    # Per request, once: both samples' text and every layer's image K/V for the batched pass.
-    text = torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds])
-    pooled = _cat(cond.pooled, cond.negative_pooled)
-    time_ids = _cat(cond.time_ids, cond.time_ids)
-    image_kv = unet.image_key_values(torch.cat([cond.image_tokens, cond.negative_image_tokens]))
-
-    masks = None
-    used_masks, x0 = [], latents
-    for k, timestep in enumerate(scheduler.timesteps):
-        record: dict[str, torch.Tensor] = {}
-        model_input = (
-            scheduler.scale_model_input(latents, k) if hasattr(scheduler, "scale_model_input") else latents
-        )
-
-        # 1. Guidance branch: text only, target-word attention -> masks (frozen from mask_reused_step on).
-        recompute = k < settings.mask_reused_step or masks is None
-        if recompute:
-            eps_guidance, maps, probs = unet.guidance(
-                model_input,
-                _expand_time(timestep, batch, latents.device),
-                cond.prompt_embeds,
-                cond.pooled,
-                cond.time_ids,
-                cond.target_tokens,
-                trace.full_probability_layers if trace else frozenset(),
-            )
-            masks, score = generate_masks(
-                maps, mask_size, settings.mask_mode, cond.mask_scope, settings.overlap
-            )
-            if trace is not None:
-                record.update(eps_guidance=eps_guidance, mask_score=score)
-                record.update({f"map_L{i:02d}": layer_map for i, layer_map in enumerate(maps)})
-                record.update({f"probs_L{i:02d}": layer_probs for i, layer_probs in probs.items()})
-
-        # 2. Generation branch: conditional and unconditional samples in one batch, same masks.
-        eps = unet.generation(
-            torch.cat([model_input, model_input]),
-            _expand_time(timestep, 2 * batch, latents.device),
-            text,
-            pooled,
-            time_ids,
-            masks=torch.cat([masks, masks]).to(latents.dtype),
-            image_key_values=image_kv,
-        )
-        eps_cond, eps_uncond = eps.chunk(2)
-
-        # 3. Classifier-free guidance.
-        noise_pred = eps_uncond + scale * (eps_cond - eps_uncond)
-
-        # 4. Scheduler step.
-        latents, x0 = scheduler.step(k, noise_pred, latents)
-        used_masks.append(masks)
-        if trace is not None:
-            record.update(mask=masks, eps_cond=eps_cond, eps_uncond=eps_uncond, noise_pred=noise_pred)
-            record.update(
-                latents=latents, x0=x0, timestep=timestep, mask_recomputed=torch.tensor(int(recompute))
-            )
+    used_masks = []
+    for kind in step_kinds(settings.num_inference_steps, settings.mask_reused_step):
+        record: dict[str, torch.Tensor] | None = None if trace is None else {}
+        if record is not None:
+            record["timestep"] = schedule.timestep(state)[0]
+            record["mask_recomputed"] = torch.tensor(int(kind is StepKind.MASK_UPDATE))
+        calls.record = record
+        denoise_step(calls, state, kind, mask, record)
+        used_masks.append(state.masks.clone())
+        if record is not None:
             trace.steps.append(record)
-
-    return LoopResult(scheduler.final_latents(latents, x0), torch.stack(used_masks))
+    return LoopResult(schedule.final_latents(state).clone(), torch.stack(used_masks))

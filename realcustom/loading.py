@@ -226,4 +226,6 @@ def load_pipeline(
             f"unknown model {model!r}: use 'tiny', 'tiny-sd15', 'sdxl-random', 'sd15-random' "
             "or a checkpoint directory"
         )
-    return pipeline.to(device=device, dtype=dtype)
+    # Inference only: frozen parameters keep autograd out of every loop, warm-up and capture
+    # (training unfreezes what it trains, realcustom.training.model).
+    return pipeline.to(device=device, dtype=dtype).requires_grad_(False)

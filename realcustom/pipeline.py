@@ -22,11 +22,9 @@ from realcustom.masks import OVERLAP_POLICIES, check_mask_mode
 from realcustom.phrases import check_prompt_length, target_token_indicator
 from realcustom.reference import ReferenceEncoder, VisionFeatures
 from realcustom.schedulers import SCHEDULERS
+from realcustom.settings_check import check_mask_scope, check_schedule, check_size
 from realcustom.text import TextEmbeddings, TextEncoder, default_negative_prompt
 from realcustom.unet import RealCustomUNet
-
-# Image sizes must keep the mask (1/16) and the deepest attention layer (1/32) on whole pixels.
-SIZE_MULTIPLE = 32
 
 
 @dataclass
@@ -47,12 +45,6 @@ def mask_to_image(mask: torch.Tensor, size: tuple[int, int] | None = None) -> Im
     """[h, w] in [0, 1] -> grayscale image, nearest-neighbour resize so the top-k cells stay crisp."""
     image = Image.fromarray((mask.float().clamp(0, 1).cpu().numpy() * 255).astype(np.uint8), mode="L")
     return image.resize(size, Image.Resampling.NEAREST) if size else image
-
-
-def check_size(height: int, width: int) -> None:
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % SIZE_MULTIPLE:
-            raise ValueError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, got {value}")
 
 
 class RealCustomPipeline(nn.Module):
@@ -159,14 +151,15 @@ class RealCustomPipeline(nn.Module):
     ) -> torch.Tensor:
         """Initial noise: `counts[i]` samples drawn from a CPU generator seeded with `seeds[i]`.
 
-        Drawn on the CPU so a seed gives the same image on any device and in any batch.
+        Drawn on the CPU so a seed gives the same image on any device and in any batch; fp32
+        whatever the model's dtype (latents and the sampler's state stay fp32, as in diffusers).
         """
         shape = self.latent_shape(height, width)
         noise = [
             torch.randn((count, *shape), generator=torch.Generator("cpu").manual_seed(seed))
             for seed, count in zip(seeds, counts, strict=True)
         ]
-        return torch.cat(noise).to(self.device, self.dtype)
+        return torch.cat(noise).to(self.device, torch.float32)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -252,7 +245,7 @@ class RealCustomPipeline(nn.Module):
         # 5. Initial noise.
         if latents is None:
             latents = self.prepare_latents([seed], [batch], height, width)
-        latents = latents.to(self.device, self.dtype)
+        latents = latents.to(self.device, torch.float32)
 
         # 6. Per-sample conditioning.
         cond = Conditioning(
@@ -294,14 +287,12 @@ class RealCustomPipeline(nn.Module):
     @staticmethod
     def _check_settings(mask_mode, mask_scope, scheduler, overlap, steps, mask_reused_step) -> None:
         check_mask_mode(mask_mode)
-        if not 0 < mask_scope <= 1:
-            raise ValueError(f"mask_scope must be in (0, 1], got {mask_scope}")
+        check_mask_scope(mask_scope)
+        check_schedule(steps, mask_reused_step)  # the rules the API applies too
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {SCHEDULERS}")
         if overlap not in OVERLAP_POLICIES:
             raise ValueError(f"unknown overlap policy {overlap!r}; choose from {OVERLAP_POLICIES}")
-        if steps < 1 or mask_reused_step < 1:
-            raise ValueError("num_inference_steps and mask_reused_step must be at least 1")
 
 
 def _rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ step is a few tensor operations with no host synchronisation.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +44,53 @@ def _check_steps(num_steps: int) -> None:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_steps}")
 
 
-class OfficialDPMSolver:
-    """Single-step DPM-Solver++ (order 2, midpoint), exactly as the official sampler steps."""
+class TableScheduler(ABC):
+    """A sampler whose step is a fixed formula over per-step coefficient tables.
+
+    `tables()` holds every per-step value ([steps] tensors, float32 or bool) and `update` is the
+    step's formula over values looked up from them, written once: the eager `step(k, ...)` reads
+    row k of the tables (0-dim values), the device loop (realcustom/step.py) reads each batch row's
+    own step of device copies of the tables ([B, 1, 1, 1] values). Same operations, same order, so
+    both give identical values. `anchor`/`anchor_x0` are the sample and x̂₀ a multistep update
+    restarts from (unused by single-state samplers).
+    """
+
+    timesteps: torch.Tensor
+
+    def tables(self) -> dict[str, torch.Tensor]:
+        return self._tables
+
+    @staticmethod
+    @abstractmethod
+    def update(
+        values: dict[str, torch.Tensor],
+        eps: torch.Tensor,
+        sample: torch.Tensor,
+        anchor: torch.Tensor,
+        anchor_x0: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(next sample, x̂₀, next anchor, next anchor x̂₀) from one step's table values."""
+
+    def step(self, k: int, eps: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._anchor is None:
+            self._anchor, self._anchor_x0 = torch.zeros_like(sample), torch.zeros_like(sample)
+        values = {name: table[k] for name, table in self._tables.items()}
+        sample, x0, self._anchor, self._anchor_x0 = self.update(
+            values, eps, sample, self._anchor, self._anchor_x0
+        )
+        return sample, x0
+
+    def final_latents(self, sample: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return x0
+
+
+class OfficialDPMSolver(TableScheduler):
+    """Single-step DPM-Solver++ (order 2, midpoint), exactly as the official sampler steps.
+
+    Tables: `alpha`, `sigma` (of the step's timestep), `sample_coef` and `x0_coef` (the
+    exponential-integrator weights of the source sample and of x̂₀), `midpoint_ratio` (r₀ of an
+    order-2 step; 1 where unused) and `first_order`.
+    """
 
     def __init__(self, num_steps: int, schedule: NoiseSchedule | None = None):
         _check_steps(num_steps)
@@ -56,58 +102,74 @@ class OfficialDPMSolver:
         targets = [*self.timesteps[1:].tolist(), 0]
         alpha = acp.sqrt()
         sigma = (1 - acp).sqrt()
-        lam = alpha.log() - sigma.log()
-        self._alpha = [alpha[t] for t in self.timesteps.tolist()]
-        self._sigma = [sigma[t] for t in self.timesteps.tolist()]
-        self._coefficients = []
+        log_snr = alpha.log() - sigma.log()
+        rows: dict[str, list[torch.Tensor]] = {
+            "alpha": [],
+            "sigma": [],
+            "sample_coef": [],
+            "x0_coef": [],
+            "midpoint_ratio": [],
+        }
         for k, order in enumerate(self.orders):
             t, t_next = int(self.timesteps[k]), targets[k]
+            # An order-2 step restarts from the preceding (order-1) step's sample.
             source = int(self.timesteps[k - 1]) if order == 2 else t
-            h = lam[t_next] - lam[source]
-            phi = torch.exp(-h) - 1
-            coefficient = {"keep": sigma[t_next] / sigma[source], "x0": -alpha[t_next] * phi}
-            if order == 2:
-                coefficient["r0"] = (lam[t] - lam[source]) / h
-            self._coefficients.append(coefficient)
+            h = log_snr[t_next] - log_snr[source]
+            rows["alpha"].append(alpha[t])
+            rows["sigma"].append(sigma[t])
+            rows["sample_coef"].append(sigma[t_next] / sigma[source])
+            rows["x0_coef"].append(-alpha[t_next] * (torch.exp(-h) - 1))
+            rows["midpoint_ratio"].append(
+                (log_snr[t] - log_snr[source]) / h if order == 2 else torch.ones(())
+            )
+        self._tables = {name: torch.stack(values).float() for name, values in rows.items()}
+        self._tables["first_order"] = torch.tensor([order == 1 for order in self.orders])
         self._anchor: torch.Tensor | None = None
         self._anchor_x0: torch.Tensor | None = None
 
-    def step(self, k: int, eps: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x0 = (sample - self._sigma[k] * eps) / self._alpha[k]
-        c = self._coefficients[k]
-        if self.orders[k] == 1:
-            self._anchor, self._anchor_x0 = sample, x0
-            return c["keep"] * sample + c["x0"] * x0, x0
-        d1 = (x0 - self._anchor_x0) / c["r0"]
-        out = c["keep"] * self._anchor + c["x0"] * self._anchor_x0 + 0.5 * c["x0"] * d1
-        return out, x0
+    @staticmethod
+    def update(values, eps, sample, anchor, anchor_x0):
+        x0 = (sample - values["sigma"] * eps) / values["alpha"]
+        sample_coef, x0_coef, first = values["sample_coef"], values["x0_coef"], values["first_order"]
+        # Order 1: from the current sample, which becomes the anchor of the next (order-2) step.
+        first_order = sample_coef * sample + x0_coef * x0
+        # Order 2: restart from the anchor with the midpoint correction of x̂₀.
+        slope = (x0 - anchor_x0) / values["midpoint_ratio"]
+        second_order = sample_coef * anchor + x0_coef * anchor_x0 + 0.5 * x0_coef * slope
+        return (
+            torch.where(first, first_order, second_order),
+            x0,
+            torch.where(first, sample, anchor),
+            torch.where(first, x0, anchor_x0),
+        )
 
-    def final_latents(self, sample: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return x0
 
+class DDIM(TableScheduler):
+    """DDIM with η = 0 on trailing timesteps; the last step targets ᾱ = 1, so it lands on x̂₀.
 
-class DDIM:
-    """DDIM with η = 0 on trailing timesteps; the last step targets ᾱ = 1, so it lands on x̂₀."""
+    Tables: `alpha`, `sigma` of the step's timestep, `next_alpha`, `next_sigma` of its target.
+    """
 
     def __init__(self, num_steps: int, schedule: NoiseSchedule | None = None):
         _check_steps(num_steps)
         schedule = schedule or NoiseSchedule()
         acp = schedule.alphas_cumprod()
         self.timesteps = schedule.trailing_timesteps(num_steps)
-        current = [acp[t] for t in self.timesteps.tolist()]
-        following = [*current[1:], torch.tensor(1.0)]
-        self._coefficients = [
-            (a.sqrt(), (1 - a).sqrt(), b.sqrt(), (1 - b).sqrt())
-            for a, b in zip(current, following, strict=True)
-        ]
+        current = torch.stack([acp[t] for t in self.timesteps.tolist()])
+        following = torch.cat([current[1:], torch.ones(1)])
+        self._tables = {
+            "alpha": current.sqrt(),
+            "sigma": (1 - current).sqrt(),
+            "next_alpha": following.sqrt(),
+            "next_sigma": (1 - following).sqrt(),
+        }
+        self._anchor: torch.Tensor | None = None
+        self._anchor_x0: torch.Tensor | None = None
 
-    def step(self, k: int, eps: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha, sigma, alpha_next, sigma_next = self._coefficients[k]
-        x0 = (sample - sigma * eps) / alpha
-        return alpha_next * x0 + sigma_next * eps, x0
-
-    def final_latents(self, sample: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return x0
+    @staticmethod
+    def update(values, eps, sample, anchor, anchor_x0):
+        x0 = (sample - values["sigma"] * eps) / values["alpha"]
+        return values["next_alpha"] * x0 + values["next_sigma"] * eps, x0, anchor, anchor_x0
 
 
 class DiffusersScheduler:
@@ -144,6 +206,10 @@ class DiffusersScheduler:
 
     def final_latents(self, sample: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         return sample
+
+
+# Samplers whose step is a fixed formula over device tables (graph-capturable, per-row schedules).
+TABLE_SCHEDULERS = {"dpm": OfficialDPMSolver, "ddim": DDIM}
 
 
 def make_scheduler(name: str, num_steps: int, schedule: NoiseSchedule | None = None):

@@ -1,15 +1,18 @@
-"""The `tensorrt` backend: the static-buffer loop of engines/static_loop.py with the two UNet
-roles run by TensorRT engines, each step captured as a CUDA graph around the engine launches.
+"""The `tensorrt` backend: `realcustom.step.denoise_step` with the two UNet roles run by TensorRT
+engines, each step captured as a CUDA graph around the engine launches.
 
-Per bucket at warm-up: export the guidance and generation ("kv") graphs (engines/onnx_export.py),
-build or load their engines from the cache (engines/tensorrt/builder.py), bind them to the
-bucket's static buffers, and capture MASK_UPDATE / MASK_REUSE steps. Mask generation, CFG and
-the scheduler stay in torch (inside the same CUDA graph); the image K/V are computed once per
-request in torch. Loops without an engine for their shape run the torch step functions eagerly,
-counted in `stats` like the compiled backend's misses.
+Per bucket at warm-up: export the guidance and generation ("kv") graphs in fp32
+(engines/onnx_export.py), build or load their engines from the cache (engines/tensorrt/builder.py,
+reduced precision from the builder flag), bind them to the bucket's `LoopState` (kept in fp32: the
+engines' inputs and outputs are fp32) and to a few staging buffers, and capture MASK_UPDATE /
+MASK_REUSE steps through the same `GraphLoop` as the compiled backend. Mask generation, CFG and the
+scheduler stay in torch inside the same graph; the image K/V are computed once per request in torch.
+Loops without an engine for their shape run the torch step eagerly, counted like the compiled
+backend's misses.
 
 Written against TensorRT 10's documented Python API; it has never run (no TensorRT and no GPU on
-the machines this was developed on). Its capability check says so at selection.
+the machines this was developed on). Its capability check says so at selection. The feed layout
+(`EngineFeeds`) runs on the CPU in tests.
 """
 
 from __future__ import annotations
@@ -20,16 +23,86 @@ from pathlib import Path
 
 import torch
 
-from engines.compiled import CudaGraphCapture, GraphBackend, GraphCache
-from engines.static_loop import Bucket, Program, StaticBuffers, StepKind, finish_step
+from engines.compiled import CudaGraphCapture, GraphBackend, GraphLoop
+from engines.static_loop import Bucket, GraphSettings
 from engines.tensorrt import tensorrt_unavailable_reason
 from engines.tensorrt.cache import BuildSettings, EngineCache
-from realcustom.masks import generate_masks
 from realcustom.pipeline import RealCustomPipeline
+from realcustom.step import LoopState
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("artifacts/engines")
+
+
+class EngineFeeds:
+    """The tensors bound to the two engines of one state: the state's own (fp32, contiguous)
+    conditioning and image K/V, plus staging buffers for what changes every step (latents,
+    timesteps as float32, and the doubled batch of the generation pass)."""
+
+    def __init__(self, state: LoopState):
+        if state.dtype != torch.float32:
+            raise ValueError("TensorRT engines take fp32 inputs: allocate the state in fp32")
+        rows, device = state.rows, state.latents.device
+
+        def staging(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float32, device=device)
+
+        self.latents = staging(rows, *state.latents.shape[1:])
+        self.timestep = staging(rows)
+        self.latents2 = staging(2 * rows, *state.latents.shape[1:])
+        self.timestep2 = staging(2 * rows)
+        self.masks2 = staging(2 * rows, *state.masks.shape[1:])
+        self.guidance = {
+            "latents": self.latents,
+            "timestep": self.timestep,
+            "text": state.half(state.text),
+            "target_tokens": state.target_tokens,
+        }
+        self.generation = {
+            "latents": self.latents2,
+            "timestep": self.timestep2,
+            "text": state.text,
+            "masks": self.masks2,
+        }
+        if state.pooled is not None:
+            self.guidance.update(pooled=state.half(state.pooled), time_ids=state.half(state.time_ids))
+            self.generation.update(pooled=state.pooled, time_ids=state.time_ids)
+        for layer, (key, value) in enumerate(state.image_kv):
+            self.generation[f"image_k_{layer:02d}"] = key
+            self.generation[f"image_v_{layer:02d}"] = value
+
+    def bound(self) -> dict[str, torch.Tensor]:
+        """Every tensor handed to TensorRT by address (all must be contiguous)."""
+        return {
+            **{f"guidance.{k}": v for k, v in self.guidance.items()},
+            **{f"generation.{k}": v for k, v in self.generation.items()},
+        }
+
+
+class TensorRTUNetCalls:
+    """The UNet roles as engine launches on bound buffers (see `realcustom.step.UNetCalls`)."""
+
+    def __init__(self, feeds: EngineFeeds, guidance, generation):
+        self.feeds = feeds
+        self.guidance_engine, self.generation_engine = guidance, generation
+        self.guidance_out = guidance.bind(feeds.guidance)
+        self.generation_out = generation.bind(feeds.generation)
+
+    def guidance(self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor) -> list[torch.Tensor]:
+        self.feeds.latents.copy_(latents)
+        self.feeds.timestep.copy_(timestep)
+        self.guidance_engine.execute()
+        return list(self.guidance_out["layer_maps"].unbind(2))
+
+    def generation(
+        self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
+        self.feeds.latents2.copy_(latents)
+        self.feeds.timestep2.copy_(timestep)
+        self.feeds.masks2.copy_(masks)
+        self.generation_engine.execute()
+        return self.generation_out["eps"]
 
 
 class TensorRTBackend(GraphBackend):
@@ -46,22 +119,21 @@ class TensorRTBackend(GraphBackend):
         self,
         pipeline: RealCustomPipeline,
         buckets: Sequence[Bucket] | None = None,
-        programs: Sequence[Program] | None = None,
+        graph_settings: Sequence[GraphSettings] | None = None,
         cache_dir: Path = DEFAULT_CACHE,
         model_id: str | None = None,
         precision: str | None = None,
     ):
-        self._configure(pipeline, buckets, programs)
+        self._configure(pipeline, buckets, graph_settings)
         self.cache_dir = Path(cache_dir)
         self.model_id = model_id or pipeline.name
         self.precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
             pipeline.dtype, "fp32"
         )
         self.engines: dict[Bucket, dict[str, object]] = {}
-        self._scratch: dict[int, dict[str, torch.Tensor]] = {}
-        self.graphs = GraphCache(pipeline, CudaGraphCapture(), step_factory=self._make_step)
-
-    # ---- engines ---------------------------------------------------------------------------
+        self.graphs = GraphLoop(
+            pipeline, CudaGraphCapture(), calls_factory=self._calls, state_dtype=torch.float32
+        )
 
     def _load_engines(self, bucket: Bucket) -> dict[str, object]:
         from engines.onnx_export import export_all
@@ -79,67 +151,6 @@ class TensorRTBackend(GraphBackend):
             self.engines[bucket] = loaded
         return self.engines[bucket]
 
-    def _make_step(self, buffers: StaticBuffers, kind: StepKind):
-        engines = self._load_engines(buffers.bucket)
-        batch = buffers.batch
-        if id(buffers) not in self._scratch:
-            self._scratch[id(buffers)] = {
-                "latents2": torch.empty(
-                    2 * batch,
-                    *buffers.latents.shape[1:],
-                    dtype=buffers.latents.dtype,
-                    device=buffers.latents.device,
-                ),
-                "timestep": torch.empty(batch, dtype=torch.float32, device=buffers.latents.device),
-                "timestep2": torch.empty(2 * batch, dtype=torch.float32, device=buffers.latents.device),
-                "masks2": torch.empty(
-                    2 * batch,
-                    *buffers.masks.shape[1:],
-                    dtype=buffers.latents.dtype,
-                    device=buffers.latents.device,
-                ),
-            }
-        scratch = self._scratch[id(buffers)]
-        sdxl = buffers.pooled is not None
-        guidance_feeds = {
-            "latents": buffers.latents,
-            "timestep": scratch["timestep"],
-            "text": buffers.half(buffers.text),
-            "target_tokens": buffers.target_tokens,
-        }
-        generation_feeds = {
-            "latents": scratch["latents2"],
-            "timestep": scratch["timestep2"],
-            "text": buffers.text,
-            "masks": scratch["masks2"],
-        }
-        if sdxl:
-            guidance_feeds.update(
-                pooled=buffers.half(buffers.pooled), time_ids=buffers.half(buffers.time_ids)
-            )
-            generation_feeds.update(pooled=buffers.pooled, time_ids=buffers.time_ids)
-        for layer, (key, value) in enumerate(buffers.image_kv):
-            generation_feeds[f"image_k_{layer:02d}"] = key
-            generation_feeds[f"image_v_{layer:02d}"] = value
-        guidance, generation = engines["guidance"], engines["generation"]
-        guidance_out = guidance.bind(guidance_feeds)
-        generation_out = generation.bind(generation_feeds)
-        program = buffers.program
-
-        def step() -> None:
-            timestep = buffers.schedule.timestep(buffers.step)
-            if kind is StepKind.MASK_UPDATE:
-                scratch["timestep"].copy_(timestep.expand(batch))
-                guidance.execute()
-                maps = list(guidance_out["layer_maps"].unbind(2))
-                masks, _ = generate_masks(
-                    maps, buffers.mask_size, program.mask_mode, buffers.mask_scope, program.overlap
-                )
-                buffers.masks.copy_(masks)
-            scratch["latents2"].copy_(torch.cat([buffers.latents, buffers.latents]))
-            scratch["timestep2"].copy_(timestep.expand(2 * batch))
-            scratch["masks2"].copy_(torch.cat([buffers.masks, buffers.masks]))
-            generation.execute()
-            finish_step(buffers, generation_out["eps"])
-
-        return step
+    def _calls(self, state: LoopState, bucket: Bucket) -> TensorRTUNetCalls:
+        engines = self._load_engines(bucket)
+        return TensorRTUNetCalls(EngineFeeds(state), engines["guidance"], engines["generation"])

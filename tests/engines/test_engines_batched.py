@@ -12,7 +12,7 @@ from benchmarks.baseline_loop import three_call_denoise
 from engines.backends import EagerBackend, select_backend
 from engines.compiled import CompiledBackend, EagerCapture
 from engines.runner import Runner, load_runner
-from engines.static_loop import Bucket, Program
+from engines.static_loop import Bucket, GraphSettings
 from realcustom.denoise import LoopSettings, denoise
 
 
@@ -79,7 +79,9 @@ def test_batched_static_loop_matches_eager(tiny_pipeline, multi_jobs, scheduler)
     cond, latents = _inputs(tiny_pipeline, multi_jobs)
     settings = LoopSettings(4, scheduler, ("max_norm",), 2)
     # Bucket larger than the loop: 3 samples padded to 4 rows, 2 subject slots to 3.
-    backend = _static_backend(tiny_pipeline, [Bucket(4, 64, 64, 3)], programs=[Program(scheduler)])
+    backend = _static_backend(
+        tiny_pipeline, [Bucket(4, 64, 64, 3)], graph_settings=[GraphSettings(scheduler)]
+    )
     result = backend.denoise(tiny_pipeline, cond, latents, settings)
     _close(denoise(tiny_pipeline.unet, cond, latents, settings), result, atol=1e-6)
     assert backend.stats["graph_replays"] == 4 and backend.stats["graph_misses"] == 0

@@ -5,18 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.static_loop import (
-    Bucket,
-    DeviceSchedule,
-    GraphKey,
-    Program,
-    StepKind,
-    parse_buckets,
-    pick_bucket,
-    step_kinds,
-)
+from engines.static_loop import Bucket, GraphKey, GraphSettings, parse_buckets, pick_bucket
 from engines.tensorrt.cache import BuildSettings, EngineCache, engine_key, onnx_digest
 from realcustom.schedulers import make_scheduler
+from realcustom.step import RowSchedule, StepKind, step_kinds
 
 U, R = StepKind.MASK_UPDATE, StepKind.MASK_REUSE
 
@@ -45,45 +37,61 @@ def test_batched_bucket_parsing_and_choice():
 
 def test_batched_graph_keys_cover_kind_shape_and_program():
     bucket = Bucket(2, 64, 64)
-    key = GraphKey.of(U, bucket, Program())
-    assert key == GraphKey.of(U, Bucket(2, 64, 64), Program("dpm", ("max_norm",), "exclusive"))
+    key = GraphKey.of(U, bucket, GraphSettings())
+    assert key == GraphKey.of(U, Bucket(2, 64, 64), GraphSettings("dpm", ("max_norm",), "exclusive"))
     others = {
-        GraphKey.of(R, bucket, Program()),
-        GraphKey.of(U, Bucket(4, 64, 64), Program()),
-        GraphKey.of(U, Bucket(2, 64, 96), Program()),
-        GraphKey.of(U, Bucket(2, 64, 64, 2), Program()),
-        GraphKey.of(U, bucket, Program("ddim")),
-        GraphKey.of(U, bucket, Program(mask_mode=("min_max_norm",))),
-        GraphKey.of(U, bucket, Program(overlap="sum")),
+        GraphKey.of(R, bucket, GraphSettings()),
+        GraphKey.of(U, Bucket(4, 64, 64), GraphSettings()),
+        GraphKey.of(U, Bucket(2, 64, 96), GraphSettings()),
+        GraphKey.of(U, Bucket(2, 64, 64, 2), GraphSettings()),
+        GraphKey.of(U, bucket, GraphSettings("ddim")),
+        GraphKey.of(U, bucket, GraphSettings(mask_mode=("min_max_norm",))),
+        GraphKey.of(U, bucket, GraphSettings(overlap="sum")),
     }
     assert key not in others and len(others) == 7
-    assert Program("diffusers-euler").capturable is False and Program("ddim").capturable
+    assert GraphSettings("diffusers-euler").capturable is False and GraphSettings("ddim").capturable
+
+
+class _Rows:
+    """The fields RowSchedule reads and writes (a LoopState's sampler part)."""
+
+    def __init__(self, rows: int, seed: int):
+        self.step = torch.zeros(rows, dtype=torch.int64)
+        self.latents = torch.randn(rows, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        self.x0 = torch.zeros(rows, 4, 8, 8)
+        self.anchor = torch.zeros(rows, 4, 8, 8)
+        self.anchor_x0 = torch.zeros(rows, 4, 8, 8)
 
 
 @pytest.mark.parametrize("name", ["dpm", "ddim"])
-def test_batched_device_schedule_equals_the_reference_scheduler(name):
-    """Per-step values looked up on the device from a step-index tensor, orders chosen with where."""
-    steps = 7
-    reference = make_scheduler(name, steps)
-    schedule = DeviceSchedule(name, torch.device("cpu"), capacity=16)
-    schedule.load(steps)
-
-    class Buffers:  # the fields DeviceSchedule.step reads
-        step = torch.zeros(1, dtype=torch.int64)
-        latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-        anchor = torch.zeros(2, 4, 8, 8)
-        anchor_x0 = torch.zeros(2, 4, 8, 8)
-
-    sample = Buffers.latents.clone()
+def test_batched_row_schedule_equals_the_eager_scheduler(name):
+    """Per-step values gathered on the device from per-row step indices, bit-identical to the
+    sampler's own eager step, with each row at its own step of its own schedule: row 0 runs a
+    7-step loop; row 1 joins two steps later with a 4-step loop."""
+    schedule = RowSchedule(name, 2, torch.device("cpu"), capacity=16)
+    schedule.load(7)
+    state = _Rows(2, seed=0)
+    eager = {0: make_scheduler(name, 7)}
+    samples = {0: state.latents[:1].clone()}
     generator = torch.Generator().manual_seed(1)
-    for k in range(steps):
+    for tick in range(7):
+        if tick == 2:  # row 1 joins: its own schedule, its own noise, step 0
+            schedule.load(4, slice(1, 2))
+            state.step[1] = 0
+            state.anchor[1] = state.anchor_x0[1] = 0
+            eager[1], samples[1] = make_scheduler(name, 4), state.latents[1:].clone()
         eps = torch.randn(2, 4, 8, 8, generator=generator)
-        Buffers.step.fill_(k)
-        assert int(schedule.timestep(Buffers.step)) == int(reference.timesteps[k])
-        expected, expected_x0 = reference.step(k, eps, sample)
-        out, x0 = schedule.step(Buffers, eps)
-        assert torch.equal(out, expected) and torch.equal(x0, expected_x0)
-        Buffers.latents = sample = out
+        timesteps, before = schedule.timestep(state), state.step.tolist()
+        schedule.update(state, eps)
+        state.step.add_(1)
+        for row, scheduler in eager.items():
+            k = before[row]
+            if k >= len(scheduler.timesteps):
+                continue  # past its end: the row has left the batch
+            assert int(timesteps[row]) == int(scheduler.timesteps[k])
+            samples[row], x0 = scheduler.step(k, eps[row : row + 1], samples[row])
+            assert torch.equal(state.latents[row : row + 1], samples[row]), (name, row, k)
+            assert torch.equal(state.x0[row : row + 1], x0)
     with pytest.raises(ValueError):
         schedule.load(17)
 

@@ -1,0 +1,389 @@
+"""One denoising step of RealCustom++ (Adaptive Mask Guidance): the only definition of it.
+
+Every loop runs `denoise_step`: the eager loop (realcustom/denoise.py), the compiled backend
+(torch.compile + CUDA graphs) and the TensorRT backend. A backend only supplies how the two UNet
+roles run (`UNetCalls`: eager modules, a compiled function, TensorRT engines).
+
+Per step, on the tensors of a `LoopState`:
+1. MASK_UPDATE steps: guidance pass (text only, target-word maps) -> masks; each row keeps its new
+   mask only while it is in its mask-update phase (its step < its mask_reused_step, or step 0);
+2. generation pass: conditional (prompt + reference tokens) and unconditional (negative prompt +
+   black-image tokens) samples as one batch, both gated by the same masks;
+3. classifier-free guidance ε = ε_u + w(ε_c − ε_u), in fp32;
+4. scheduler update (fp32 latents), and every row's step index moves on by one.
+
+Rows are independent: each has its own step index, timestep schedule (device tables of its own
+scheduler and step count), guidance scale, mask scope and mask_reused_step. Nothing inside a step
+reads a Python value that changes between steps, so one captured graph per step kind serves every
+step; lookups use `gather` on the device step index (never `tensor[idx]`, a host sync).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from realcustom.masks import generate_masks
+from realcustom.schedulers import TABLE_SCHEDULERS, DiffusersScheduler, TableScheduler, make_scheduler
+from realcustom.unet import RealCustomUNet
+
+if TYPE_CHECKING:  # realcustom.denoise imports this module
+    from realcustom.denoise import Conditioning
+
+# Capacity of the device schedule tables (a loop with more steps cannot use a prepared state).
+MAX_STEPS = 1000
+
+
+class StepKind(enum.Enum):
+    MASK_UPDATE = "mask_update"
+    MASK_REUSE = "mask_reuse"
+
+
+def step_kinds(num_steps: int, mask_reused_step: int) -> list[StepKind]:
+    """The kind of every step of a loop (step 0 always computes a mask)."""
+    return [
+        StepKind.MASK_UPDATE if k < mask_reused_step or k == 0 else StepKind.MASK_REUSE
+        for k in range(num_steps)
+    ]
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """How maps become masks: Python constants of the step (they change its operations)."""
+
+    mode: tuple[str, ...] = ("max_norm",)
+    overlap: str = "exclusive"
+
+
+class RowSchedule:
+    """Per-row scheduler tables on the device ([rows, capacity]); row r follows its own schedule.
+
+    Tables are allocated once and refilled in place (a captured graph keeps reading the same
+    addresses). Unused entries hold harmless values (1, first order, timestep 0).
+    """
+
+    init_noise_sigma = 1.0
+
+    def __init__(self, family: str, rows: int, device: torch.device, capacity: int = MAX_STEPS):
+        if family not in TABLE_SCHEDULERS:
+            raise ValueError(
+                f"scheduler {family!r} has no device tables; use one of {tuple(TABLE_SCHEDULERS)}"
+            )
+        self.family, self.capacity = family, capacity
+        self.sampler = TABLE_SCHEDULERS[family]
+        names = self.sampler(1).tables()
+        self.tables = {
+            name: torch.ones(rows, capacity, dtype=example.dtype, device=device)
+            for name, example in names.items()
+        }
+        self.timesteps = torch.zeros(rows, capacity, dtype=torch.int64, device=device)
+
+    def load(self, num_steps: int, rows: slice | None = None) -> None:
+        """Fill `rows` (all by default) with the tables of a `num_steps` loop."""
+        if num_steps > self.capacity:
+            raise ValueError(f"{num_steps} steps exceed the schedule capacity {self.capacity}")
+        rows = rows or slice(None)
+        scheduler: TableScheduler = make_scheduler(self.family, num_steps)
+        for name, values in scheduler.tables().items():
+            self.tables[name][rows, :num_steps] = values.to(self.tables[name].device)
+        self.timesteps[rows, :num_steps] = scheduler.timesteps.to(self.timesteps.device)
+
+    def _row_values(self, table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        index = step.clamp(0, self.capacity - 1).view(-1, 1)  # rows past their end read a harmless entry
+        return table.gather(1, index).view(-1)
+
+    def timestep(self, state: LoopState) -> torch.Tensor:
+        return self._row_values(self.timesteps, state.step)  # [B] int64
+
+    def model_input(self, state: LoopState) -> torch.Tensor:
+        return state.latents
+
+    def update(self, state: LoopState, noise_pred: torch.Tensor) -> None:
+        values = {
+            name: self._row_values(table, state.step).view(-1, 1, 1, 1) for name, table in self.tables.items()
+        }
+        sample, x0, anchor, anchor_x0 = self.sampler.update(
+            values, noise_pred, state.latents, state.anchor, state.anchor_x0
+        )
+        state.latents.copy_(sample)
+        state.x0.copy_(x0)
+        state.anchor.copy_(anchor)
+        state.anchor_x0.copy_(anchor_x0)
+
+    def final_latents(self, state: LoopState) -> torch.Tensor:
+        return state.x0
+
+
+class HostSchedule:
+    """A stock diffusers scheduler, stepped from the host: every row at the same step (eager only)."""
+
+    def __init__(self, name: str, num_steps: int):
+        self.scheduler = make_scheduler(name, num_steps)
+        if not isinstance(self.scheduler, DiffusersScheduler):
+            raise ValueError(f"{name!r} has device tables; use RowSchedule")
+        self.init_noise_sigma = self.scheduler.init_noise_sigma
+        self.k = 0
+
+    def timestep(self, state: LoopState) -> torch.Tensor:
+        return self.scheduler.timesteps[self.k].to(state.latents.device).expand(state.rows)
+
+    def model_input(self, state: LoopState) -> torch.Tensor:
+        return self.scheduler.scale_model_input(state.latents, self.k)
+
+    def update(self, state: LoopState, noise_pred: torch.Tensor) -> None:
+        sample, x0 = self.scheduler.step(self.k, noise_pred, state.latents)
+        state.latents.copy_(sample)
+        state.x0.copy_(x0)
+        self.k += 1
+
+    def final_latents(self, state: LoopState) -> torch.Tensor:
+        return state.latents
+
+
+def make_schedule(
+    name: str, rows: int, device: torch.device, num_steps: int, capacity: int | None = None
+) -> RowSchedule | HostSchedule:
+    """Device tables for the official samplers (capacity: `num_steps` unless given), else host."""
+    if name in TABLE_SCHEDULERS:
+        schedule = RowSchedule(name, rows, device, capacity or num_steps)
+        schedule.load(num_steps)
+        return schedule
+    return HostSchedule(name, num_steps)
+
+
+class LoopState:
+    """Every tensor one loop reads or writes; a step changes only these (in place).
+
+    Latents, x̂₀ and the sampler's anchors are fp32 whatever the model's dtype (the UNet gets a
+    cast copy). Text conditioning is stored [cond; uncond] (2·rows); the guidance pass reads the
+    first half. Image K/V buffers are contiguous (TensorRT binds them by address).
+    """
+
+    def __init__(
+        self,
+        unet: RealCustomUNet,
+        *,
+        rows: int,
+        subjects: int,
+        latent_shape: tuple[int, int, int],
+        text_shape: tuple[int, int],
+        pooled_dim: int | None,
+        image_token_shape: tuple[int, int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.rows, self.subjects, self.dtype = rows, subjects, dtype
+        channels, h, w = latent_shape
+        self.mask_size = (h // 2, w // 2)
+
+        def zeros(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dt, device=device)
+
+        f32 = torch.float32
+        self.step = zeros(rows, dt=torch.int64)
+        self.latents = zeros(rows, channels, h, w, dt=f32)
+        self.x0 = zeros(rows, channels, h, w, dt=f32)
+        self.anchor = zeros(rows, channels, h, w, dt=f32)
+        self.anchor_x0 = zeros(rows, channels, h, w, dt=f32)
+        self.masks = zeros(rows, subjects, *self.mask_size, dt=f32)
+        self.text = zeros(2 * rows, *text_shape)
+        self.pooled = None if pooled_dim is None else zeros(2 * rows, pooled_dim)
+        self.time_ids = None if pooled_dim is None else zeros(2 * rows, 6)
+        self.target_tokens = zeros(rows, subjects, text_shape[0])
+        self.guidance_scale = zeros(rows, 1, 1, 1, dt=f32)
+        self.mask_scope = zeros(rows, dt=f32)
+        self.mask_reused_step = zeros(rows, dt=torch.int64)
+        tokens = image_token_shape[0]
+        self.image_kv = [
+            tuple(
+                zeros(2 * rows, subjects, attn.heads, tokens, projection.out_features // attn.heads)
+                for projection in (attn.to_k_vision, attn.to_v_vision)
+            )
+            for attn in unet.cross_attention_layers
+        ]
+        self.schedule: RowSchedule | HostSchedule | None = None
+
+    @classmethod
+    def for_model(
+        cls,
+        unet: RealCustomUNet,
+        image_token_shape: tuple[int, int],
+        rows: int,
+        subjects: int,
+        height: int,
+        width: int,
+        latent_factor: int,
+        dtype: torch.dtype | None = None,
+    ) -> LoopState:
+        """A state for `rows` samples of `subjects` subjects at height x width pixels; conditioning
+        buffers in `dtype` (the model's by default)."""
+        config = unet.unet.config
+        pooled_dim = None
+        if unet.is_sdxl:
+            pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        parameter = next(unet.parameters())
+        return cls(
+            unet,
+            rows=rows,
+            subjects=subjects,
+            latent_shape=(config.in_channels, height // latent_factor, width // latent_factor),
+            text_shape=(77, config.cross_attention_dim),
+            pooled_dim=pooled_dim,
+            image_token_shape=image_token_shape,
+            device=parameter.device,
+            dtype=dtype or parameter.dtype,
+        )
+
+    def half(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """The conditional half of a [cond; uncond] tensor (what the guidance pass reads)."""
+        return None if tensor is None else tensor[: self.rows]
+
+    def load(
+        self,
+        unet: RealCustomUNet,
+        cond: Conditioning,
+        latents: torch.Tensor,
+        mask_reused_step: int,
+        schedule: RowSchedule | HostSchedule,
+    ) -> None:
+        """Copy one loop's inputs in (host-side work allowed). Rows beyond the loop's batch repeat
+        its last row; subject slots beyond its subjects are zero (zero tokens -> zero mask -> the
+        slot adds exactly 0). Every layer's image K/V is computed here, once per loop."""
+        batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
+        if batch > self.rows or subjects > self.subjects:
+            raise ValueError(
+                f"{batch} rows x {subjects} subjects exceed the state ({self.rows}x{self.subjects})"
+            )
+        pad, extra = self.rows - batch, self.subjects - subjects
+
+        def rows(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tensor, tensor[-1:].expand(pad, *tensor.shape[1:])]) if pad else tensor
+
+        def slots(tensor: torch.Tensor) -> torch.Tensor:
+            if not extra:
+                return tensor
+            return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], extra, *tensor.shape[2:])], dim=1)
+
+        def both(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+            return torch.cat([rows(first), rows(second)])
+
+        self.schedule = schedule
+        self.latents.copy_(rows(latents.float()) * schedule.init_noise_sigma)
+        self.x0.copy_(self.latents)
+        self.anchor.zero_()
+        self.anchor_x0.zero_()
+        self.masks.zero_()
+        self.step.zero_()
+        self.mask_reused_step.fill_(mask_reused_step)
+        self.text.copy_(both(cond.prompt_embeds, cond.negative_prompt_embeds))
+        if self.pooled is not None:
+            self.pooled.copy_(both(cond.pooled, cond.negative_pooled))
+            self.time_ids.copy_(both(cond.time_ids, cond.time_ids))
+        self.target_tokens.copy_(slots(rows(cond.target_tokens)))
+        self.guidance_scale.copy_(rows(cond.guidance_scale.float()).view(-1, 1, 1, 1))
+        self.mask_scope.copy_(rows(cond.mask_scope.float()))
+        tokens = slots(both(cond.image_tokens, cond.negative_image_tokens))
+        for (key_buffer, value_buffer), (key, value) in zip(
+            self.image_kv, unet.image_key_values(tokens), strict=True
+        ):
+            key_buffer.copy_(key)
+            value_buffer.copy_(value)
+
+
+class UNetCalls(Protocol):
+    """How a backend runs the UNet's two roles on a state's conditioning."""
+
+    def guidance(self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor) -> list[torch.Tensor]:
+        """Text-only pass of `rows` samples -> per-layer target-token maps [B, S, h_l, w_l]."""
+        ...
+
+    def generation(
+        self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
+        """Conditional + unconditional pass (2·rows samples) under masks -> ε [2B, C, h, w]."""
+        ...
+
+
+class TorchUNetCalls:
+    """The UNet roles as torch modules (eager, or traced by torch.compile).
+
+    `record`, when set to a dict, receives the guidance pass's ε and kept full probabilities
+    (parity tests and debugging; never set inside a compiled step).
+    """
+
+    def __init__(self, unet: RealCustomUNet, full_probability_layers: frozenset[int] = frozenset()):
+        self.unet = unet
+        self.full_probability_layers = full_probability_layers
+        self.record: dict[str, torch.Tensor] | None = None
+
+    def guidance(self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor) -> list[torch.Tensor]:
+        eps, maps, probs = self.unet.guidance(
+            latents,
+            timestep,
+            state.half(state.text),
+            state.half(state.pooled),
+            state.half(state.time_ids),
+            state.target_tokens,
+            self.full_probability_layers,
+        )
+        if self.record is not None:
+            self.record["eps_guidance"] = eps
+            self.record.update({f"probs_L{i:02d}": layer_probs for i, layer_probs in probs.items()})
+        return maps
+
+    def generation(
+        self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor, masks: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet.generation(
+            latents,
+            timestep,
+            state.text,
+            state.pooled,
+            state.time_ids,
+            masks=masks,
+            image_key_values=state.image_kv,
+        )
+
+
+def denoise_step(
+    calls: UNetCalls,
+    state: LoopState,
+    kind: StepKind,
+    mask: MaskSettings,
+    record: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """One step on `state` (the function CUDA graphs capture). Writes latents, x̂₀, masks, step."""
+    schedule = state.schedule
+    timestep = schedule.timestep(state)
+    model_input = schedule.model_input(state).to(state.dtype)
+
+    # 1. Guidance branch: text only, target-word attention -> masks (rows in their update phase).
+    if kind is StepKind.MASK_UPDATE:
+        maps = calls.guidance(state, model_input, timestep)
+        masks, score = generate_masks(maps, state.mask_size, mask.mode, state.mask_scope, mask.overlap)
+        updating = (state.step < state.mask_reused_step) | (state.step == 0)
+        state.masks.copy_(torch.where(updating.view(-1, 1, 1, 1), masks, state.masks))
+        if record is not None:
+            record.update(mask_score=score)
+            record.update({f"map_L{i:02d}": layer_map for i, layer_map in enumerate(maps)})
+
+    # 2. Generation branch: conditional and unconditional samples in one batch, same masks.
+    gate = state.masks.to(state.dtype)
+    eps = calls.generation(
+        state,
+        torch.cat([model_input, model_input]),
+        torch.cat([timestep, timestep]),
+        torch.cat([gate, gate]),
+    )
+    eps_cond, eps_uncond = eps.float().chunk(2)
+
+    # 3. Classifier-free guidance, 4. scheduler update.
+    noise_pred = eps_uncond + state.guidance_scale * (eps_cond - eps_uncond)
+    schedule.update(state, noise_pred)
+    state.step.add_(1)
+    if record is not None:
+        record.update(mask=state.masks.clone(), eps_cond=eps_cond, eps_uncond=eps_uncond)
+        record.update(noise_pred=noise_pred, latents=state.latents.clone(), x0=state.x0.clone())
