@@ -98,7 +98,9 @@ def meta_plain_unet(model: str) -> UNet2DConditionModel:
         return UNet2DConditionModel.from_config(SPECS[model].unet)
 
 
-def count_parts(pipeline: RealCustomPipeline, plain_unet: UNet2DConditionModel, settings: FloorSettings):
+def count_parts(
+    pipeline: RealCustomPipeline, plain_unet: UNet2DConditionModel, settings: FloorSettings
+) -> tuple[dict[str, int], int]:
     """FLOPs of each part for one batch of `settings.batch` requests (see the module docstring).
 
     `pipeline` must be fresh: its first negative-prompt and black-image calls are what get counted.
