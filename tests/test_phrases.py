@@ -77,3 +77,45 @@ def test_prompt_too_long(tokenizer) -> None:
     with pytest.raises(PromptTooLongError, match="at most 75"):
         check_prompt_length(tokenizer, prompt)
     check_prompt_length(tokenizer, " ".join(["dog"] * MAX_PROMPT_TOKENS))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("two dogs near a doghouse and a dog", [9]),  # neither "dogs" nor "doghouse" is "dog"
+        ("a dog, dogs and dogged dogs", [2]),
+    ],
+)
+def test_phrase_must_end_on_a_word_boundary(tokenizer, prompt: str, expected: list[int]) -> None:
+    assert locate_phrase(tokenizer, prompt, "dog") == expected
+
+
+@pytest.mark.parametrize("prompt", ["a doghouse in the garden", "three dogs on grass"])
+def test_phrase_inside_a_longer_word_is_not_found(tokenizer, prompt: str) -> None:
+    with pytest.raises(PhraseNotFoundError, match="whole words"):
+        locate_phrase(tokenizer, prompt, "dog")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [("a,dog on grass", [3]), ("(dog) on grass", [2]), ("a cat.dog", [4]), ("a red,dog", [4])],
+)
+def test_phrase_right_after_punctuation(tokenizer, prompt: str, expected: list[int]) -> None:
+    assert locate_phrase(tokenizer, prompt, "dog") == expected
+
+
+def test_phrase_ending_at_the_last_token_the_encoder_reads(tokenizer) -> None:
+    # BOS, 74 one-token words, "dog" = token 75: the last prompt token of the 77 (BOS + 75 + EOS).
+    prompt = " ".join(["a"] * 74 + ["dog"])
+    assert locate_phrase(tokenizer, prompt, "dog") == [75]
+    assert target_token_indicator(tokenizer, prompt, "dog")[75] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("words", "phrase"),
+    [(["a"] * 75 + ["dog"], "dog"), (["a"] * 74 + ["red", "dog"], "red dog")],
+    ids=["token 76", "straddles 75/76"],
+)
+def test_phrase_past_the_last_token_is_a_clear_error(tokenizer, words: list[str], phrase: str) -> None:
+    with pytest.raises(PromptTooLongError, match="beyond the 75 tokens"):
+        locate_phrase(tokenizer, " ".join(words), phrase)
