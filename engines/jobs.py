@@ -16,6 +16,8 @@ class SubjectInput:
 
     image: Image.Image
     target: str
+    token_indices: tuple[int, ...] = ()
+    """Tokens of `target` in the prompt (BOS = 0) when located already (the service's edge does)."""
 
 
 @dataclass(frozen=True)

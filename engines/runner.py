@@ -21,7 +21,8 @@ from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
 from engines.static_loop import parse_buckets
 from realcustom.denoise import Conditioning, LoopSettings
 from realcustom.loading import load_pipeline
-from realcustom.pipeline import RealCustomPipeline, check_size, mask_to_image
+from realcustom.pipeline import RealCustomPipeline, mask_to_image
+from realcustom.settings_check import check_generation
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class Runner:
             raise ValueError(
                 "jobs in one batch must share a batch_key (size, steps, mask schedule, scheduler)"
             )
-        check_size(first.height, first.width)
+        check_generation(*jobs)  # the rules the API validated with, once per batch
         started = time.perf_counter()
         cond = self.conditioning(jobs)
         latents = self.pipeline.prepare_latents(

@@ -11,10 +11,14 @@ import logging
 import sys
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from realcustom.decoding import ImageRejectedError, decode_reference
 from realcustom.masks import MASK_MODES, OVERLAP_POLICIES
+from realcustom.phrases import check_prompt_length, locate_phrase
 from realcustom.schedulers import SCHEDULERS
+from realcustom.settings_check import SIZE_MULTIPLE, check_mask_scope, check_schedule, check_size
+from realcustom.tokenizer import load_clip_tokenizer
 
 logger = logging.getLogger("realcustom")
 
@@ -56,21 +60,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_image(path: str) -> Image.Image:
+    """The reference exactly as the service decodes it (realcustom.decoding)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
+        return decode_reference(Path(path).read_bytes())
+    except (OSError, ImageRejectedError) as error:
         raise UsageError(f"cannot read image {path}: {error}") from error
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be checked without the model, so bad input fails in a second."""
+    if len(args.image) != len(args.target):
+        raise UsageError(
+            f"give one --target per --image ({len(args.image)} images, {len(args.target)} targets)"
+        )
+    try:
+        check_size(args.height or SIZE_MULTIPLE, args.width or SIZE_MULTIPLE)  # unset: the model's size
+        check_schedule(args.steps, args.mask_reused_step)
+        check_mask_scope(args.mask_scope)
+        tokenizer = load_clip_tokenizer()  # the BPE every model's tokenizers share
+        check_prompt_length(tokenizer, args.prompt)
+        for target in args.target:
+            locate_phrase(tokenizer, args.prompt, target)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
 
 
 def generate(args: argparse.Namespace) -> None:
     from realcustom.loading import load_pipeline  # imported late: torch start-up is slow
 
-    if len(args.image) != len(args.target):
-        raise UsageError(
-            f"give one --target per --image ({len(args.image)} images, {len(args.target)} targets)"
-        )
+    check_arguments(args)
     images = {path: read_image(path) for path in args.image}
     subjects = [(images[path], target) for path, target in zip(args.image, args.target, strict=True)]
     pipeline = load_pipeline(args.model, device=args.device)

@@ -11,10 +11,8 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 
-import uvicorn
-
 from engines.runner import load_runner
-from service.api.app import create_app
+from service.api.app import create_app, serve
 from service.logs import configure_logging
 from service.queue.protocol import JobQueue
 from service.settings import Settings, load_settings
@@ -67,8 +65,7 @@ def main() -> None:
             "no model weights configured (MODEL unset or 'tiny'): serving the TINY random-weight model, "
             "for trying the service only. Set MODEL=/path/to/weights for real images."
         )
-    app = create_app(settings, companion=functools.partial(embedded_worker, settings))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    serve(create_app(settings, companion=functools.partial(embedded_worker, settings)), settings)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from service.images import OutputFormat
 from service.queue.protocol import JobState
 
+# Characters of base64 decoded per call (a multiple of 4, so chunks decode independently).
+BASE64_CHUNK = 1 << 20
 # 1x1 white PNG, small enough to keep the docs readable.
 EXAMPLE_IMAGE = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
 
@@ -24,7 +26,11 @@ def _decode_base64(value: Any) -> Any:
     if value.startswith("data:"):
         value = value.partition(",")[2]
     try:
-        return base64.b64decode(value, validate=True)
+        # In chunks: one call on a 30 MB string would hold the GIL (and stall the event loop) ~0.2 s.
+        return b"".join(
+            base64.b64decode(value[start : start + BASE64_CHUNK], validate=True)
+            for start in range(0, len(value), BASE64_CHUNK)
+        )
     except (binascii.Error, ValueError):
         raise ValueError("image is not valid base64; send the file bytes base64-encoded") from None
 
@@ -70,26 +76,36 @@ class CustomizeRequest(BaseModel):
         },
     )
 
+    # Numeric rules (sizes, steps, mask settings, counts) are the pipeline's own, checked with the
+    # deployment's limits by realcustom.settings_check (service/validation.py), not repeated here.
     prompt: str = Field(min_length=1, max_length=2000, description="Text prompt; must contain every target.")
-    subjects: list[SubjectIn] = Field(min_length=1, description="Reference subjects (one or more).")
-    width: int = Field(1024, multiple_of=32, gt=0, description="Output width in pixels, a multiple of 32.")
-    height: int = Field(1024, multiple_of=32, gt=0, description="Output height in pixels, a multiple of 32.")
-    num_inference_steps: int = Field(25, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(3.5, ge=0.0, le=30.0, description="Classifier-free guidance scale.")
-    mask_scope: float = Field(
-        0.25, gt=0.0, le=1.0, description="Share of the image the subject mask may cover."
+    negative_prompt: str | None = Field(
+        None, max_length=2000, description="What to avoid; absent = the model's default negative prompt."
     )
+    subjects: list[SubjectIn] = Field(
+        min_length=1, description="Reference subjects (one or more, at most `MAX_SUBJECTS`)."
+    )
+    width: int | None = Field(
+        None,
+        description="Output width in pixels, a multiple of 32 within the service's limits; absent = the "
+        "model's native size (`GET /v1/models`).",
+    )
+    height: int | None = Field(None, description="Output height in pixels; as `width`.")
+    num_inference_steps: int = Field(25, description="Denoising steps, 1 to `MAX_STEPS`.")
+    guidance_scale: float = Field(3.5, ge=0.0, le=30.0, description="Classifier-free guidance scale.")
+    mask_scope: float = Field(0.25, description="Share of the image the subject mask may cover, in (0, 1].")
     mask_reused_step: int = Field(
         12,
-        ge=0,
-        description="Step from which the subject mask is frozen and reused (past the last step: "
-        "recomputed at every step).",
+        description="Step (1 to `MAX_STEPS`) from which the subject mask is frozen and reused; at or "
+        "past the last step the mask is recomputed at every step.",
     )
     seed: int | None = Field(
         None, ge=0, lt=2**63, description="Random seed; random (and returned) when absent."
     )
-    num_images: int = Field(1, ge=1, description="Images generated for this prompt.")
-    output_format: OutputFormat = Field("png", description="Encoding of the returned images.")
+    num_images: int = Field(1, description="Images generated for this prompt, 1 to `MAX_NUM_IMAGES`.")
+    output_format: OutputFormat = Field(
+        "png", description="Encoding of the returned images; absent = the image type of `Accept`, else PNG."
+    )
     return_masks: bool = Field(False, description="Also return the subject masks (PNG).")
 
 
@@ -120,7 +136,7 @@ class JobAccepted(BaseModel):
 
     id: str
     status: JobState
-    url: str = Field(description="Path of `GET /jobs/{id}`.")
+    url: str = Field(description="Path of `GET /jobs/{id}` (also the `Location` header).")
 
 
 class JobStatusResponse(BaseModel):
@@ -146,3 +162,15 @@ class ErrorResponse(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "not_ready"]
     detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelInfo(BaseModel):
+    """The model the workers serve, as the API knows it."""
+
+    model: str = Field(description="`MODEL`: a spec name or a checkpoint directory.")
+    native_size: int = Field(description="Width and height used when a request gives none.")
+    min_side: int
+    max_side: int
+    max_steps: int
+    max_num_images: int
+    max_subjects: int

@@ -90,7 +90,11 @@ class Settings(BaseSettings):
     # --- edge: security and limits -------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated bearer tokens accepted by the API; none = the API is open.",
+        description="Comma-separated bearer tokens accepted by the API; none = the API is open. Jobs "
+        "belong to the key that created them; with keys set, `/metrics` needs a key too.",
+    )
+    require_api_keys: bool = Field(
+        False, description="Refuse to start without `API_KEYS` (set in deployments that must not run open)."
     )
     rate_limit_per_minute: int = Field(
         0, ge=0, description="Requests per minute per API key (or client address when open); 0 = off."
@@ -98,7 +102,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(40 * 2**20, ge=1024, description="Largest request body accepted.")
     max_image_bytes: int = Field(12 * 2**20, ge=1024, description="Largest encoded reference image.")
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="Largest decoded reference image (width x height); guards bombs."
+        25_000_000,
+        ge=1,
+        description="Largest reference image (width x height), read from its header before decoding.",
     )
     min_image_side: int = Field(16, ge=1, description="Smallest width or height of a reference image.")
     max_subjects: int = Field(4, ge=1, description="Most reference subjects in one request.")
@@ -106,6 +112,25 @@ class Settings(BaseSettings):
     max_side: int = Field(2048, ge=32, description="Largest output width/height (a multiple of 32).")
     max_steps: int = Field(100, ge=1, description="Most denoising steps per request.")
     max_num_images: int = Field(4, ge=1, description="Most images per request.")
+    intake_concurrency: int = Field(
+        4,
+        ge=1,
+        description="Generation requests whose body is read and validated at once; others wait (bounds "
+        "the API's memory: JSON bodies are held in memory while parsed).",
+    )
+    decode_concurrency: int = Field(
+        1, ge=1, description="Reference images decoded at once in the API (each takes up to ~100 MB)."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest time a client may take to send a request body (408 past it)."
+    )
+    http_limit_concurrency: int = Field(
+        1000, ge=1, description="Open connections + tasks uvicorn serves at once; beyond it 503."
+    )
+    http_keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
+    http_max_header_bytes: int = Field(
+        16384, ge=1024, description="Largest request line + headers uvicorn buffers (h11)."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -1,65 +1,140 @@
-"""Edge validation: a `CustomizeRequest` becomes a `JobSpec` or a 4xx `ApiError`.
+"""Edge validation: a request body becomes a `JobSpec` or a 4xx `ApiError`.
 
 Everything a worker could trip over is checked here, once, so inner layers only see valid jobs:
-limits from the settings, every image decoded, every target phrase located in the prompt and the
-prompt's token count.
+the settings with the pipeline's own rules (`realcustom.settings_check`) plus the deployment's
+limits, every target located in the prompt, every reference decoded (`realcustom.decoding`, the
+decoder of every entry point). The job carries the located tokens and the decoded references, so
+workers neither tokenize nor decode. CPU-heavy: the API runs it in a worker thread
+(service/api/intake.py), never on the event loop.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import secrets
+import threading
 import time
 import uuid
+from typing import Any
 
+from PIL import Image
+from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from realcustom.phrases import MAX_PROMPT_TOKENS, PhraseNotFoundError, count_prompt_tokens, locate_phrase
+from realcustom.decoding import ImageRejectedError, decode_reference
+from realcustom.native_size import native_size
+from realcustom.phrases import PromptTooLongError, check_prompt_length, locate_phrase
+from realcustom.settings_check import Limits, SettingsError, check_generation
 from service.errors import ApiError
-from service.images import ImageRejectedError, decode_subject_image
 from service.queue.protocol import JobSpec, SubjectSpec
 from service.schemas import CustomizeRequest
 from service.settings import Settings
 
+# A 422 lists this many problems, then how many more there are: its size stays bounded.
+MAX_REPORTED_ERRORS = 5
+# JSON values a body may hold (counted by its commas, which base64 never contains): a request is
+# a few fields, its subjects and two prompts of at most 2000 characters.
+MAX_JSON_SEPARATORS = 5000
 
-def _reject(field: str, message: str, code: str = "invalid_request", status_code: int = 422) -> ApiError:
+
+def _reject(
+    field: str | None, message: str, code: str = "invalid_request", status_code: int = 422
+) -> ApiError:
     return ApiError(status_code, code, message, field=field)
 
 
-def _check_limits(request: CustomizeRequest, settings: Settings) -> None:
-    for name in ("width", "height"):
-        value = getattr(request, name)
-        if not settings.min_side <= value <= settings.max_side:
-            raise _reject(name, f"{name} must be between {settings.min_side} and {settings.max_side}")
-    if request.num_inference_steps > settings.max_steps:
-        raise _reject("num_inference_steps", f"num_inference_steps must be at most {settings.max_steps}")
-    # A mask_reused_step past the last step is valid: the mask is then recomputed at every step.
-    if request.mask_reused_step > settings.max_steps:
-        raise _reject("mask_reused_step", f"mask_reused_step must be at most {settings.max_steps}")
-    if request.num_images > settings.max_num_images:
-        raise _reject("num_images", f"num_images must be at most {settings.max_num_images}")
-    if len(request.subjects) > settings.max_subjects:
-        raise _reject("subjects", f"send at most {settings.max_subjects} subjects")
-
-
-def _check_prompt(request: CustomizeRequest, tokenizer: PreTrainedTokenizerBase) -> None:
-    tokens = count_prompt_tokens(tokenizer, request.prompt)
-    if tokens > MAX_PROMPT_TOKENS:
+def parse_json(body: bytes) -> Any:
+    """JSON with bounded work: the number of values is checked before parsing, nesting bounded."""
+    if body.count(b",") > MAX_JSON_SEPARATORS:
         raise _reject(
-            "prompt",
-            f"the prompt is {tokens} tokens long; the text encoder reads at most {MAX_PROMPT_TOKENS}. "
-            "Shorten the prompt.",
-            code="prompt_too_long",
+            None,
+            f"the body holds more than {MAX_JSON_SEPARATORS} JSON values; a request is a prompt, a few "
+            "settings and a handful of subjects",
+            code="body_too_complex",
+            status_code=413,
         )
-    for index, subject in enumerate(request.subjects):
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _reject(
+            None, "the JSON body is nested too deeply", code="invalid_json", status_code=400
+        ) from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise _reject(
+            None, f"the body is not valid JSON ({error})", code="invalid_json", status_code=400
+        ) from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a valid number")
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "body"
+    if error["type"] == "extra_forbidden":
+        return f"unknown field `{field}`; remove it (see the request schema in /docs)"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"`{field}`: {message}"
+
+
+def validation_error(error: ValidationError) -> ApiError:
+    """The first few problems and how many more: the reply stays small whatever the body."""
+    errors = error.errors(include_url=False, include_input=False)
+    parts = [_describe(item) for item in errors[:MAX_REPORTED_ERRORS]]
+    if len(errors) > MAX_REPORTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_REPORTED_ERRORS} more problems")
+    first_field = ".".join(str(part) for part in errors[0]["loc"]) if errors else None
+    return _reject(first_field or None, "; ".join(parts))
+
+
+def parse_request(data: Any, settings: Settings) -> CustomizeRequest:
+    """The body as a `CustomizeRequest`; the subject count is checked before any subject is."""
+    subjects = data.get("subjects") if isinstance(data, dict) else None
+    if isinstance(subjects, list) and len(subjects) > settings.max_subjects:
+        raise _reject("subjects", f"send at most {settings.max_subjects} subjects (got {len(subjects)})")
+    try:
+        return CustomizeRequest.model_validate(data)
+    except ValidationError as error:
+        raise validation_error(error) from None
+
+
+def limits(settings: Settings) -> Limits:
+    return Limits(settings.min_side, settings.max_side, settings.max_steps, settings.max_num_images)
+
+
+def _check_settings(request: CustomizeRequest, settings: Settings) -> None:
+    try:
+        check_generation(request, limits=limits(settings))
+    except SettingsError as error:
+        raise _reject(error.field, str(error)) from None
+
+
+def _locate_targets(request: CustomizeRequest, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token indices of every target (the phrases' one implementation: realcustom.phrases)."""
+    for field, prompt in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
         try:
-            locate_phrase(tokenizer, request.prompt, subject.target)
-        except PhraseNotFoundError as error:
-            raise _reject(f"subjects[{index}].target", str(error), code="target_not_in_prompt") from None
-        except ValueError as error:  # e.g. the phrase lies beyond the encoder's context
-            raise _reject(f"subjects[{index}].target", str(error), code="prompt_too_long") from None
+            if prompt is not None:
+                check_prompt_length(tokenizer, prompt)
+        except PromptTooLongError as error:
+            raise _reject(field, str(error), code="prompt_too_long") from None
+    located = []
+    for index, subject in enumerate(request.subjects):
+        field = f"subjects[{index}].target"
+        try:
+            located.append(locate_phrase(tokenizer, request.prompt, subject.target))
+        except PromptTooLongError as error:
+            raise _reject(field, str(error), code="prompt_too_long") from None
+        except ValueError as error:  # PhraseNotFoundError
+            raise _reject(field, str(error), code="target_not_in_prompt") from None
+    return located
 
 
-def _check_images(request: CustomizeRequest, settings: Settings) -> None:
+def _decode_images(
+    request: CustomizeRequest, settings: Settings, decode_slots: threading.Semaphore
+) -> list[Image.Image]:
+    """Each distinct upload decoded once, a bounded number at a time (each may take ~100 MB)."""
+    decoded: dict[bytes, Image.Image] = {}
     for index, subject in enumerate(request.subjects):
         field = f"subjects[{index}].image"
         if len(subject.image) > settings.max_image_bytes:
@@ -70,26 +145,50 @@ def _check_images(request: CustomizeRequest, settings: Settings) -> None:
                 code="image_too_large",
                 status_code=413,
             )
+        if subject.image in decoded:
+            continue
         try:
-            decode_subject_image(
-                subject.image, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
-            )
+            with decode_slots:
+                decoded[subject.image] = decode_reference(
+                    subject.image, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
+                )
         except ImageRejectedError as error:
             raise _reject(field, str(error), code="invalid_image") from None
+    return [decoded[subject.image] for subject in request.subjects]
+
+
+def request_hash(request: CustomizeRequest) -> str:
+    """Hash of the canonical request (images by their digest): what an Idempotency-Key stands for."""
+    canonical = request.model_dump(mode="json", exclude={"subjects"})
+    canonical["subjects"] = [
+        {"target": subject.target, "image_sha256": hashlib.sha256(subject.image).hexdigest()}
+        for subject in request.subjects
+    ]
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
 def build_job_spec(
-    request: CustomizeRequest, settings: Settings, tokenizer: PreTrainedTokenizerBase
+    request: CustomizeRequest,
+    settings: Settings,
+    tokenizer: PreTrainedTokenizerBase,
+    owner: str,
+    decode_slots: threading.Semaphore,
 ) -> JobSpec:
-    """Validate a request and turn it into the job the queue carries."""
-    _check_limits(request, settings)
-    _check_prompt(request, tokenizer)
-    _check_images(request, settings)
+    """Validate a request and turn it into the job the queue carries (owned by `owner`)."""
+    size = native_size(settings.model)
+    request = request.model_copy(update={"width": request.width or size, "height": request.height or size})
+    _check_settings(request, settings)
+    token_indices = _locate_targets(request, tokenizer)
+    images = _decode_images(request, settings, decode_slots)
     now = time.time()
     return JobSpec(
         id=uuid.uuid4().hex,
         prompt=request.prompt,
-        subjects=[SubjectSpec(image=subject.image, target=subject.target) for subject in request.subjects],
+        negative_prompt=request.negative_prompt,
+        subjects=[
+            SubjectSpec.from_image(image, subject.target, indices)
+            for image, subject, indices in zip(images, request.subjects, token_indices, strict=True)
+        ],
         width=request.width,
         height=request.height,
         num_inference_steps=request.num_inference_steps,
@@ -102,4 +201,6 @@ def build_job_spec(
         return_masks=request.return_masks,
         enqueued_at=now,
         deadline=now + settings.job_timeout_s,
+        owner=owner,
+        request_hash=request_hash(request),
     )

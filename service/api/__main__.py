@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-import uvicorn
-
-from service.api.app import create_app
+from service.api.app import create_app, serve
 from service.logs import configure_logging
 from service.settings import load_settings
 
@@ -23,9 +21,7 @@ def main() -> None:
             "`python -m service` (API + in-process queue + worker in one process)."
         )
         sys.exit(2)
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
-    )
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
+import uvicorn
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from realcustom.tokenizer import load_clip_tokenizer
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
+from service.api.intake import Intake
 from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.api.openapi import install_openapi
 from service.api.ratelimit import RateLimiter
@@ -41,7 +45,8 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
         else:
             logger.warning("no API_KEYS configured: the API is open to every caller")
         app.state.settings = settings
-        app.state.tokenizer = await run_in_threadpool(load_clip_tokenizer, settings.tokenizer_path)
+        tokenizer = await run_in_threadpool(load_clip_tokenizer, settings.tokenizer_path)
+        app.state.intake = Intake(settings, tokenizer)
         app.state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
         )
@@ -55,14 +60,47 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
         finally:
             await app.state.queue.close()
 
-    app = FastAPI(title="RealCustom++ service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="RealCustom++ service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # served by routes/docs.py from local assets
+        redoc_url=None,
+    )
     app.include_router(customize.router)
     app.include_router(jobs.router)
     app.include_router(ops.router)
     app.include_router(demo.router)
+    install_docs(app)
     install_error_handlers(app)
     install_openapi(app)
-    # Added last = outermost: the size limit applies before anything reads the body.
-    app.add_middleware(RequestMetricsMiddleware)
+    # Added last = outermost: metrics see every reply, the size limit's 413s included, and the size
+    # limit applies before anything reads the body.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware)
     return app
+
+
+def startup_problem(settings: Settings) -> str | None:
+    """Why the API must not start with these settings, or None."""
+    if settings.require_api_keys and not settings.api_keys:
+        return "REQUIRE_API_KEYS is set but API_KEYS is empty: refusing to serve an open API. Set API_KEYS."
+    return None
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    """uvicorn with the edge's connection limits (the HTTP server of both entry points)."""
+    problem = startup_problem(settings)
+    if problem is not None:
+        logger.error(problem)
+        sys.exit(2)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        limit_concurrency=settings.http_limit_concurrency,
+        timeout_keep_alive=settings.http_keep_alive_s,
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,7 @@ from starlette.exceptions import HTTPException
 from service import metrics
 from service.errors import ApiError
 from service.queue.protocol import QueueUnavailableError
+from service.validation import MAX_REPORTED_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,12 @@ async def _api_error(_request: Request, error: Exception) -> JSONResponse:
 
 
 async def _request_validation(_request: Request, error: Exception) -> JSONResponse:
+    """Headers and path parameters (bodies are validated by service.validation)."""
     assert isinstance(error, RequestValidationError)
-    parts = [f"`{'.'.join(str(p) for p in item['loc'])}`: {item['msg']}" for item in error.errors()]
+    errors = error.errors()
+    parts = [
+        f"`{'.'.join(str(p) for p in item['loc'])}`: {item['msg']}" for item in errors[:MAX_REPORTED_ERRORS]
+    ]
     return _reply(422, "invalid_request", "; ".join(parts))
 
 
@@ -50,7 +56,15 @@ async def _queue_unavailable(_request: Request, error: Exception) -> JSONRespons
     )
 
 
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    """Never the exception's text (it may hold internals): an id to find it in the log."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=error)
+    return _reply(500, "internal_error", f"internal error {error_id}; quote this id when reporting it")
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Exception, _internal_error)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(HTTPException, _http_error)

@@ -9,6 +9,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 class _BodyTooLargeError(Exception):
     pass
@@ -86,8 +88,9 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = scope.get("route")
-            # 404s share one label, so scanners cannot blow up the label set.
-            template = getattr(route, "path", "unmatched" if status == 404 else scope["path"])
-            metrics.REQUESTS.labels(template, scope["method"], str(status)).inc()
+            # Bounded labels whatever clients send: route templates (no route matched: one label)
+            # and the methods the API knows.
+            template = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            metrics.REQUESTS.labels(template, method, str(status)).inc()
             metrics.REQUEST_SECONDS.labels(template).observe(time.perf_counter() - started)

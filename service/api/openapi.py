@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api.deps import SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD
+from service.api.intake import SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD
 from service.schemas import CustomizeRequest, ErrorResponse
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -15,20 +15,32 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, description in (
         (400, "Malformed body"),
         (401, "Missing or wrong API key"),
+        (404, "No such job of this caller"),
         (406, "The Accept header cannot be met"),
+        (408, "The body took longer than BODY_TIMEOUT_S to arrive"),
         (409, "The job was cancelled / cannot be cancelled"),
-        (413, "Body or image too large"),
+        (413, "Body or image too large, or a body with too many JSON values"),
         (415, "Unsupported content type"),
-        (422, "Invalid field: the message says what to change"),
+        (
+            422,
+            "Invalid field, or an Idempotency-Key reused with another body: the message says what to change",
+        ),
         (429, "Queue full or rate limit hit; see Retry-After"),
+        (500, "The generation failed, or an internal error (with an id to report)"),
         (503, "Queue unreachable; see Retry-After"),
-        (504, "The job missed its deadline and was dropped"),
+        (
+            504,
+            "The job missed its deadline: a queued job is dropped, a running one finishes (GET /jobs/{id})",
+        ),
     )
 }
 RAW_IMAGE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "JSON, or the raw image with `Accept: image/png` and one image.",
-        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JSON, or the raw image with `Accept: image/png` (jpeg, webp) and one image.",
+        "content": {
+            media: {"schema": {"type": "string", "format": "binary"}}
+            for media in ("image/png", "image/jpeg", "image/webp")
+        },
     }
 }
 _BODY_PATHS = ("/customize", "/jobs")

@@ -12,44 +12,15 @@ from service import metrics
 from service.api.ratelimit import retry_after_header
 from service.errors import ApiError
 from service.images import MEDIA_TYPES
-from service.queue.protocol import (
-    JobQueue,
-    JobRecord,
-    JobSpec,
-    JobState,
-    QueueFullError,
-)
-from service.schemas import CustomizeRequest, CustomizeResponse, JobStatusResponse, Timings
-
-RAW_IMAGE_TYPES = {"image/png", "image/jpeg", "image/webp", "image/*"}
+from service.queue.protocol import JobQueue, JobRecord, JobSpec, JobState, QueueFullError
+from service.schemas import CustomizeResponse, JobStatusResponse, Timings
 
 
-def raw_image_type(accept: str | None, request: CustomizeRequest) -> str | None:
-    """The media type to answer with raw bytes, or None for JSON; 406 when it cannot be met."""
-    accepted = {part.split(";")[0].strip().lower() for part in (accept or "").split(",")}
-    wanted = accepted & RAW_IMAGE_TYPES
-    if not wanted or "application/json" in accepted:
-        return None
-    if request.num_images != 1:
-        raise ApiError(
-            406, "not_acceptable", "a raw image reply holds one image; set num_images to 1 or accept JSON"
-        )
-    produced = MEDIA_TYPES[request.output_format]
-    if "image/*" not in wanted and produced not in wanted:
-        raise ApiError(
-            406,
-            "not_acceptable",
-            f"Accept asks for {', '.join(sorted(wanted))} but output_format is {request.output_format}; "
-            "make them match",
-        )
-    return produced
-
-
-async def submit(queue: JobQueue, spec: JobSpec, caller: str, idempotency_key: str | None) -> JobRecord:
-    """Enqueue; an Idempotency-Key is scoped to its caller (hashed: the caller may be an API key)."""
+async def submit(queue: JobQueue, spec: JobSpec, idempotency_key: str | None) -> JobRecord:
+    """Enqueue; an Idempotency-Key is scoped to the job's owner and bound to its request."""
     scoped_key = None
     if idempotency_key:
-        scoped_key = hashlib.sha256(f"{caller}\0{idempotency_key}".encode()).hexdigest()
+        scoped_key = hashlib.sha256(f"{spec.owner}\0{idempotency_key}".encode()).hexdigest()
     try:
         record = await queue.submit(spec, scoped_key)
     except QueueFullError as error:
@@ -58,7 +29,20 @@ async def submit(queue: JobQueue, spec: JobSpec, caller: str, idempotency_key: s
         ) from None
     if record.id == spec.id:
         metrics.JOBS_ACCEPTED.inc()
+    elif record.request_hash != spec.request_hash:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            f"Idempotency-Key {idempotency_key!r} was used for another request (job {record.id}); "
+            "send a new key for a new request, or repeat the original request unchanged",
+            field="Idempotency-Key",
+        )
     return record
+
+
+def owned(record: JobRecord | None, owner: str) -> JobRecord | None:
+    """The record if `owner` created it; another caller's job looks like no job at all."""
+    return record if record is not None and record.owner == owner else None
 
 
 def effective_state(record: JobRecord) -> JobState:
@@ -92,14 +76,23 @@ def raise_unless_done(record: JobRecord, timeout_s: float) -> None:
     if state == JobState.DONE:
         return
     if state == JobState.FAILED:
-        raise ApiError(500, "generation_failed", f"the generation failed: {record.error}", headers=job)
+        # The worker's exception text stays in its log (and GET /jobs/{id}); the reply names the job.
+        raise ApiError(
+            500,
+            "generation_failed",
+            f"the generation failed (job {record.id}); see GET /jobs/{record.id}",
+            headers=job,
+        )
     if state == JobState.CANCELLED:
         raise ApiError(409, "cancelled", "the job was cancelled before it ran", headers=job)
+    if state == JobState.RUNNING:
+        outcome = f"it is running and will finish: fetch the result with GET /jobs/{record.id}"
+    else:
+        outcome = "it was not started and will not be computed; retry later, when the service is less busy"
     raise ApiError(
         504,
         "deadline_exceeded",
-        f"the job did not finish within its {timeout_s:.0f} s deadline; it will not be computed. "
-        "Retry later, when the service is less busy.",
+        f"the job did not finish within its {timeout_s:.0f} s deadline; {outcome}",
         headers=job,
     )
 
@@ -114,12 +107,13 @@ def status_response(record: JobRecord) -> JobStatusResponse:
     )
 
 
-def raw_image_response(record: JobRecord, media_type: str, total_s: float) -> Response:
+def raw_image_response(record: JobRecord, total_s: float) -> Response:
+    """The first image, labelled with the format the stored job was encoded in."""
     result = record.result
     assert result is not None, "a done job always has a result"
     return Response(
         content=result.images[0],
-        media_type=media_type,
+        media_type=MEDIA_TYPES[record.output_format],
         headers={
             "X-Job-Id": record.id,
             "X-Seed": str(record.seed),

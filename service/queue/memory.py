@@ -46,14 +46,7 @@ class InProcessQueue:
         depth = await self.depth()
         if depth >= self._max_depth:
             raise QueueFullError(depth, self._retry_after_s)
-        record = JobRecord(
-            id=spec.id,
-            state=JobState.QUEUED,
-            seed=spec.seed,
-            output_format=spec.output_format,
-            enqueued_at=spec.enqueued_at,
-            deadline=spec.deadline,
-        )
+        record = spec.record(JobState.QUEUED)
         self._specs[spec.id] = spec
         self._records[spec.id] = record
         self._finished_events[spec.id] = asyncio.Event()

@@ -11,6 +11,7 @@ import time
 from enum import StrEnum
 from typing import Protocol
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.images import OutputFormat
@@ -34,10 +35,29 @@ BYTES_AS_BASE64 = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
 
 
 class SubjectSpec(BaseModel):
+    """One subject, decoded and located once at the edge: workers neither decode nor tokenize."""
+
     model_config = BYTES_AS_BASE64
 
-    image: bytes = Field(description="The reference image exactly as uploaded (validated).")
+    image: bytes = Field(description="The decoded reference: 8-bit RGB, row-major, width*height*3 bytes.")
+    width: int
+    height: int
     target: str
+    token_indices: list[int] = Field(description="Tokens of `target` in the prompt (BOS = 0).")
+
+    @classmethod
+    def from_image(cls, image: Image.Image, target: str, token_indices: list[int]) -> SubjectSpec:
+        return cls(
+            image=image.tobytes(),
+            width=image.width,
+            height=image.height,
+            target=target,
+            token_indices=token_indices,
+        )
+
+    def to_image(self) -> Image.Image:
+        """The reference as a PIL image (a view of the bytes, no decoding)."""
+        return Image.frombytes("RGB", (self.width, self.height), self.image)
 
 
 class JobSpec(BaseModel):
@@ -47,6 +67,7 @@ class JobSpec(BaseModel):
 
     id: str
     prompt: str
+    negative_prompt: str | None = None
     subjects: list[SubjectSpec]
     width: int
     height: int
@@ -60,9 +81,24 @@ class JobSpec(BaseModel):
     return_masks: bool
     enqueued_at: float = Field(description="Unix time of acceptance.")
     deadline: float = Field(description="Unix time after which the job is dropped, not computed.")
+    owner: str = Field("", description="Hash of the caller's scope; only it may read or cancel the job.")
+    request_hash: str = Field("", description="Hash of the canonical request (Idempotency-Key checks).")
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) > self.deadline
+
+    def meta(self) -> JobMeta:
+        return JobMeta.model_validate(self.model_dump(include=set(JobMeta.model_fields)))
+
+    def record(
+        self,
+        state: JobState,
+        worker: str | None = None,
+        error: str | None = None,
+        result: JobResult | None = None,
+    ) -> JobRecord:
+        """The one way a record is made from a job."""
+        return JobRecord.from_meta(self.id, state, self.meta(), worker=worker, error=error, result=result)
 
 
 class JobResult(BaseModel):
@@ -78,18 +114,37 @@ class JobResult(BaseModel):
     worker: str
 
 
-class JobRecord(BaseModel):
-    """State of one job as the API reports it."""
+class JobMeta(BaseModel):
+    """What a job's record keeps of its spec (stored beside its state)."""
 
-    id: str
-    state: JobState
     seed: int
     output_format: OutputFormat
     enqueued_at: float
     deadline: float
+    owner: str = ""
+    request_hash: str = ""
+
+
+class JobRecord(JobMeta):
+    """State of one job as the API reports it."""
+
+    id: str
+    state: JobState
     worker: str | None = None
     error: str | None = None
     result: JobResult | None = None
+
+    @classmethod
+    def from_meta(
+        cls,
+        job_id: str,
+        state: JobState,
+        meta: JobMeta,
+        worker: str | None = None,
+        error: str | None = None,
+        result: JobResult | None = None,
+    ) -> JobRecord:
+        return cls(id=job_id, state=state, worker=worker, error=error, result=result, **meta.model_dump())
 
 
 class TakenJob(BaseModel):

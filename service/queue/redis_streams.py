@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from service.queue.protocol import (
+    JobMeta,
     JobRecord,
     JobResult,
     JobSpec,
@@ -167,14 +167,7 @@ class RedisStreamsQueue:
 
     # --- API side ------------------------------------------------------------------------------
     async def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobRecord:
-        meta = json.dumps(
-            {
-                "seed": str(spec.seed),
-                "output_format": spec.output_format,
-                "enqueued_at": spec.enqueued_at,
-                "deadline": spec.deadline,
-            }
-        )
+        meta = spec.meta().model_dump_json()
         idem_key = f"{self._prefix}:idem:{idempotency_key}" if idempotency_key else ""
         async with self._redis() as client:
             outcome, value = await self._scripts["submit"](
@@ -197,29 +190,19 @@ class RedisStreamsQueue:
             if existing is not None:
                 return existing
             raise QueueUnavailableError("the job of this Idempotency-Key has just expired; retry")
-        return JobRecord(
-            id=spec.id,
-            state=JobState.QUEUED,
-            seed=spec.seed,
-            output_format=spec.output_format,
-            enqueued_at=spec.enqueued_at,
-            deadline=spec.deadline,
-        )
+        return spec.record(JobState.QUEUED)
 
     async def get(self, job_id: str) -> JobRecord | None:
         async with self._redis() as client:
             fields = await client.hgetall(self._job_key(job_id))
         if not fields or b"meta" not in fields:
             return None
-        meta = json.loads(fields[b"meta"])
+        meta = JobMeta.model_validate_json(fields[b"meta"])
         result = fields.get(b"result")
-        return JobRecord(
-            id=job_id,
-            state=JobState(fields[b"state"].decode()),
-            seed=int(meta["seed"]),
-            output_format=meta["output_format"],
-            enqueued_at=meta["enqueued_at"],
-            deadline=meta["deadline"],
+        return JobRecord.from_meta(
+            job_id,
+            JobState(fields[b"state"].decode()),
+            meta,
             worker=fields.get(b"worker", b"").decode() or None,
             error=fields.get(b"error", b"").decode() or None,
             result=JobResult.model_validate_json(result) if result else None,

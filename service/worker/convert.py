@@ -5,25 +5,23 @@ from __future__ import annotations
 import time
 
 from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
-from service.images import decode_subject_image, encode_image
+from service.images import encode_image
 from service.queue.protocol import JobResult, JobSpec
 from service.settings import Settings
 
 
 def to_generation_job(spec: JobSpec, settings: Settings) -> GenerationJob:
-    """Decode the reference images exactly as the API validated them."""
+    """The job as the runner takes it; the references were decoded once, at the edge."""
     subjects = tuple(
         SubjectInput(
-            image=decode_subject_image(
-                subject.image, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
-            ),
-            target=subject.target,
+            image=subject.to_image(), target=subject.target, token_indices=tuple(subject.token_indices)
         )
         for subject in spec.subjects
     )
     return GenerationJob(
         id=spec.id,
         prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
         subjects=subjects,
         width=spec.width,
         height=spec.height,

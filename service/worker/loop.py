@@ -16,7 +16,6 @@ from engines.runner import Runner
 from service import metrics
 from service.queue.protocol import (
     JobQueue,
-    JobRecord,
     JobResult,
     JobState,
     QueueUnavailableError,
@@ -191,17 +190,7 @@ class Worker:
         self, taken: TakenJob, state: JobState, error: str | None = None, result: JobResult | None = None
     ) -> None:
         spec = taken.spec
-        record = JobRecord(
-            id=spec.id,
-            state=state,
-            seed=spec.seed,
-            output_format=spec.output_format,
-            enqueued_at=spec.enqueued_at,
-            deadline=spec.deadline,
-            worker=self._name,
-            error=error,
-            result=result,
-        )
+        record = spec.record(state, worker=self._name, error=error, result=result)
         # The result must be stored before the delivery is acknowledged: retry through outages.
         while True:
             try:

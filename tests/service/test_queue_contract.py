@@ -27,7 +27,7 @@ def make_spec(timeout_s: float = 60.0, seed: int = 7) -> JobSpec:
     return JobSpec(
         id=uuid.uuid4().hex,
         prompt="a cat in the snow",
-        subjects=[SubjectSpec(image=b"\x89PNG-bytes", target="cat")],
+        subjects=[SubjectSpec(image=bytes(range(12)), width=2, height=2, target="cat", token_indices=[2])],
         width=64,
         height=64,
         num_inference_steps=2,

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from service_processes import Api
 
-from service.images import decode_subject_image
+from realcustom.decoding import decode_reference
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +132,7 @@ def bad_input_cases(cat_jpeg: bytes) -> list[Case]:
         Case(
             "image over the pixel limit",
             422,
-            "more than the 40000000",
+            "more than the 25000000",
             json=body(b64(png_claiming_size(10000, 10000))),
         ),
         Case("image too small", 422, "at least", json=body(b64(encode(Image.new("RGB", (8, 8)))))),
@@ -316,9 +316,7 @@ def test_convertible_images_are_accepted(api: Api) -> None:
             },
         )
         assert multipart.status_code == 202, multipart.text
-    decoded = {
-        name: decode_subject_image(data, max_pixels=10**7, min_side=16) for name, data in uploads.items()
-    }
+    decoded = {name: decode_reference(data, max_pixels=10**7, min_side=16) for name, data in uploads.items()}
     assert all(image.mode == "RGB" for image in decoded.values())
     assert decoded["EXIF"].size == (64, 96)  # rotated upright
     assert decoded["RGBA"].getpixel((0, 0)) == (255, 255, 255)  # transparent -> white

@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Request, Response
 
 from service.api import results
-from service.api.deps import (
-    CustomizeBody,
-    IdempotencyKey,
-    QueueDep,
-    RateLimitedCaller,
-    SettingsDep,
-    TokenizerDep,
-)
+from service.api.deps import CustomizeSubmission, IdempotencyKey, QueueDep, SettingsDep
 from service.api.openapi import ERROR_RESPONSES, RAW_IMAGE_RESPONSE
+from service.queue.protocol import JobQueue, JobRecord
 from service.schemas import CustomizeResponse
-from service.validation import build_job_spec
 
+logger = logging.getLogger(__name__)
 router = APIRouter(tags=["generation"])
+
+# nginx's "client closed request": recorded in metrics, never seen by the client that left.
+CLIENT_GONE = 499
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone (the body is already read, so only a disconnect comes)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait_unless_gone(request: Request, queue: JobQueue, record: JobRecord) -> JobRecord | None:
+    """The finished (or deadline-time) record, or None when the client left: its job is then
+    cancelled if it is still queued (a running job finishes and stays readable by id)."""
+    waiting = asyncio.ensure_future(queue.wait(record.id, timeout_s=record.deadline - time.time()))
+    gone = asyncio.ensure_future(_disconnected(request))
+    await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if waiting.done():
+        gone.cancel()
+        return waiting.result() or record
+    waiting.cancel()
+    cancelled = await queue.cancel(record.id)
+    logger.info("client left before job %s finished; it is now %s", record.id, cancelled and cancelled.state)
+    return None
 
 
 @router.post(
@@ -31,25 +49,19 @@ router = APIRouter(tags=["generation"])
     summary="Generate images of the reference subjects in the scene of the prompt (synchronous)",
 )
 async def customize(
-    # Declared first: FastAPI resolves dependencies in order, so auth and rate limit come
-    # before the body is read and validated.
-    caller: RateLimitedCaller,
-    body: CustomizeBody,
+    request: Request,
+    submission: CustomizeSubmission,
     queue: QueueDep,
     settings: SettingsDep,
-    tokenizer: TokenizerDep,
     idempotency_key: IdempotencyKey = None,
-    accept: Annotated[str | None, Header(description="`image/png` (one image) for raw bytes.")] = None,
 ) -> CustomizeResponse | Response:
     started = time.perf_counter()
-    raw_type = results.raw_image_type(accept, body)
-    # Image decoding is CPU work: keep it off the event loop.
-    spec = await run_in_threadpool(build_job_spec, body, settings, tokenizer)
-    record = await results.submit(queue, spec, caller, idempotency_key)
-    finished = await queue.wait(record.id, timeout_s=record.deadline - time.time())
-    record = finished or record
-    results.raise_unless_done(record, settings.job_timeout_s)
+    record = await results.submit(queue, submission.take(), idempotency_key)
+    finished = await _wait_unless_gone(request, queue, record)
+    if finished is None:
+        return Response(status_code=CLIENT_GONE)
+    results.raise_unless_done(finished, settings.job_timeout_s)
     total_s = time.perf_counter() - started
-    if raw_type is not None:
-        return results.raw_image_response(record, raw_type, total_s)
-    return results.to_response(record, total_s)
+    if submission.raw_media_type is not None:
+        return results.raw_image_response(finished, total_s)
+    return results.to_response(finished, total_s)

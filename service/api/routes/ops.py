@@ -8,10 +8,12 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from realcustom.native_size import native_size
 from service import metrics
-from service.api.deps import QueueDep
+from service.api.deps import Caller, QueueDep, SettingsDep
+from service.api.openapi import ERROR_RESPONSES
 from service.queue.protocol import QueueUnavailableError
-from service.schemas import HealthResponse
+from service.schemas import HealthResponse, ModelInfo
 
 router = APIRouter(tags=["operations"])
 
@@ -27,7 +29,7 @@ async def healthz() -> HealthResponse:
     responses={503: {"model": HealthResponse, "description": "No warm worker, or the queue is unreachable"}},
     summary="A worker is warm and the queue is reachable",
 )
-async def readyz(queue: QueueDep) -> HealthResponse | JSONResponse:
+async def readyz(queue: QueueDep, settings: SettingsDep) -> HealthResponse | JSONResponse:
     reachable = await queue.ping()
     workers = 0
     if reachable:
@@ -37,15 +39,39 @@ async def readyz(queue: QueueDep) -> HealthResponse | JSONResponse:
             reachable = False
     body = HealthResponse(
         status="ok" if reachable and workers > 0 else "not_ready",
-        detail={"queue_reachable": reachable, "ready_workers": workers},
+        detail={
+            "queue_reachable": reachable,
+            "ready_workers": workers,
+            "native_size": native_size(settings.model),
+        },
     )
     if body.status == "ok":
         return body
     return JSONResponse(body.model_dump(), status_code=503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def prometheus_metrics(queue: QueueDep) -> Response:
+@router.get(
+    "/v1/models", response_model=ModelInfo, summary="The model served, its native size and the limits"
+)
+async def models(settings: SettingsDep) -> ModelInfo:
+    return ModelInfo(
+        model=settings.model,
+        native_size=native_size(settings.model),
+        min_side=settings.min_side,
+        max_side=settings.max_side,
+        max_steps=settings.max_steps,
+        max_num_images=settings.max_num_images,
+        max_subjects=settings.max_subjects,
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (needs an API key when keys are set)",
+    response_class=Response,
+    responses=ERROR_RESPONSES,
+)
+async def prometheus_metrics(_caller: Caller, queue: QueueDep) -> Response:
     # On an outage the last known depth stays; readyz reports the outage.
     with contextlib.suppress(QueueUnavailableError):
         metrics.QUEUE_DEPTH.set(await queue.depth())

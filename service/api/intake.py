@@ -1,0 +1,183 @@
+"""From an HTTP request to a validated `JobSpec`, with bounded memory and off the event loop.
+
+A bounded number of requests read and validate their body at once (`INTAKE_CONCURRENCY`): the
+others wait with their bodies still in the kernel's socket buffers, so at most that many JSON
+bodies sit in memory. Parsing, the tokenizer and image decoding run in a worker thread, decoding a
+bounded number of images at a time (`DECODE_CONCURRENCY`), so the event loop keeps answering
+probes. Multipart uploads are spooled to disk by the form parser and read in the worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from transformers import PreTrainedTokenizerBase
+
+from service.errors import ApiError
+from service.images import MEDIA_TYPES
+from service.queue.protocol import JobSpec
+from service.settings import Settings
+from service.validation import build_job_spec, parse_json, parse_request
+
+# Multipart field names: one file and one target per subject, paired in order.
+SUBJECT_IMAGE_FIELD = "subject_image"
+SUBJECT_TARGET_FIELD = "subject_target"
+# Non-file multipart fields: the request has about fifteen.
+MAX_FORM_FIELDS = 64
+
+
+@dataclass
+class Submission:
+    """A validated job and how to answer; `take()` hands the spec over once, so a synchronous
+    request does not keep the decoded references alive while it waits for the result."""
+
+    spec: JobSpec | None
+    raw_media_type: str | None  # answer with the raw image of this type; None = JSON
+
+    def take(self) -> JobSpec:
+        spec, self.spec = self.spec, None
+        assert spec is not None, "a submission is taken once"
+        return spec
+
+
+class Intake:
+    def __init__(self, settings: Settings, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._settings = settings
+        self._tokenizer = tokenizer
+        self._slots = asyncio.Semaphore(settings.intake_concurrency)
+        self._decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
+
+    async def submission(self, request: Request, owner: str, accept: str | None = None) -> Submission:
+        """`accept`: the Accept header of a route that may answer with a raw image."""
+        async with self._slots:
+            try:
+                async with asyncio.timeout(self._settings.body_timeout_s):
+                    data = await self._read(request)
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    "body_timeout",
+                    f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
+                ) from None
+            return await run_in_threadpool(self._validate, data, owner, accept)
+
+    async def _read(self, request: Request) -> Any:
+        content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            return await self._read_form(request)
+        if content_type == "application/json":
+            return await request.body()
+        raise ApiError(
+            415, "unsupported_media_type", "send the body as application/json or multipart/form-data"
+        )
+
+    async def _read_form(self, request: Request) -> dict[str, Any]:
+        form = await request.form(max_files=self._settings.max_subjects, max_fields=MAX_FORM_FIELDS)
+        files: list[UploadFile] = []
+        targets: list[str] = []
+        data: dict[str, Any] = {}
+        for name, value in form.multi_items():
+            if name == SUBJECT_IMAGE_FIELD:
+                if not isinstance(value, UploadFile):
+                    raise ApiError(422, "invalid_request", f"`{name}` must be a file upload", field=name)
+                files.append(value)
+            elif name == SUBJECT_TARGET_FIELD:
+                targets.append(str(value))
+            elif isinstance(value, UploadFile):
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"unexpected file `{name}`; upload images as `{SUBJECT_IMAGE_FIELD}`",
+                )
+            else:
+                data[name] = value
+        if len(files) != len(targets):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"send one `{SUBJECT_TARGET_FIELD}` per `{SUBJECT_IMAGE_FIELD}` file "
+                f"(got {len(targets)} targets for {len(files)} images)",
+                field=SUBJECT_TARGET_FIELD,
+            )
+        data["subjects"] = list(zip(files, targets, strict=True))
+        return data
+
+    def _read_files(self, data: dict[str, Any]) -> None:
+        """Multipart: the spooled files, read here (in the worker thread), each checked by size first."""
+        subjects = []
+        for index, (upload, target) in enumerate(data["subjects"]):
+            if upload.size is not None and upload.size > self._settings.max_image_bytes:
+                raise ApiError(
+                    413,
+                    "image_too_large",
+                    f"the image is {upload.size} bytes; the limit is {self._settings.max_image_bytes}. "
+                    "Send a smaller or more compressed image.",
+                    field=f"subjects[{index}].image",
+                )
+            upload.file.seek(0)
+            subjects.append({"image": upload.file.read(), "target": target})
+        data["subjects"] = subjects
+
+    def _validate(self, data: Any, owner: str, accept: str | None) -> Submission:
+        if isinstance(data, bytes):
+            data = parse_json(data)
+        else:
+            self._read_files(data)
+        request = parse_request(data, self._settings)
+        del data  # the parsed body: only the request model is needed from here on
+        raw_media_type = negotiate(accept, request) if accept is not None else None
+        if raw_media_type is not None:
+            output_format = next(name for name, media in MEDIA_TYPES.items() if media == raw_media_type)
+            request = request.model_copy(update={"output_format": output_format})
+        spec = build_job_spec(request, self._settings, self._tokenizer, owner, self._decode_slots)
+        return Submission(spec, raw_media_type)
+
+
+JSON_TYPES = {"application/json", "application/*", "*/*"}
+
+
+def negotiate(accept: str, request: Any) -> str | None:
+    """The media type of a raw-image reply, None for JSON, or 406 when Accept cannot be met.
+
+    An image type in Accept asks for the raw bytes of one image; with `output_format` absent the
+    image is encoded in that type, with it set they must agree.
+    """
+    accepted = [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
+    if not accepted or any(media in JSON_TYPES for media in accepted):
+        return None
+    wanted = [media for media in accepted if media in MEDIA_TYPES.values() or media == "image/*"]
+    if not wanted:
+        raise ApiError(
+            406,
+            "not_acceptable",
+            "this endpoint answers application/json or image/png, image/jpeg, image/webp; "
+            f"Accept is {accept!r}",
+        )
+    if request.num_images != 1:
+        raise ApiError(
+            406, "not_acceptable", "a raw image reply holds one image; set num_images to 1 or accept JSON"
+        )
+    if request.return_masks:
+        raise ApiError(
+            406,
+            "not_acceptable",
+            "masks are only returned in the JSON reply; accept application/json to get them, "
+            "or drop return_masks",
+        )
+    produced = MEDIA_TYPES[request.output_format]
+    if "output_format" not in request.model_fields_set:
+        return produced if "image/*" in wanted else wanted[0]
+    if "image/*" not in wanted and produced not in wanted:
+        raise ApiError(
+            406,
+            "not_acceptable",
+            f"Accept asks for {', '.join(wanted)} but output_format is {request.output_format}; "
+            "make them match",
+        )
+    return produced

@@ -1,0 +1,100 @@
+"""The compiled backend's warm-up and capture path, executed on the CPU.
+
+`WarmupCapture` runs exactly what `CudaGraphCapture` runs before recording a graph (reset, then
+the compiled step called several times on the bucket's buffers, under no_grad); only the CUDA
+graph recording itself needs a GPU. Both dynamo backends are exercised with fullgraph=True on a
+small RealCustom UNet (every part the tiny model has: SDXL added conditioning, image
+cross-attention under masks, target-word maps; fewer layers, so inductor compiles in seconds).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from diffusers import UNet2DConditionModel
+from torch._dynamo.utils import counters
+
+from engines.backends import EagerBackend
+from engines.compiled import CompiledBackend, WarmupCapture
+from engines.runner import Runner
+from engines.static_loop import Bucket, GraphSettings
+from realcustom.denoise import LoopSettings, denoise
+from realcustom.loading import load_pipeline
+from realcustom.models import TINY_UNET
+from realcustom.step import LoopState
+from realcustom.unet import RealCustomUNet
+
+# The tiny UNet with one attention resolution fewer: 4 attn2 layers instead of 14.
+CAPTURE_UNET = {
+    **TINY_UNET,
+    "attention_head_dim": [2, 4],
+    "block_out_channels": [16, 32],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 1],
+}
+
+
+@pytest.fixture(scope="module")
+def capture_pipeline():
+    pipeline = load_pipeline("tiny")
+    image_token_dim = pipeline.unet.cross_attention_layers[0].to_k_vision.in_features
+    torch.manual_seed(0)
+    pipeline.unet = RealCustomUNet(UNet2DConditionModel(**CAPTURE_UNET), image_token_dim).eval()
+    return pipeline.requires_grad_(False)
+
+
+def _tensors(state: LoopState) -> dict[str, torch.Tensor]:
+    found = {name: value for name, value in vars(state).items() if isinstance(value, torch.Tensor)}
+    for layer, (key, value) in enumerate(state.image_kv):
+        found[f"image_k_{layer}"], found[f"image_v_{layer}"] = key, value
+    found.update({f"schedule.{name}": table for name, table in state.schedule.tables.items()})
+    found["schedule.timesteps"] = state.schedule.timesteps
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("compile_backend", "scheduler"),
+    # inductor's C++ code generation takes minutes on 2 cores: one sampler is enough for it.
+    [("aot_eager", "dpm"), ("aot_eager", "ddim"), ("inductor", "dpm")],
+)
+def test_capture_compiles_each_step_kind_once_without_autograd(
+    capture_pipeline, multi_jobs, compile_backend, scheduler
+):
+    pipeline = capture_pipeline
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompiledBackend(
+        pipeline,
+        buckets=[Bucket(4, 64, 64, 2)],
+        graph_settings=[GraphSettings(scheduler)],
+        compile_backend=compile_backend,
+        capture=WarmupCapture(warmup_runs=2),
+    )
+    backend.warmup()  # compiles both step kinds and calls each of them twice on the buffers
+    assert backend.stats["graphs_captured"] == 2
+    assert dict(counters["graph_break"]) == {}, counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 2  # one graph per step kind, no recompile
+
+    cond = Runner(pipeline, EagerBackend(pipeline), "capture").conditioning(multi_jobs)
+    latents = pipeline.prepare_latents([1, 2], [1, 2], 64, 64)
+    settings = LoopSettings(4, scheduler, ("max_norm",), 2)  # U, U, R, R: both kinds replayed
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        result = backend.denoise(pipeline, cond, latents, settings)
+        again = backend.denoise(pipeline, cond, latents, settings)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert backend.stats["graph_replays"] == 8 and backend.stats["graph_misses"] == 0
+
+    (state,) = backend.graphs.states.values()
+    for name, tensor in _tensors(state).items():
+        assert tensor.grad_fn is None and not tensor.requires_grad, f"{name} carries autograd history"
+    assert not any(p.requires_grad for p in pipeline.parameters())
+
+    reference = denoise(pipeline.unet, cond, latents, settings)
+    atol = 1e-6 if compile_backend == "aot_eager" else 1e-4  # inductor reassociates fp32 sums
+    scale = max(1.0, float(reference.latents.abs().max()))
+    torch.testing.assert_close(result.latents, reference.latents, rtol=0, atol=atol * scale)
+    torch.testing.assert_close(result.masks, reference.masks, rtol=0, atol=atol)
+    torch.testing.assert_close(again.latents, result.latents, rtol=0, atol=0)
