@@ -62,6 +62,14 @@ engines: install
 bench: install
 	$(PY) benchmarks/cpu_bench.py
 
+# The GPU device kit (docs/ENGINES.md, "Device kit"): pure-Python CPython 3.12 wheels the device
+# image lacks (diffusers, open-clip-torch, pytest), checked to fit the 64 MiB one device call
+# carries. Then on the device: run with carry=[$(DEVICE_KIT)] the command `bash tools/device_check.sh`.
+DEVICE_KIT ?= outputs/device-kit
+.PHONY: device-kit
+device-kit: install
+	$(PY) tools/device_kit.py build --out $(DEVICE_KIT)
+
 # --- Deployment: images, Kubernetes, load tests (docs/DEPLOYMENT.md) ---------------------------
 .PHONY: docker-build docker-push deploy lint-deploy loadtest
 REGISTRY ?=

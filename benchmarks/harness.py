@@ -98,6 +98,16 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def summarize(seconds: list[float]) -> dict[str, float]:
+    """Median and p90 of timed runs (p90: the sorted run at index round(0.9 * (n - 1)))."""
+    ordered = sorted(seconds)
+    return {
+        "median_s": statistics.median(ordered),
+        "p90_s": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
+        "runs": len(ordered),
+    }
+
+
 def time_interleaved(
     fns: dict[str, Callable[[], object]], runs: int, device: torch.device, warmup: int = 1
 ) -> dict[str, dict[str, float]]:
@@ -109,15 +119,7 @@ def time_interleaved(
     for _ in range(runs):
         for name, fn in fns.items():
             samples[name].append(time_once(fn, device))
-    summary = {}
-    for name, values in samples.items():
-        ordered = sorted(values)
-        summary[name] = {
-            "median_s": statistics.median(ordered),
-            "p90_s": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
-            "runs": len(ordered),
-        }
-    return summary
+    return {name: summarize(values) for name, values in samples.items()}
 
 
 def parity(eager: LoopResult, candidate: LoopResult) -> dict[str, float]:

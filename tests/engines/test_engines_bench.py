@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,36 +22,59 @@ def _script(name: str):
 
 
 @pytest.mark.slow
-def test_batched_gpu_bench_dry_run_on_cpu(tmp_path):
-    """gpu_bench.py end to end on the CPU: tiny model, the static loop without graphs, one run."""
+def test_batched_gpu_bench_dry_run_writes_each_row_as_it_is_measured(tmp_path):
+    """gpu_bench.py on the CPU (tiny, no graphs): the JSON grows row by row while it runs, the
+    timing rows are rewritten after every round, and the finished file holds every row kind."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--device", "cpu"]
+    command += ["--model", "tiny", "--size", "64", "--steps", "2", "--mask-reused-step", "1"]
+    command += ["--runs", "3", "--unet-repeats", "1", "--out", str(tmp_path)]
+    results = tmp_path / "gpu-bench.json"
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    row_counts, timing_runs = [], set()
+    while process.poll() is None:
+        if results.is_file():  # replaced atomically: always a whole file
+            rows = json.loads(results.read_text())["rows"]
+            if not row_counts or row_counts[-1] != len(rows):
+                row_counts.append(len(rows))
+            timing_runs |= {r["runs"] for r in rows if r["row"] == "timing" and r["loop"] == "batched"}
+        time.sleep(0.02)
+    output = process.stdout.read()
+    assert process.returncode == 0, output
+    assert len(row_counts) >= 4 and row_counts == sorted(row_counts), row_counts
+    assert len(timing_runs) >= 2, timing_runs  # seen mid-way, before the last round
+
+    rows = json.loads(results.read_text())["rows"]
+    kinds = {(r["row"], r.get("key")) for r in rows}
+    loops = ("three_call", "batched", "compiled")
+    assert {("load", None), ("capture", None), ("summary", None)} <= kinds
+    assert {(kind, loop) for kind in ("first_run", "timing", "step_kind") for loop in loops} <= kinds
+    assert {
+        ("unet_call", name) for name in ("guidance_b", "generation_tokens_b", "generation_kv_2b")
+    } <= kinds
+    first = {r["key"]: r for r in rows if r["row"] == "first_run"}
+    assert first["compiled"]["parity"]["latents_rel_l2"] < 1e-5
+    assert first["compiled"]["parity"]["mask_support_agreement"] == 1.0
+    assert first["three_call"]["parity"]["latents_rel_l2"] < 1e-4
+    assert first["compiled"]["graph_stats"]["graph_replays"] >= 2
+    timing = {r["key"]: r for r in rows if r["row"] == "timing"}
+    assert all(timing[loop]["runs"] == 3 and timing[loop]["median_s"] > 0 for loop in loops)
+    (summary,) = [r for r in rows if r["row"] == "summary"]
+    assert summary["dry_run"] is True and "goals" not in summary  # goal figures are for a GPU only
+    assert set(summary["ratios"]) == {
+        "three_call_over_batched",
+        "three_call_over_compiled",
+        "batched_over_compiled",
+    }
+    (compiled_kinds,) = [r for r in rows if r["row"] == "step_kind" and r["key"] == "compiled"]
+    assert compiled_kinds["graph_misses_added"] == 0 and compiled_kinds["mask_update_ms"] > 0
+    assert "| compiled |" in (tmp_path / "gpu-bench.md").read_text()
+
+
+def test_gpu_bench_rejects_an_unknown_loop(tmp_path, capsys):
     bench = _script("gpu_bench")
-    report = bench.main(
-        [
-            "--device",
-            "cpu",
-            "--models",
-            "tiny",
-            "--size",
-            "64",
-            "--steps",
-            "2",
-            "--mask-reused-step",
-            "1",
-            "--runs",
-            "1",
-            "--batches",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    (row,) = report["models"]["tiny"]["rows"]
-    assert report["dry_run"] is True
-    assert set(row["timings"]) == {"three_call", "batched", "compiled"}
-    assert row["parity"]["compiled_vs_eager"]["latents_max_abs"] == 0.0
-    assert row["graph_stats"]["graph_replays"] >= 2
-    assert json.loads((tmp_path / "gpu-bench.json").read_text())["models"]["tiny"]["rows"]
-    assert "| tiny 64² | 1 |" in (tmp_path / "gpu-bench.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--loops", "batched,fast", "--out", str(tmp_path)])
+    assert "unknown loops ['fast']" in capsys.readouterr().err
 
 
 def test_batched_cpu_bench_writes_a_ratio(tmp_path):

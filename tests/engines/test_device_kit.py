@@ -1,0 +1,170 @@
+"""The device kit (make device-kit) and tools/device_check.sh, checked on the CPU.
+
+The script's stages run for real in its dry-run mode (DEVICE_CHECK_DRY_RUN=1: tiny models, 64²,
+2 steps, the kit's install only planned); building the kit downloads its wheels from PyPI.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tools" / "device_check.sh"
+STAGES = ["install", "gpu_tests", "sd15", "sdxl", "sd15_inductor"]
+CARRY_LIMIT = 64 * 2**20
+
+
+def _device_kit():
+    spec = importlib.util.spec_from_file_location("device_kit", ROOT / "tools" / "device_kit.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_check(out: Path, kit: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "DEVICE_CHECK_DRY_RUN": "1", "PYTHON": sys.executable}
+    environment.update(OUT=str(out), DEVICE_KIT=str(kit), **env)
+    return subprocess.run(
+        ["bash", str(SCRIPT)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
+    )
+
+
+def _stages(out: Path) -> dict[str, dict]:
+    lines = (out / "stages.jsonl").read_text().splitlines()
+    return {record["stage"]: record for record in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("device-kit")
+    build = subprocess.run(
+        [sys.executable, "tools/device_kit.py", "build", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert "MiB of the 64 MiB one device call carries" in build.stdout
+    return out
+
+
+def test_device_check_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    if shutil.which("shellcheck"):  # apt's shellcheck; absent on some CI images
+        lint = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout
+
+
+def test_make_device_kit_calls_the_kit_builder():
+    plan = subprocess.run(
+        ["make", "-n", "device-kit", "DEVICE_KIT=some/kit"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert "tools/device_kit.py build --out some/kit" in plan.stdout
+
+
+def test_kit_accepts_only_pure_python_wheels():
+    kit = _device_kit()
+    assert kit.pure_python_tag("diffusers-0.42.1-py3-none-any.whl") == "py3-none-any"
+    assert kit.pure_python_tag("six-1.17.0-py2.py3-none-any.whl") == "py2.py3-none-any"
+    assert kit.pure_python_tag("regex-2026.1.1-cp312-cp312-manylinux_2_17_x86_64.whl") is None
+    assert kit.pure_python_tag("enum34-1.1.10-py2-none-any.whl") is None
+
+
+def test_kit_install_plans_only_what_the_interpreter_lacks(tmp_path):
+    """Installed packages are kept at their own version; absent ones get one pip call from the kit
+    (resolved against what is installed) and `--no-deps` ones another; torch is pinned."""
+    entries = [
+        {"name": "numpy", "version": "0.0.1", "deps": True},
+        {"name": "realcustom-absent-probe", "version": "1.0", "deps": True},
+        {"name": "realcustom-absent-vocabulary", "version": "2.0", "deps": False},
+    ]
+    (tmp_path / "kit.json").write_text(json.dumps({"wheels": entries}))
+    report = tmp_path / "environment.json"
+    command = [sys.executable, str(ROOT / "tools" / "device_kit.py"), "install", "--kit", str(tmp_path)]
+    run = subprocess.run(
+        [*command, "--report", str(report), "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(report.read_text())
+    assert result["present"] == {"numpy": numpy.__version__}
+    assert result["missing"] == ["realcustom-absent-probe==1.0", "realcustom-absent-vocabulary==2.0"]
+    resolved, alone = result["commands"]
+    assert "--no-index" in resolved and resolved.endswith("realcustom-absent-probe==1.0")
+    assert "--no-deps" in alone and alone.endswith("realcustom-absent-vocabulary==2.0")
+    assert result["image"]["torch"] == torch.__version__ and result["installed"] == {}
+
+
+def test_kit_install_without_a_kit_says_how_to_make_one(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "device_kit.py"), "install", "--kit", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and "make device-kit" in run.stderr
+
+
+@pytest.mark.slow
+def test_device_kit_holds_pure_python_wheels_under_64_mib(kit):
+    manifest = json.loads((kit / "kit.json").read_text())
+    wheels = {entry["name"]: entry for entry in manifest["wheels"]}
+    assert {"diffusers", "open-clip-torch", "pytest", "pluggy", "iniconfig"} <= set(wheels)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'"diffusers=={wheels["diffusers"]["version"]}"' in pyproject  # the pinned version
+    assert not wheels["open-clip-torch"]["deps"]  # only its vocabulary file is used
+    files = sorted(path.name for path in kit.glob("*.whl"))
+    assert files == sorted(entry["file"] for entry in wheels.values())  # one version of each
+    for entry in wheels.values():
+        assert re.search(r"-py(2\.)?3-none-any\.whl$", entry["file"]), entry["file"]
+        assert (kit / entry["file"]).stat().st_size == entry["bytes"]
+    assert manifest["python_version"] == "3.12"
+    assert manifest["total_bytes"] == sum(entry["bytes"] for entry in wheels.values()) < CARRY_LIMIT
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_runs_every_stage_and_writes_rows(tmp_path, kit):
+    run = _run_check(tmp_path, kit)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    stages = _stages(tmp_path)
+    assert list(stages) == STAGES
+    assert all(stage["status"] == "passed" for stage in stages.values()), stages
+    environment = json.loads((tmp_path / "environment.json").read_text())
+    assert environment["dry_run"] and environment["missing"] == []  # this venv has the whole kit
+    assert (tmp_path / "gpu-tests.xml").is_file()
+    rows = json.loads((tmp_path / "gpu-bench.json").read_text())["rows"]
+    summaries = [r["model"] for r in rows if r["row"] == "summary"]
+    assert summaries == ["tiny-sd15", "tiny", "tiny-sd15"]  # sd15, sdxl, then the compile stage
+    # The compile stage times only the batched and compiled loops.
+    last = [r for r in rows if r["row"] == "timing" and r["call"] == rows[-1]["call"]]
+    assert {r["loop"] for r in last} == {"batched", "compiled"}
+    log = (tmp_path / "device-check.log").read_text()
+    assert "=== stages" in log and "| compiled |" in log
+
+
+@pytest.mark.slow
+def test_device_check_stage_over_its_budget_is_cut_and_the_next_still_runs(tmp_path, kit):
+    run = _run_check(tmp_path, kit, DEVICE_CHECK_STAGES="sd15,sdxl", DEVICE_CHECK_BUDGET_SD15="2")
+    assert run.returncode != 0  # a stage was cut
+    stages = _stages(tmp_path)
+    assert list(stages) == STAGES
+    assert stages["sd15"]["status"] == "timed_out" and stages["sd15"]["rc"] == 124
+    assert stages["sd15"]["budget_s"] == 2 and stages["sd15"]["seconds"] <= 2 + 10
+    assert stages["sdxl"]["status"] == "passed"
+    assert {stages[name]["status"] for name in ("install", "gpu_tests", "sd15_inductor")} == {"skipped"}
+    rows = json.loads((tmp_path / "gpu-bench.json").read_text())["rows"]
+    assert {r["model"] for r in rows if r["row"] == "summary"} == {"tiny"}
