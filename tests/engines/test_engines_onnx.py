@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -18,7 +19,8 @@ from engines.onnx_export import (
     graph_module,
     save_with_external_data,
 )
-from engines.static_loop import Bucket
+from engines.static_loop import Bucket, GraphSettings, bucket_state
+from engines.tensorrt.backend import EngineFeeds
 from engines.tensorrt.cache import onnx_digest
 from realcustom.masks import generate_masks
 
@@ -135,3 +137,39 @@ def test_onnx_generation_tokens_variant_matches_eager(tiny_pipeline, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (eps,) = session.run(["eps"], {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
     assert np.abs(eps - expected).max() <= ATOL
+
+
+def test_onnx_guidance_graph_outputs_only_the_maps(export):
+    """ε of the guidance pass is unused by the loop: not an output, so TensorRT can prune the tail."""
+    directory, _ = export
+    graph = onnx.load(str(directory / "guidance-1x64x64s2.onnx"), load_external_data=False)
+    assert [output.name for output in graph.graph.output] == ["layer_maps"]
+
+
+def test_onnx_bf16_pipeline_exports_fp32_graphs_that_pass_the_checker(tiny_pipeline, tmp_path):
+    """A bf16 pipeline is exported from an fp32 copy (TensorRT's BF16 flag picks the precision):
+    bf16 Conv nodes would fail onnx.checker at opset 17. The bf16 pipeline itself is untouched."""
+    bf16 = copy.deepcopy(tiny_pipeline).to(torch.bfloat16)
+    directory = export_all(bf16, "tiny-bf16", [Bucket(1, 64, 64)], tmp_path)
+    assert bf16.dtype == torch.bfloat16
+    for path in sorted(directory.glob("*.onnx")):
+        onnx.checker.check_model(str(path), full_check=True)
+        graph = onnx.load(str(path))
+        types = {i.type.tensor_type.elem_type for i in [*graph.graph.input, *graph.graph.output]}
+        assert types == {onnx.TensorProto.FLOAT}, path.name
+        assert all(t.data_type != onnx.TensorProto.BFLOAT16 for t in graph.graph.initializer), path.name
+
+
+def test_onnx_tensorrt_feeds_are_contiguous_fp32_views_of_the_state(tiny_pipeline):
+    """Every buffer bound to a TensorRT engine (by address) is contiguous fp32 and, for the
+    conditioning and image K/V, is the state's own storage (no per-step copy)."""
+    state = bucket_state(tiny_pipeline, Bucket(2, 64, 64, 2), GraphSettings(), torch.float32)
+    feeds = EngineFeeds(state)
+    bound = feeds.bound()
+    assert len(bound) == 4 + 4 + 2 + 2 + 2 * tiny_pipeline.unet.num_layers  # + pooled/time_ids (SDXL)
+    for name, tensor in bound.items():
+        assert tensor.is_contiguous() and tensor.dtype == torch.float32, name
+    assert feeds.generation["image_k_00"].data_ptr() == state.image_kv[0][0].data_ptr()
+    assert feeds.guidance["text"].data_ptr() == state.text.data_ptr()
+    with pytest.raises(ValueError, match="fp32"):
+        EngineFeeds(bucket_state(tiny_pipeline, Bucket(1, 64, 64), GraphSettings(), torch.bfloat16))
