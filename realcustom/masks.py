@@ -47,13 +47,16 @@ def mask_scores(
 
 def select_mask(score: torch.Tensor, mode: Sequence[str], scope: torch.Tensor | float) -> torch.Tensor:
     """Top-k soft selection (or threshold), [B,S,h*w] -> [B,S,h*w]; scope may be per sample [B]."""
-    scope = torch.as_tensor(scope, dtype=score.dtype, device=score.device).reshape(-1, 1, 1)
+    # float64, as the official Python floats: a float32 scope drops pixels (float32(0.35)·40 < 14).
+    scope = torch.as_tensor(scope, dtype=torch.float64, device=score.device).reshape(-1, 1, 1)
     binary = "binary" in mode
     if "threshold" in mode:
-        keep = score >= 1 - scope
-        return keep.to(score.dtype) if binary else score * keep
+        # As the official: below 1 − scope → 0, then (binary) above it → 1; equal keeps its value.
+        threshold = (1 - scope).to(score.dtype)
+        kept = torch.where(score < threshold, torch.zeros_like(score), score)
+        return torch.where(kept > threshold, torch.ones_like(kept), kept) if binary else kept
     # Exactly floor(scope·h·w) entries survive per subject: rank positions by descending score.
-    count = torch.floor(scope.double() * score.shape[-1])  # the official int(scope·h·w), in float64
+    count = torch.floor(scope * score.shape[-1])  # the official int(scope·h·w)
     order = score.argsort(dim=-1, descending=True, stable=True)
     positions = torch.arange(score.shape[-1], device=score.device).expand_as(order)
     ranks = torch.empty_like(order).scatter_(-1, order, positions)

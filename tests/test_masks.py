@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -66,3 +68,39 @@ def test_unknown_mode_and_policy_are_rejected() -> None:
         generate_masks([torch.rand(1, 1, 8, 8)], (8, 8), ["maxnorm"], 0.25)
     with pytest.raises(ValueError, match="overlap"):
         generate_masks([torch.rand(1, 1, 8, 8)], (8, 8), ["max_norm"], 0.25, overlap="union")
+
+
+@pytest.mark.parametrize("mode", [["max_norm"], ["max_norm", "binary"], ["none"]])
+def test_flat_map_keeps_the_earliest_positions(mode: list[str]) -> None:
+    """Equal scores: the stable sort keeps the first floor(scope·h·w) positions in row-major order."""
+    masks, score = generate_masks([torch.full((2, 1, 8, 8), 0.3)], (8, 8), mode, 0.25)
+    expected = torch.zeros(2, 1, 64)
+    expected[..., :16] = 1.0 if "binary" in mode else score.flatten(2)[..., :16]
+    assert torch.equal(masks.flatten(2), expected)
+
+
+def test_ties_at_the_top_k_boundary_go_to_the_earliest_positions() -> None:
+    score = torch.full((1, 1, 64), 0.5)
+    score[..., 40:44] = 1.0  # four clear winners, then a plateau of 60 equal scores
+    mask = select_mask(score, ["max_norm", "binary"], 0.25)
+    kept = mask.flatten().nonzero().flatten().tolist()
+    assert kept == [*range(12), *range(40, 44)]
+
+
+@pytest.mark.parametrize("mask_size", [(8, 8), (4, 10), (40, 64), (48, 64)])
+def test_keeps_exactly_floor_of_scope_times_pixels(mask_size: tuple[int, int]) -> None:
+    """The official int(h·w·scope) in Python floats, for every scope 0.01 … 1.00 (0.35·40 is 14, not 13)."""
+    pixels = mask_size[0] * mask_size[1]
+    torch.manual_seed(4)
+    score = torch.rand(1, 1, pixels)
+    for scope in [i / 100 for i in range(1, 101)]:
+        kept = int((select_mask(score, ["max_norm"], scope) > 0).sum())
+        assert kept == math.floor(pixels * scope), f"scope {scope} on {mask_size}"
+
+
+def test_binary_threshold_leaves_scores_equal_to_the_threshold_as_they_are() -> None:
+    """Official: below 1 − scope → 0, above → 1, equal keeps its value (at scope 1 the minimum stays 0)."""
+    maps = [torch.linspace(0, 1, 64).view(1, 1, 8, 8)]
+    masks, score = generate_masks(maps, (8, 8), ["min_max_norm", "threshold", "binary"], 1.0)
+    assert score.flatten()[0] == 0.0 and masks.flatten()[0] == 0.0
+    assert masks.flatten()[1:].eq(1.0).all()
