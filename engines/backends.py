@@ -1,6 +1,6 @@
 """Backends that run the denoising loop, chosen by name, with a capability check at selection.
 
-`eager` is the reference (realcustom.denoise). `compiled` (torch.compile + CUDA graphs,
+`eager` is the eager loop (realcustom.denoise). `compiled` (torch.compile + CUDA graphs,
 engines/compiled.py) and `tensorrt` (engines built from ONNX, engines/tensorrt/) register here; a
 backend that cannot run on this machine says why in one log line and the runner falls back to
 `eager`. Optional members a backend may have: `warmup()` (prepare graphs/engines before serving)
@@ -29,7 +29,7 @@ class Backend(Protocol):
 
 
 class EagerBackend:
-    """The reference loop, as written in realcustom/denoise.py."""
+    """The eager loop, as written in realcustom/denoise.py (what faster backends are checked against)."""
 
     name = "eager"
 

@@ -48,7 +48,7 @@ class Runner:
     @property
     def stats(self) -> dict[str, int]:
         """The backend's counters (a snapshot): `graph_replays`, `graph_misses` (steps that ran
-        without a captured graph), `eager_loops` (loops that fell back to the reference loop),
+        without a captured graph), `eager_loops` (loops that fell back to the eager loop),
         `graphs_captured`. Empty for `eager`. Monotonic, so the worker can export them as counters."""
         return dict(getattr(self.backend, "stats", {}))
 

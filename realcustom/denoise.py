@@ -81,7 +81,7 @@ def denoise(
     trace: LoopTrace | None = None,
 ) -> LoopResult:
     """Run the loop from initial noise `latents` [B, 4, h, w]: `denoise_step` on a state of this
-    loop's exact shape, every step run eagerly (the reference every faster loop is checked against)."""
+    loop's exact shape, every step run eagerly (what every faster loop is checked against)."""
     batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
     state = LoopState(
         unet,

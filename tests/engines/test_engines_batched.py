@@ -99,7 +99,7 @@ def test_batched_static_loop_miss_runs_eagerly_and_is_counted(tiny_pipeline, sin
     other = LoopSettings(3, "dpm", ("min_max_norm",), 1)
     backend.denoise(tiny_pipeline, *_inputs(tiny_pipeline, single_jobs), other)
     assert backend.stats["graph_misses"] == 6
-    # A diffusers scheduler cannot be captured: the whole loop runs the reference.
+    # A diffusers scheduler cannot be captured: the whole loop runs eagerly.
     euler = LoopSettings(2, "diffusers-euler", ("max_norm",), 1)
     result = backend.denoise(tiny_pipeline, cond, latents, euler)
     _close(denoise(tiny_pipeline.unet, cond, latents, euler), result, atol=0)

@@ -92,9 +92,9 @@ def test_capture_compiles_each_step_kind_once_without_autograd(
         assert tensor.grad_fn is None and not tensor.requires_grad, f"{name} carries autograd history"
     assert not any(p.requires_grad for p in pipeline.parameters())
 
-    reference = denoise(pipeline.unet, cond, latents, settings)
+    eager = denoise(pipeline.unet, cond, latents, settings)
     atol = 1e-6 if compile_backend == "aot_eager" else 1e-4  # inductor reassociates fp32 sums
-    scale = max(1.0, float(reference.latents.abs().max()))
-    torch.testing.assert_close(result.latents, reference.latents, rtol=0, atol=atol * scale)
-    torch.testing.assert_close(result.masks, reference.masks, rtol=0, atol=atol)
+    scale = max(1.0, float(eager.latents.abs().max()))
+    torch.testing.assert_close(result.latents, eager.latents, rtol=0, atol=atol * scale)
+    torch.testing.assert_close(result.masks, eager.masks, rtol=0, atol=atol)
     torch.testing.assert_close(again.latents, result.latents, rtol=0, atol=0)

@@ -47,7 +47,7 @@ def test_fused_tiny_pipeline_call_runs_on_flash_attention_only(tiny_pipeline, mu
             mask_reused_step=1,
             output_type="latent",
         )
-    reference = tiny_pipeline(
+    eager = tiny_pipeline(
         "a dog on a sofa",
         [(image, "dog")],
         height=64,
@@ -56,8 +56,8 @@ def test_fused_tiny_pipeline_call_runs_on_flash_attention_only(tiny_pipeline, mu
         mask_reused_step=1,
         output_type="latent",
     )
-    scale = float(reference.images.abs().max())
-    torch.testing.assert_close(fused.images, reference.images, rtol=0, atol=1e-5 * scale)
+    scale = float(eager.images.abs().max())
+    torch.testing.assert_close(fused.images, eager.images, rtol=0, atol=1e-5 * scale)
 
 
 def test_fused_compiled_backend_loop_runs_on_flash_attention_only(tiny_pipeline, multi_jobs):
@@ -71,6 +71,6 @@ def test_fused_compiled_backend_loop_runs_on_flash_attention_only(tiny_pipeline,
     with sdpa_kernel(FLASH):
         result = backend.denoise(tiny_pipeline, cond, latents, settings)
     assert backend.stats["graph_replays"] == 3
-    reference = denoise(tiny_pipeline.unet, cond, latents, settings)
-    scale = float(reference.latents.abs().max())
-    torch.testing.assert_close(result.latents, reference.latents, rtol=0, atol=1e-5 * scale)
+    eager = denoise(tiny_pipeline.unet, cond, latents, settings)
+    scale = float(eager.latents.abs().max())
+    torch.testing.assert_close(result.latents, eager.latents, rtol=0, atol=1e-5 * scale)

@@ -42,11 +42,11 @@ def test_gpu_cuda_graph_loop_matches_eager(cuda_tiny, multi_jobs, compile_backen
     (state,) = backend.graphs.states.values()
     assert state.latents.dtype == torch.float32 and state.latents.grad_fn is None
     result = backend.denoise(pipeline, cond, latents, settings)
-    reference = denoise(pipeline.unet, cond, latents, settings)
+    eager = denoise(pipeline.unet, cond, latents, settings)
     tolerance = 1e-3 if pipeline.dtype == torch.float32 else 5e-2
-    scale = float(reference.latents.abs().max())
-    torch.testing.assert_close(result.latents, reference.latents, rtol=0, atol=tolerance * scale)
-    assert ((result.masks > 0) == (reference.masks > 0)).float().mean() > 0.95
+    scale = float(eager.latents.abs().max())
+    torch.testing.assert_close(result.latents, eager.latents, rtol=0, atol=tolerance * scale)
+    assert ((result.masks > 0) == (eager.masks > 0)).float().mean() > 0.95
     assert backend.stats["graph_replays"] == 4 and backend.stats["graph_misses"] == 0
     # A second request through the same graphs (buffers refilled in place): identical.
     again = backend.denoise(pipeline, cond, latents, settings)

@@ -16,7 +16,7 @@ U, R = StepKind.MASK_UPDATE, StepKind.MASK_REUSE
 def test_batched_step_kinds_follow_mask_reused_step():
     assert step_kinds(5, 2) == [U, U, R, R, R]
     assert step_kinds(3, 99) == [U, U, U]
-    assert step_kinds(3, 0) == [U, R, R]  # step 0 always computes a mask, as the reference does
+    assert step_kinds(3, 0) == [U, R, R]  # step 0 always computes a mask, as the official loop does
     assert step_kinds(25, 12).count(U) == 12
 
 
