@@ -87,9 +87,9 @@ def test_ties_at_the_top_k_boundary_go_to_the_earliest_positions() -> None:
     assert kept == [*range(12), *range(40, 44)]
 
 
-@pytest.mark.parametrize("mask_size", [(8, 8), (4, 10), (40, 64), (48, 64)])
+@pytest.mark.parametrize("mask_size", [(8, 8), (10, 10), (4, 10), (40, 64), (48, 64)])
 def test_keeps_exactly_floor_of_scope_times_pixels(mask_size: tuple[int, int]) -> None:
-    """The official int(h·w·scope) in Python floats, for every scope 0.01 … 1.00 (0.35·40 is 14, not 13)."""
+    """The official int(h·w·scope) in Python floats for scopes 0.01 … 1.00 (0.35·40 is 14; 0.29·100 is 28)."""
     pixels = mask_size[0] * mask_size[1]
     torch.manual_seed(4)
     score = torch.rand(1, 1, pixels)
