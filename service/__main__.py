@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from engines.runner import load_runner
 from service.api.app import create_app, serve
 from service.logs import configure_logging
+from service.queue.capacity import check_or_exit
 from service.queue.protocol import JobQueue
 from service.settings import Settings, load_settings
 from service.worker.loop import Worker
@@ -65,6 +66,7 @@ def main() -> None:
             "no model weights configured (MODEL unset or 'tiny'): serving the TINY random-weight model, "
             "for trying the service only. Set MODEL=/path/to/weights for real images."
         )
+    check_or_exit(settings, logger)
     serve(create_app(settings, companion=functools.partial(embedded_worker, settings)), settings)
 
 

@@ -40,6 +40,11 @@ INFERENCE_SECONDS = Histogram(
 BATCH_SIZE = Histogram(
     "realcustom_batch_size", "Jobs per batch run by a worker.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
 )
+DEAD_LETTERS = Counter(
+    "realcustom_queue_dead_letters_total",
+    "Queue messages this worker could not read (e.g. another version's format), set aside in the "
+    "dead-letter stream; their jobs fail with the reason.",
+)
 WORKER_BUSY = Gauge("realcustom_worker_busy", "1 while this worker runs a batch.")
 WORKER_READY = Gauge("realcustom_worker_ready", "1 once this worker's model is loaded and warm.")
 ENGINE_EVENTS = Counter(

@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     queue_max_depth: int = Field(
         64, ge=1, description="Accepted jobs not yet finished; beyond it requests get 429 + Retry-After."
     )
+    queue_max_bytes: int = Field(
+        256 * 2**20,
+        ge=2**20,
+        description="Bytes of job data the Redis queue may hold: the payloads (spec and reference images) "
+        "of unfinished jobs plus the results of finished ones until `result_ttl_s`; past it requests get "
+        "429 + Retry-After. Checked at start-up against Redis' `maxmemory` (docs/DEPLOYMENT.md).",
+    )
     queue_full_retry_after_s: int = Field(2, ge=1, description="Retry-After of a 429 for a full queue.")
     job_timeout_s: float = Field(
         120.0,
@@ -83,8 +90,17 @@ class Settings(BaseSettings):
     batch_window_ms: int = Field(
         10, ge=0, description="How long a worker waits for more compatible jobs before running a batch."
     )
+    worker_metrics_host: str = Field(
+        "127.0.0.1",
+        description="Interface of a worker's Prometheus endpoint; `0.0.0.0` (or the pod IP) where "
+        "Prometheus scrapes it from another host.",
+    )
     worker_metrics_port: int = Field(
-        9101, ge=0, le=65535, description="Port of a worker's Prometheus endpoint; 0 disables it."
+        9101,
+        ge=0,
+        le=65535,
+        description="Port of a worker's Prometheus endpoint; 0 = a free port (logged). A port already "
+        "taken (another worker on the host) falls back to a free port, with a warning.",
     )
 
     # --- edge: security and limits -------------------------------------------------------------

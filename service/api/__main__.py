@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import sys
 
+from service.api.allocator import tune_allocator
 from service.api.app import create_app, serve
 from service.logs import configure_logging
+from service.queue.capacity import check_or_exit
 from service.settings import load_settings
 
 logger = logging.getLogger("service.api")
@@ -21,6 +23,8 @@ def main() -> None:
             "`python -m service` (API + in-process queue + worker in one process)."
         )
         sys.exit(2)
+    check_or_exit(settings, logger)
+    tune_allocator()
     serve(create_app(settings), settings)
 
 

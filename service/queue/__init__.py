@@ -17,6 +17,7 @@ def create_queue(settings: Settings) -> JobQueue:
             url=settings.redis_url,
             prefix=settings.queue_name,
             max_depth=settings.queue_max_depth,
+            max_bytes=settings.queue_max_bytes,
             retry_after_s=settings.queue_full_retry_after_s,
             result_ttl_s=settings.result_ttl_s,
             job_timeout_s=settings.job_timeout_s,

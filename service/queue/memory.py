@@ -45,7 +45,7 @@ class InProcessQueue:
             return self._records[self._idempotency[idempotency_key]]
         depth = await self.depth()
         if depth >= self._max_depth:
-            raise QueueFullError(depth, self._retry_after_s)
+            raise QueueFullError(f"the queue holds {depth} jobs, its limit", self._retry_after_s)
         record = spec.record(JobState.QUEUED)
         self._specs[spec.id] = spec
         self._records[spec.id] = record

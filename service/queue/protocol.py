@@ -155,10 +155,10 @@ class TakenJob(BaseModel):
 
 
 class QueueFullError(Exception):
-    """Too many accepted jobs are waiting; retry after `retry_after_s` seconds."""
+    """The queue is at a limit (`reason`: jobs, bytes or Redis memory); retry after `retry_after_s`."""
 
-    def __init__(self, depth: int, retry_after_s: int) -> None:
-        super().__init__(f"the queue holds {depth} jobs, its limit; retry in {retry_after_s} s")
+    def __init__(self, reason: str, retry_after_s: int) -> None:
+        super().__init__(f"{reason}; retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
 

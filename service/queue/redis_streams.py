@@ -1,16 +1,21 @@
 """Redis Streams queue: many API processes and many workers on any machines.
 
 Layout under the `queue_name` prefix:
-- `<p>:stream`: one message per accepted job (`id`, `deadline`, `spec`), consumer group `workers`.
-  Messages are acknowledged and deleted only once their job's terminal record is stored, so the
-  stream length is the number of unfinished jobs (the bounded depth).
-- `<p>:job:<id>`: hash with the job's `state`, `worker`, `error`, `result`, `meta` and stream id.
+- `<p>:stream`: one message per accepted job, consumer group `workers`. Fields: `id`, `deadline`,
+  `v` (message format), `size` (payload bytes), `spec` (the job's JSON without its images) and
+  `blob:<i>` (each image as raw bytes, see `blobs.py`). Messages are acknowledged and deleted only
+  once their job's terminal record is stored, so the stream length is the number of unfinished
+  jobs (the bounded depth).
+- `<p>:job:<id>`: hash with the job's `state`, `worker`, `fence` (ownership token), `error`,
+  `result` (+ `rblob:<i>` raw result images), `meta` and stream id.
+- `<p>:bytes`, `<p>:results`: the byte budget: bytes held (payloads of unfinished jobs + results not
+  yet expired) and the sizes and expiry times of stored results.
+- `<p>:dead`: dead letters (messages no worker could read), bounded.
 - `<p>:idem:<key>`: idempotency key -> job id.
 - `<p>:workers`: sorted set worker -> last heartbeat (readiness).
 - `<p>:done`: pub/sub channel carrying the ids of finished jobs, so waiting requests wake at once.
 
-Every state change that must be atomic (accept within the depth bound, start, finish + ack,
-cancel, release) is one Lua script.
+Every state change that must be atomic is one Lua script (`redis_scripts.py`).
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import time
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
+from service import metrics
+from service.queue.blobs import join_blobs, payload_size, split_blobs
 from service.queue.protocol import (
     JobMeta,
     JobRecord,
@@ -34,68 +41,61 @@ from service.queue.protocol import (
     QueueUnavailableError,
     TakenJob,
 )
+from service.queue.redis_scripts import (
+    CANCEL,
+    DEAD_LETTER,
+    FINISH,
+    GROUP_CREATE,
+    HEARTBEAT,
+    RELEASE,
+    START,
+    SUBMIT,
+)
 
 logger = logging.getLogger(__name__)
 
 GROUP = "workers"
 # Waiters re-read their job at least this often, in case a wake-up was lost while Redis restarted.
 WAKE_SAFETY_INTERVAL_S = 1.0
+# Version of the stream message layout; a message of another version is dead-lettered.
+MESSAGE_FORMAT = b"2"
+# Dead letters kept (oldest dropped), and the largest field value copied into one (images are not).
+DEAD_LETTER_MAX = 200
+DEAD_LETTER_FIELD_MAX = 16 * 1024
+# Workers silent this long are dropped from the presence set.
+FORGET_WORKER_S = 3600
 
-_SUBMIT = """
-if KEYS[3] ~= '' then
-  local existing = redis.call('GET', KEYS[3])
-  if existing then return {'existing', existing} end
-end
-local depth = redis.call('XLEN', KEYS[1])
-if depth >= tonumber(ARGV[1]) then return {'full', tostring(depth)} end
-local msg = redis.call('XADD', KEYS[1], '*', 'id', ARGV[2], 'deadline', ARGV[3], 'spec', ARGV[4])
-redis.call('HSET', KEYS[2], 'state', 'queued', 'meta', ARGV[5], 'msg', msg)
-redis.call('EXPIRE', KEYS[2], ARGV[6])
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[2], 'EX', ARGV[6]) end
-return {'new', msg}
-"""
 
-_START = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'queued' or state == 'running' then
-  redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[3])
-  return 1
-end
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-return 0
-"""
+def encode_job(spec: JobSpec) -> tuple[list[bytes | str | int], int]:
+    """The stream message fields of a job (images as raw bytes) and its payload size."""
+    document, blobs = split_blobs(spec)
+    size = payload_size(document, blobs)
+    fields: list[bytes | str | int] = ["id", spec.id, "deadline", repr(spec.deadline), "v", MESSAGE_FORMAT]
+    fields += ["size", size, "spec", document, "blobs", len(blobs)]
+    for index, blob in enumerate(blobs):
+        fields += [f"blob:{index}", blob]
+    return fields, size
 
-_FINISH = """
-redis.call('HSET', KEYS[1], 'state', ARGV[3], 'worker', ARGV[4], 'error', ARGV[5], 'result', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-redis.call('PUBLISH', KEYS[3], ARGV[8])
-return 1
-"""
 
-_CANCEL = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'queued' then return state end
-local msg = redis.call('HGET', KEYS[1], 'msg')
-redis.call('HSET', KEYS[1], 'state', 'cancelled')
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('XACK', KEYS[2], ARGV[1], msg)
-redis.call('XDEL', KEYS[2], msg)
-redis.call('PUBLISH', KEYS[3], ARGV[3])
-return 'cancelled'
-"""
+def decode_job(fields: dict[bytes, bytes]) -> JobSpec:
+    """Inverse of `encode_job`; raises KeyError, ValueError, TypeError or IndexError on a message
+    this version cannot read."""
+    version = fields.get(b"v")
+    if version != MESSAGE_FORMAT:
+        raise ValueError(
+            f"message format {version!r}, this worker reads {MESSAGE_FORMAT!r} (written by another "
+            "version of the service?)"
+        )
+    blobs = [fields[b"blob:%d" % index] for index in range(int(fields[b"blobs"]))]
+    return join_blobs(JobSpec, fields[b"spec"], blobs)
 
-_RELEASE = """
-local state = redis.call('HGET', KEYS[1], 'state')
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[2], ARGV[2])
-if state ~= 'queued' and state ~= 'running' then return 0 end
-local msg = redis.call('XADD', KEYS[2], '*', 'id', ARGV[3], 'deadline', ARGV[4], 'spec', ARGV[5])
-redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'msg', msg)
-return 1
-"""
+
+def dead_letter_fields(reason: str, message_id: bytes, worker: str, fields: dict[bytes, bytes]) -> list:
+    """What a dead letter keeps: the reason and the raw message, large values (images) left out."""
+    kept: list[bytes | str] = ["reason", reason, "message", message_id, "worker", worker]
+    for name, value in fields.items():
+        kept += [b"raw:" + name, value if len(value) <= DEAD_LETTER_FIELD_MAX else f"<{len(value)} bytes>"]
+    return kept
 
 
 class RedisStreamsQueue:
@@ -106,6 +106,7 @@ class RedisStreamsQueue:
         url: str,
         prefix: str,
         max_depth: int,
+        max_bytes: int,
         retry_after_s: int,
         result_ttl_s: int,
         job_timeout_s: float,
@@ -117,7 +118,11 @@ class RedisStreamsQueue:
         self._stream = f"{prefix}:stream"
         self._channel = f"{prefix}:done"
         self._workers_key = f"{prefix}:workers"
+        self._bytes_key = f"{prefix}:bytes"
+        self._results_key = f"{prefix}:results"
+        self._dead_key = f"{prefix}:dead"
         self._max_depth = max_depth
+        self._max_bytes = max_bytes
         self._retry_after_s = retry_after_s
         self._result_ttl_s = result_ttl_s
         # A queued job's record must outlive its deadline, plus the time to read its result.
@@ -127,17 +132,25 @@ class RedisStreamsQueue:
         self._scripts = {
             name: self._client.register_script(source)
             for name, source in (
-                ("submit", _SUBMIT),
-                ("start", _START),
-                ("finish", _FINISH),
-                ("cancel", _CANCEL),
-                ("release", _RELEASE),
+                ("group", GROUP_CREATE),
+                ("submit", SUBMIT),
+                ("start", START),
+                ("finish", FINISH),
+                ("cancel", CANCEL),
+                ("release", RELEASE),
+                ("heartbeat", HEARTBEAT),
+                ("dead_letter", DEAD_LETTER),
             )
         }
         self._group_ready = False
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._last_reclaim = 0.0
+        # Fencing token of each delivery this process started: its result is stored only while the
+        # job is still ours (a worker whose heartbeats failed may have lost it to another).
+        self._fences: dict[tuple[str, str], int] = {}
+        # Consumer (worker name) of each delivery handed out by `take`.
+        self._taken_by: dict[str, str] = {}
 
     def _job_key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -147,7 +160,8 @@ class RedisStreamsQueue:
         """The client, with Redis failures turned into QueueUnavailableError."""
         try:
             if not self._group_ready:
-                await self._ensure_group()
+                await self._scripts["group"](keys=[self._stream], args=[GROUP], client=self._client)
+                self._group_ready = True
             yield self._client
         except ResponseError as error:
             if "NOGROUP" in str(error):
@@ -157,34 +171,42 @@ class RedisStreamsQueue:
         except (RedisError, OSError) as error:
             raise QueueUnavailableError(f"Redis is unreachable: {error}") from error
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self._client.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
-        self._group_ready = True
-
     # --- API side ------------------------------------------------------------------------------
     async def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobRecord:
         meta = spec.meta().model_dump_json()
+        fields, size = encode_job(spec)
         idem_key = f"{self._prefix}:idem:{idempotency_key}" if idempotency_key else ""
-        async with self._redis() as client:
-            outcome, value = await self._scripts["submit"](
-                keys=[self._stream, self._job_key(spec.id), idem_key],
-                args=[
-                    self._max_depth,
-                    spec.id,
-                    repr(spec.deadline),
-                    spec.model_dump_json(),
-                    meta,
-                    self._record_ttl_s,
-                ],
-                client=client,
-            )
+        try:
+            async with self._redis() as client:
+                outcome, value = await self._scripts["submit"](
+                    keys=[self._stream, self._job_key(spec.id), idem_key, self._bytes_key, self._results_key],
+                    args=[
+                        self._max_depth,
+                        self._max_bytes,
+                        spec.id,
+                        meta,
+                        self._record_ttl_s,
+                        time.time(),
+                        size,
+                        *fields,
+                    ],
+                    client=client,
+                )
+        except QueueUnavailableError as error:
+            if isinstance(error.__cause__, OutOfMemoryError):
+                raise QueueFullError(
+                    "the queue's Redis is at its memory limit", self._retry_after_s
+                ) from error
+            raise
         outcome, value = outcome.decode(), value.decode()
         if outcome == "full":
-            raise QueueFullError(int(value), self._retry_after_s)
+            raise QueueFullError(f"the queue holds {value} jobs, its limit", self._retry_after_s)
+        if outcome == "bytes":
+            raise QueueFullError(
+                f"the queue holds {int(value)} bytes of jobs and results; this job's {size} bytes would pass "
+                f"its limit of {self._max_bytes}",
+                self._retry_after_s,
+            )
         if outcome == "existing":
             existing = await self.get(value)
             if existing is not None:
@@ -198,14 +220,17 @@ class RedisStreamsQueue:
         if not fields or b"meta" not in fields:
             return None
         meta = JobMeta.model_validate_json(fields[b"meta"])
-        result = fields.get(b"result")
+        result = None
+        if fields.get(b"result"):
+            blobs = [fields[b"rblob:%d" % index] for index in range(int(fields.get(b"rblobs", 0)))]
+            result = join_blobs(JobResult, fields[b"result"], blobs)
         return JobRecord.from_meta(
             job_id,
             JobState(fields[b"state"].decode()),
             meta,
             worker=fields.get(b"worker", b"").decode() or None,
             error=fields.get(b"error", b"").decode() or None,
-            result=JobResult.model_validate_json(result) if result else None,
+            result=result,
         )
 
     async def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
@@ -271,7 +296,7 @@ class RedisStreamsQueue:
     async def cancel(self, job_id: str) -> JobRecord | None:
         async with self._redis() as client:
             await self._scripts["cancel"](
-                keys=[self._job_key(job_id), self._stream, self._channel],
+                keys=[self._job_key(job_id), self._stream, self._channel, self._bytes_key],
                 args=[GROUP, self._result_ttl_s, job_id],
                 client=client,
             )
@@ -280,6 +305,11 @@ class RedisStreamsQueue:
     async def depth(self) -> int:
         async with self._redis() as client:
             return int(await client.xlen(self._stream))
+
+    async def held_bytes(self) -> int:
+        """Bytes counted against `max_bytes` (expired results are subtracted at the next submit)."""
+        async with self._redis() as client:
+            return int(await client.get(self._bytes_key) or 0)
 
     async def ready_workers(self) -> int:
         async with self._redis() as client:
@@ -294,21 +324,35 @@ class RedisStreamsQueue:
 
     # --- worker side ---------------------------------------------------------------------------
     async def take(self, worker: str, max_jobs: int, block_s: float) -> list[TakenJob]:
-        taken = await self._reclaim(worker, max_jobs)
-        if len(taken) < max_jobs:
-            async with self._redis() as client:
-                replies = await client.xreadgroup(
-                    GROUP,
-                    worker,
-                    {self._stream: ">"},
-                    count=max_jobs - len(taken),
-                    block=max(int(block_s * 1000), 1) if not taken else None,
-                )
-            for _stream, messages in replies or []:
-                taken += [job for job in map(self._parse, messages) if job is not None]
+        messages = await self._reclaim(worker, max_jobs)
+        if len(messages) < max_jobs:
+            try:
+                async with self._redis() as client:
+                    replies = await client.xreadgroup(
+                        GROUP,
+                        worker,
+                        {self._stream: ">"},
+                        count=max_jobs - len(messages),
+                        block=max(int(block_s * 1000), 1) if not messages else None,
+                    )
+            except QueueUnavailableError:
+                if not messages:
+                    raise
+                replies = []  # keep what was reclaimed; the next call reads new messages
+            for _stream, new in replies or []:
+                messages += new
+        taken: list[TakenJob] = []
+        for message_id, fields in messages:
+            if not fields:  # deleted while pending (cancelled)
+                continue
+            try:
+                taken.append(TakenJob(spec=decode_job(fields), token=message_id.decode()))
+                self._taken_by[message_id.decode()] = worker
+            except (KeyError, ValueError, TypeError, IndexError) as error:
+                await self._dead_letter(worker, message_id, fields, f"{type(error).__name__}: {error}")
         return taken
 
-    async def _reclaim(self, worker: str, max_jobs: int) -> list[TakenJob]:
+    async def _reclaim(self, worker: str, max_jobs: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Take over jobs whose worker stopped refreshing them (it died)."""
         now = time.monotonic()
         if now - self._last_reclaim < min(1.0, self._reclaim_idle_ms / 4000):
@@ -318,63 +362,142 @@ class RedisStreamsQueue:
             _cursor, messages, _deleted = await client.xautoclaim(
                 self._stream, GROUP, worker, self._reclaim_idle_ms, start_id="0-0", count=max_jobs
             )
-        jobs = [job for job in map(self._parse, messages) if job is not None]
-        for job in jobs:
-            logger.warning("reclaimed job %s from a worker that stopped", job.spec.id)
-        return jobs
+        for _message_id, fields in messages:
+            if fields:
+                logger.warning(
+                    "reclaimed job %s from a worker that stopped", fields.get(b"id", b"?").decode()
+                )
+        return messages
 
-    def _parse(self, message: tuple[bytes, dict[bytes, bytes]]) -> TakenJob | None:
-        message_id, fields = message
-        if not fields:  # deleted while pending (cancelled)
-            return None
-        return TakenJob(spec=JobSpec.model_validate_json(fields[b"spec"]), token=message_id.decode())
+    async def _dead_letter(
+        self, worker: str, message_id: bytes, fields: dict[bytes, bytes], reason: str
+    ) -> None:
+        """Set an unreadable message aside (once, logged and counted) instead of failing on it again
+        and again; its job, when it has a record, fails with the reason."""
+        job_id = fields.get(b"id", b"").decode(errors="replace")
+        message = f"the job's queue message cannot be read by this worker ({reason[:500]})"
+        try:
+            async with self._redis() as client:
+                moved = await self._scripts["dead_letter"](
+                    keys=[
+                        self._stream,
+                        self._dead_key,
+                        self._bytes_key,
+                        self._job_key(job_id) if job_id else "",
+                        self._channel,
+                    ],
+                    args=[
+                        GROUP,
+                        message_id,
+                        DEAD_LETTER_MAX,
+                        message,
+                        job_id,
+                        self._result_ttl_s,
+                        worker,
+                        *dead_letter_fields(reason, message_id, worker, fields),
+                    ],
+                    client=client,
+                )
+        except QueueUnavailableError as error:
+            # It stays pending here and is reclaimed (and dead-lettered) later.
+            logger.warning("could not dead-letter message %s yet: %s", message_id.decode(), error)
+            return
+        if moved:
+            metrics.DEAD_LETTERS.inc()
+            logger.error(
+                "dead-lettered message %s (job %s) to %s: %s",
+                message_id.decode(),
+                job_id,
+                self._dead_key,
+                reason,
+            )
 
     async def start(self, worker: str, job: TakenJob) -> bool:
         async with self._redis() as client:
-            started = await self._scripts["start"](
-                keys=[self._job_key(job.spec.id), self._stream],
-                args=[GROUP, job.token, worker],
-                client=client,
+            fence = int(
+                await self._scripts["start"](
+                    keys=[self._job_key(job.spec.id), self._stream, self._bytes_key],
+                    args=[GROUP, job.token, worker],
+                    client=client,
+                )
             )
-        return bool(started)
+        if fence > 0:
+            self._fences[worker, job.token] = fence
+            return True
+        self._forget(worker, job)
+        if fence < 0:
+            logger.warning("job %s was taken over by another worker; skipping it", job.spec.id)
+        return False
 
     async def finish(self, job: TakenJob, record: JobRecord) -> None:
-        result = record.result.model_dump_json() if record.result is not None else ""
+        document, blobs = split_blobs(record.result) if record.result is not None else (b"", [])
+        result_fields: list[bytes | str | int] = ["rblobs", len(blobs)]
+        for index, blob in enumerate(blobs):
+            result_fields += [f"rblob:{index}", blob]
+        worker = record.worker or self._taken_by.get(job.token, "")
         async with self._redis() as client:
-            await self._scripts["finish"](
-                keys=[self._job_key(job.spec.id), self._stream, self._channel],
+            stored = await self._scripts["finish"](
+                keys=[
+                    self._job_key(job.spec.id),
+                    self._stream,
+                    self._channel,
+                    self._bytes_key,
+                    self._results_key,
+                ],
                 args=[
                     GROUP,
                     job.token,
+                    worker,
+                    self._fences.get((worker, job.token), 0),
                     record.state.value,
-                    record.worker or "",
                     record.error or "",
-                    result,
+                    document,
                     self._result_ttl_s,
                     job.spec.id,
+                    time.time() + self._result_ttl_s,
+                    payload_size(document, blobs),
+                    *result_fields,
                 ],
                 client=client,
             )
-
-    async def release(self, job: TakenJob) -> None:
-        async with self._redis() as client:
-            await self._scripts["release"](
-                keys=[self._job_key(job.spec.id), self._stream],
-                args=[GROUP, job.token, job.spec.id, repr(job.spec.deadline), job.spec.model_dump_json()],
-                client=client,
+        self._forget(worker, job)
+        if not stored:
+            logger.warning(
+                "job %s: result not stored, the job was taken over by another worker or ended", job.spec.id
             )
 
-    async def heartbeat(self, worker: str, ready: bool, in_flight: list[TakenJob]) -> None:
+    async def release(self, job: TakenJob) -> None:
+        worker = self._taken_by.get(job.token, "")
         async with self._redis() as client:
-            if ready:
-                await client.zadd(self._workers_key, {worker: time.time()})
-            else:
-                await client.zrem(self._workers_key, worker)
-            if in_flight:
-                # Resets the idle time of our own deliveries, so XAUTOCLAIM leaves them alone.
-                await client.xclaim(
-                    self._stream, GROUP, worker, 0, [job.token for job in in_flight], justid=True
-                )
+            await self._scripts["release"](
+                keys=[self._job_key(job.spec.id), self._stream, self._bytes_key],
+                args=[GROUP, job.token, worker],
+                client=client,
+            )
+        self._forget(worker, job)
+
+    def _forget(self, worker: str, job: TakenJob) -> None:
+        self._fences.pop((worker, job.token), None)
+        if self._taken_by.get(job.token) == worker:
+            del self._taken_by[job.token]
+
+    async def heartbeat(self, worker: str, ready: bool, in_flight: list[TakenJob]) -> None:
+        now = time.time()
+        async with self._redis() as client:
+            lost = await self._scripts["heartbeat"](
+                keys=[self._workers_key, self._stream],
+                args=[
+                    GROUP,
+                    worker,
+                    now,
+                    int(ready),
+                    now - FORGET_WORKER_S,
+                    *(job.token for job in in_flight),
+                ],
+                client=client,
+            )
+        for token in lost:
+            logger.warning("delivery %s was taken over by another worker", token.decode())
 
     async def close(self) -> None:
         if self._listener is not None:

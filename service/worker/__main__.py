@@ -12,6 +12,7 @@ from prometheus_client import start_http_server
 from engines.runner import load_runner
 from service.logs import configure_logging
 from service.queue import create_queue
+from service.queue.capacity import check_or_exit
 from service.settings import Settings, load_settings
 from service.worker.loop import Worker
 
@@ -52,10 +53,30 @@ def main() -> None:
             "`python -m service` (API + in-process queue + worker in one process)."
         )
         sys.exit(2)
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port)
-        logger.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    check_or_exit(settings, logger)
+    serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
     asyncio.run(serve(settings))
+
+
+def serve_metrics(host: str, port: int) -> None:
+    """Start the Prometheus endpoint. A taken port (another worker on this host) falls back to a
+    free one; no port at all only costs the metrics, never the worker."""
+    try:
+        server, _thread = start_http_server(port, addr=host)
+    except OSError as error:
+        if port == 0:
+            logger.error("worker metrics disabled: cannot listen on %s (%s)", host, error)
+            return
+        logger.warning(
+            "worker metrics port %d on %s is taken (%s), maybe by another worker on this host: using a "
+            "free port instead; give each worker its own WORKER_METRICS_PORT",
+            port,
+            host,
+            error.strerror or error,
+        )
+        serve_metrics(host, 0)
+        return
+    logger.info("worker metrics on http://%s:%d/metrics", host, server.server_port)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ class Worker:
         if taken and len(taken) < room and window_s > 0:
             # Concurrent requests arrive a few milliseconds apart: wait briefly to batch them.
             await asyncio.sleep(window_s)
-            taken += await self._queue.take(self._name, room - len(taken), block_s=0.0)
+            with contextlib.suppress(QueueUnavailableError):  # what was taken is held either way
+                taken += await self._queue.take(self._name, room - len(taken), block_s=0.0)
         for job in taken:
             self._held[job.token] = job
             await self._accept(job)
@@ -130,19 +131,28 @@ class Worker:
             return
         try:
             job = await asyncio.to_thread(to_generation_job, taken.spec, self._settings)
-        except ValueError as error:
-            await self._finish(taken, JobState.FAILED, error=f"the job could not be decoded: {error}")
+        except Exception as error:  # one bad job must fail alone, never stop the worker
+            logger.warning("job %s could not be prepared: %s", taken.spec.id, error)
+            message = f"the job could not be prepared: {type(error).__name__}: {error}"
+            await self._finish(taken, JobState.FAILED, error=message)
             return
         self._backlog.append(PendingJob(taken=taken, job=job))
 
     async def _run_batch(self, batch: list[PendingJob]) -> None:
         runnable: list[PendingJob] = []
-        for pending in batch:
+        for index, pending in enumerate(batch):
             if pending.taken.spec.expired():
                 await self._finish(pending.taken, JobState.EXPIRED, error="the deadline passed while queued")
-            elif await self._queue.start(self._name, pending.taken):
+                continue
+            try:
+                started = await self._queue.start(self._name, pending.taken)
+            except QueueUnavailableError:
+                # Back to the front of the backlog (starting again is harmless), never stranded.
+                self._backlog[:0] = runnable + batch[index:]
+                raise
+            if started:
                 runnable.append(pending)
-            else:  # `start` acknowledged it
+            else:  # cancelled, finished or taken over: `start` dropped our delivery
                 self._held.pop(pending.taken.token, None)
                 logger.info("skipping job %s: cancelled or finished elsewhere", pending.taken.spec.id)
         if runnable:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,9 +36,10 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05)
 
 
 class RedisServer:
-    """A private redis-server with AOF (fsync always), restartable on the same port and data."""
+    """A private redis-server with AOF (fsync always), restartable on the same port and data;
+    `extra_args` (e.g. `--maxmemory 8mb`, `--appendonly no`) override the defaults."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed; the service tests need it (apt install redis)")
@@ -45,6 +47,7 @@ class RedisServer:
         self.directory = directory
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra_args = extra_args
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -63,6 +66,7 @@ class RedisServer:
                 "always",
                 "--save",
                 "",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -175,17 +179,23 @@ class Api:
 
 
 class WorkerProcess(ServiceProcess):
-    """A running `python -m service.worker` with its own metrics port."""
+    """A running `python -m service.worker`; its metrics port is a free one unless given."""
 
-    def __init__(self, worker_id: str, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, worker_id: str, env: dict[str, str], log_dir: Path, metrics_port: int = 0) -> None:
         self.worker_id = worker_id
-        self.metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
-        port = self.metrics_url.rsplit(":", 1)[1].split("/")[0]
         super().__init__(
             "service.worker",
-            {**env, "WORKER_ID": worker_id, "WORKER_METRICS_PORT": port},
+            {**env, "WORKER_ID": worker_id, "WORKER_METRICS_PORT": str(metrics_port)},
             log_dir / f"worker-{worker_id}.log",
         )
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the worker says its metrics are (it logs the port it bound)."""
+        match = wait_until(
+            lambda: re.search(r"worker metrics on (http://\S+/metrics)", self.log()), 60, "the metrics port"
+        )
+        return match.group(1)
 
     def metric(self, name: str) -> float:
         """Sum of a metric's samples on this worker's endpoint (whose lines start with `name`)."""

@@ -21,13 +21,16 @@ from service.queue.protocol import (
 )
 from service.settings import Settings
 
+# A 2x2 RGB reference with its located token (fields the spec of an older version ignores).
+SUBJECT = {"image": bytes(range(12)), "width": 2, "height": 2, "target": "cat", "token_indices": [2]}
+
 
 def make_spec(timeout_s: float = 60.0, seed: int = 7) -> JobSpec:
     now = time.time()
     return JobSpec(
         id=uuid.uuid4().hex,
         prompt="a cat in the snow",
-        subjects=[SubjectSpec(image=bytes(range(12)), width=2, height=2, target="cat", token_indices=[2])],
+        subjects=[SubjectSpec.model_validate(SUBJECT)],
         width=64,
         height=64,
         num_inference_steps=2,
@@ -230,6 +233,45 @@ def test_jobs_of_a_silent_worker_are_reclaimed_and_live_ones_are_not(make_queue)
         assert await queue.start("rescuer", reclaimed[0])
         await queue.finish(reclaimed[0], done_record(dead_job, worker="rescuer"))
         assert (await queue.get(dead_job.id)).worker == "rescuer"
+        await queue.close()
+
+    run(scenario())
+
+
+def test_a_released_job_that_ended_meanwhile_is_never_queued_again(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        cancelled, finished = make_spec(), make_spec()
+        await queue.submit(cancelled)
+        await queue.submit(finished)
+        taken = {job.spec.id: job for job in await queue.take("w1", 2, block_s=1.0)}
+        assert (await queue.cancel(cancelled.id)).state == JobState.CANCELLED
+        await queue.finish(taken[finished.id], done_record(finished))
+        for job in taken.values():  # e.g. a stopping worker returning its backlog
+            await queue.release(job)
+        assert (await queue.get(cancelled.id)).state == JobState.CANCELLED
+        assert (await queue.get(finished.id)).state == JobState.DONE
+        assert await queue.depth() == 0
+        assert await queue.take("w2", 4, block_s=0.2) == []
+        await queue.close()
+
+    run(scenario())
+
+
+def test_a_failed_job_keeps_its_error_text(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        spec = make_spec()
+        await queue.submit(spec)
+        [taken] = await queue.take("w1", 1, block_s=1.0)
+        assert await queue.start("w1", taken)
+        failed = done_record(spec).model_copy(
+            update={"state": JobState.FAILED, "result": None, "error": "RuntimeError: out of memory"}
+        )
+        await queue.finish(taken, failed)
+        stored = await queue.get(spec.id)
+        assert stored.state == JobState.FAILED and stored.error == "RuntimeError: out of memory"
+        assert stored.result is None and stored.worker == "w1"
         await queue.close()
 
     run(scenario())

@@ -1,9 +1,12 @@
-"""Faults with real processes: a worker killed mid-job, Redis restarted with jobs queued, a full
-queue, a missed deadline, and a graceful stop with work in flight."""
+"""Faults with real processes: two workers on one host and one killed mid-batch, poison messages,
+a Redis error at a job's start, Redis restarted with jobs queued, settings that do not fit Redis, a
+full queue, a missed deadline, and a graceful stop with work in flight."""
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from service_processes import Api, RedisServer, WorkerProcess, wait_until
+from service_processes import Api, RedisServer, ServiceProcess, WorkerProcess, free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -50,28 +53,45 @@ def queue_env(redis_url: str, **settings: str) -> dict[str, str]:
     return {"REDIS_URL": redis_url, "QUEUE_NAME": f"fault-{uuid.uuid4().hex[:8]}", **settings}
 
 
-def test_killed_worker_job_completes_on_the_other_and_sigterm_finishes_in_flight_work(
+def test_two_workers_on_one_host_a_killed_one_s_batch_completes_on_the_other_and_sigterm_drains(
     redis_server, tmp_path: Path, cat_b64: str
 ) -> None:
-    env = queue_env(redis_server.url, HEARTBEAT_S="0.3", RECLAIM_IDLE_S="1.5", MAX_BATCH="1")
-    workers = {worker_id: WorkerProcess(worker_id, env, tmp_path) for worker_id in ("kill-a", "kill-b")}
+    env = queue_env(
+        redis_server.url, HEARTBEAT_S="0.3", RECLAIM_IDLE_S="1.5", MAX_BATCH="2", BATCH_WINDOW_MS="300"
+    )
+    shared_port = free_port()  # both ask for the same metrics port, as two workers of one image do
+    workers = {
+        worker_id: WorkerProcess(worker_id, env, tmp_path, metrics_port=shared_port)
+        for worker_id in ("kill-a", "kill-b")
+    }
     api = Api("service.api", env, tmp_path)
     try:
         api.wait_ready_workers(2)
+        assert sum("is taken" in worker.log() for worker in workers.values()) == 1
+        urls = {worker.metrics_url for worker in workers.values()}
+        assert len(urls) == 2 and all(url.startswith("http://127.0.0.1:") for url in urls)
+        assert all(worker.metric("realcustom_worker_ready") == 1 for worker in workers.values())
         with api.client() as client:
-            job_id = client.post("/jobs", json=cat_body(cat_b64, seed=11, **SLOW)).json()["id"]
-            victim = wait_status(client, job_id, {"running"}, 30)["worker"]
-            workers[victim].kill()  # SIGKILL mid-job: no chance to clean up
+            job_ids = [
+                client.post("/jobs", json=cat_body(cat_b64, seed=seed, **SLOW)).json()["id"]
+                for seed in (11, 12)
+            ]
+            victim = wait_status(client, job_ids[0], {"running"}, 30)["worker"]
+            in_flight = [job_id for job_id in job_ids if job_status(client, job_id)["worker"] == victim]
+            workers[victim].kill()  # SIGKILL mid-batch: no chance to clean up
             survivor = next(worker for worker_id, worker in workers.items() if worker_id != victim)
-            done = wait_status(client, job_id, {"done", "failed"}, 30)
-            assert done["status"] == "done" and done["worker"] == survivor.worker_id
+            for job_id in job_ids:
+                done = wait_status(client, job_id, {"done", "failed"}, 60)
+                assert done["status"] == "done"
+                if job_id in in_flight:
+                    assert done["worker"] == survivor.worker_id
             assert "reclaimed job" in survivor.log()
 
             # Graceful stop: SIGTERM while a job runs and the next one is already taken (prefetched)
             # -> the running job is finished and stored, the taken one returned to the queue.
-            job_id = client.post("/jobs", json=cat_body(cat_b64, seed=12, **SLOW)).json()["id"]
+            job_id = client.post("/jobs", json=cat_body(cat_b64, seed=13, **SLOW)).json()["id"]
             wait_status(client, job_id, {"running"}, 30)
-            next_id = client.post("/jobs", json=cat_body(cat_b64, seed=13, **SLOW)).json()["id"]
+            next_id = client.post("/jobs", json=cat_body(cat_b64, seed=14, **SLOW)).json()["id"]
             stream = redis.Redis.from_url(redis_server.url)
             stream_key = f"{env['QUEUE_NAME']}:stream"
             wait_until(lambda: stream.xpending(stream_key, "workers")["pending"] == 2, 10, "the prefetch")
@@ -87,6 +107,91 @@ def test_killed_worker_job_completes_on_the_other_and_sigterm_finishes_in_flight
             if worker.alive():
                 worker.stop()
         api.process.stop()
+    assert all("Traceback" not in worker.log() for worker in workers.values())
+
+
+def test_poison_messages_are_dead_lettered_and_the_worker_stays_alive_and_ready(
+    redis_server, tmp_path: Path, cat_b64: str
+) -> None:
+    env = queue_env(redis_server.url, HEARTBEAT_S="0.3")
+    worker = WorkerProcess("poison", env, tmp_path)
+    api = Api("service.api", env, tmp_path)
+    store = redis.Redis.from_url(redis_server.url)
+    prefix = env["QUEUE_NAME"]
+    try:
+        api.wait_ready_workers(1)
+        # What an older version of the service left in the stream (base64 images inside the JSON
+        # spec, no format field), with its record; and a message that is not a job at all.
+        old_id = "0123456789abcdef0123456789abcdef"
+        old_spec = {"id": old_id, "prompt": "a cat", "subjects": [{"image": cat_b64, "target": "cat"}]}
+        message = store.xadd(
+            f"{prefix}:stream", {"id": old_id, "deadline": "9e9", "spec": json.dumps(old_spec)}
+        )
+        meta = {"seed": 1, "output_format": "png", "enqueued_at": time.time(), "deadline": 9e9}
+        store.hset(
+            f"{prefix}:job:{old_id}", mapping={"state": "queued", "meta": json.dumps(meta), "msg": message}
+        )
+        store.xadd(f"{prefix}:stream", {"garbage": b"\xff\xfe"})
+        with api.client() as client:
+            reply = client.post("/customize", json=cat_body(cat_b64, **SMALL))
+            assert reply.status_code == 200, reply.text
+            wait_until(lambda: worker.metric("realcustom_queue_dead_letters_total") == 2, 30, "dead letters")
+            failed = store.hgetall(f"{prefix}:job:{old_id}")
+            assert failed[b"state"] == b"failed" and b"another version" in failed[b"error"]
+            ready = client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["detail"]["ready_workers"] == 1
+        assert worker.alive() and store.xlen(f"{prefix}:dead") == 2 and store.xlen(f"{prefix}:stream") == 0
+    finally:
+        store.close()
+        worker.stop()
+        api.process.stop()
+    assert "Traceback" not in worker.log() and worker.log().count("dead-lettered message") == 2
+
+
+def test_a_redis_error_when_a_job_starts_does_not_strand_it(
+    redis_server, tmp_path: Path, cat_b64: str
+) -> None:
+    env = queue_env(redis_server.url, HEARTBEAT_S="0.3", RECLAIM_IDLE_S="60")
+    api = Api("service.api", env, tmp_path)
+    store = redis.Redis.from_url(redis_server.url)
+    worker = None
+    try:
+        with api.client() as client:
+            job_id = client.post("/jobs", json=cat_body(cat_b64, **SMALL)).json()["id"]
+            # While the record is unreadable, every `start` of this job fails with a Redis error.
+            key = f"{env['QUEUE_NAME']}:job:{job_id}"
+            record, ttl = store.hgetall(key), store.ttl(key)
+            store.delete(key)
+            store.set(key, "not a hash")
+            worker = WorkerProcess("transient", env, tmp_path)
+            wait_until(lambda: "queue unavailable" in worker.log(), 90, "a failed start")
+            store.delete(key)
+            store.hset(key, mapping=record)
+            store.expire(key, ttl)
+            # Reclaiming (60 s) cannot be what saves it: the worker retries the start itself.
+            assert wait_status(client, job_id, {"done", "failed"}, 20)["status"] == "done"
+    finally:
+        store.close()
+        if worker is not None:
+            worker.stop()
+        api.process.stop()
+
+
+@pytest.mark.parametrize("module", ["service.worker", "service.api"])
+def test_settings_that_do_not_fit_redis_maxmemory_stop_the_process_with_a_clear_message(
+    module: str, tmp_path: Path
+) -> None:
+    small = RedisServer(tmp_path / "redis", extra_args=("--maxmemory", "64mb"))
+    small.directory.mkdir()
+    small.start()
+    try:
+        process = ServiceProcess(module, queue_env(small.url, PORT=str(free_port())), tmp_path / "out.log")
+        assert process.process.wait(60) == 2
+        process.stop()
+    finally:
+        small.stop()
+    log = process.log()
+    assert "QUEUE_MAX_BYTES=268435456 needs Redis maxmemory" in log and "Traceback" not in log
 
 
 def test_redis_restart_between_enqueue_and_consume_loses_nothing(

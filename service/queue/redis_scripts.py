@@ -1,0 +1,175 @@
+"""The Lua scripts of the Redis Streams queue: every state change that must be atomic.
+
+Only SUBMIT is refused when Redis is at `maxmemory` (a shebang script without `allow-oom`, refused
+before any write); the worker-side scripts may run then, and FINISH deletes the job's payload
+before it stores the result, so a full Redis drains itself.
+"""
+
+# drop_entry: acknowledge a delivery and delete its message, returning its payload bytes to the
+# budget. owns: whether `worker` holds the delivery `msg` now.
+_HELPERS = """
+local function drop_entry(stream, group, msg, bytes_key)
+  redis.call('XACK', stream, group, msg)
+  local entry = redis.call('XRANGE', stream, msg, msg)
+  if #entry == 0 then return end
+  local fields = entry[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'size' then redis.call('DECRBY', bytes_key, fields[i + 1]) end
+  end
+  redis.call('XDEL', stream, msg)
+end
+local function owns(stream, group, msg, worker)
+  local pending = redis.call('XPENDING', stream, group, msg, msg, 1)
+  return #pending == 1 and pending[1][2] == worker
+end
+"""
+
+GROUP_CREATE = """#!lua flags=allow-oom
+local reply = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if type(reply) == 'table' and reply.err and not string.find(reply.err, 'BUSYGROUP') then return reply end
+return 1
+"""
+
+# No allow-oom: at maxmemory Redis refuses it before any write.
+SUBMIT = """#!lua
+if KEYS[3] ~= '' then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return {'existing', existing} end
+end
+local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
+if #expired > 0 then
+  local freed = 0
+  for _, member in ipairs(expired) do freed = freed + tonumber(string.match(member, '^(%d+):')) end
+  redis.call('DECRBY', KEYS[4], freed)
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
+end
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= tonumber(ARGV[1]) then return {'full', tostring(depth)} end
+local held = tonumber(redis.call('GET', KEYS[4]) or '0')
+if held + tonumber(ARGV[7]) > tonumber(ARGV[2]) then return {'bytes', tostring(held)} end
+local msg = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 8))
+redis.call('INCRBY', KEYS[4], ARGV[7])
+redis.call('HSET', KEYS[2], 'state', 'queued', 'meta', ARGV[4], 'msg', msg)
+redis.call('EXPIRE', KEYS[2], ARGV[5])
+if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[5]) end
+return {'new', msg}
+"""
+
+# Returns the new fencing token, 0 when the job ended (delivery dropped), -1 when another worker
+# holds the delivery now (it was reclaimed from us).
+START = (
+    "#!lua flags=allow-oom\n"
+    + _HELPERS
+    + """
+if not owns(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return -1 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' or state == 'running' then
+  local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[3])
+  return fence
+end
+drop_entry(KEYS[2], ARGV[1], ARGV[2], KEYS[3])
+return 0
+"""
+)
+
+# Stores the terminal record unless another worker took the job over (then returns 0).
+FINISH = (
+    "#!lua flags=allow-oom\n"
+    + _HELPERS
+    + """
+if not owns(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'running' and redis.call('HGET', KEYS[1], 'fence') ~= ARGV[4] then return 0 end
+drop_entry(KEYS[2], ARGV[1], ARGV[2], KEYS[4])
+redis.call('HSET', KEYS[1], 'state', ARGV[5], 'worker', ARGV[3], 'error', ARGV[6], 'result', ARGV[7],
+  unpack(ARGV, 12))
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+if tonumber(ARGV[11]) > 0 then
+  redis.call('INCRBY', KEYS[4], ARGV[11])
+  redis.call('ZADD', KEYS[5], ARGV[10], ARGV[11] .. ':' .. ARGV[9])
+end
+redis.call('PUBLISH', KEYS[3], ARGV[9])
+return 1
+"""
+)
+
+CANCEL = (
+    "#!lua flags=allow-oom\n"
+    + _HELPERS
+    + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' then return state end
+local msg = redis.call('HGET', KEYS[1], 'msg')
+redis.call('HSET', KEYS[1], 'state', 'cancelled')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+drop_entry(KEYS[2], ARGV[1], msg, KEYS[4])
+redis.call('PUBLISH', KEYS[3], ARGV[3])
+return 'cancelled'
+"""
+)
+
+# Re-queues our delivery of an unfinished job as a new message (same fields); a finished job's
+# delivery is only dropped.
+RELEASE = (
+    "#!lua flags=allow-oom\n"
+    + _HELPERS
+    + """
+if not owns(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' and state ~= 'running' then
+  drop_entry(KEYS[2], ARGV[1], ARGV[2], KEYS[3])
+  return 0
+end
+local entry = redis.call('XRANGE', KEYS[2], ARGV[2], ARGV[2])
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+if #entry == 0 then return 0 end
+local msg = redis.call('XADD', KEYS[2], '*', unpack(entry[1][2]))
+redis.call('XDEL', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'msg', msg)
+return 1
+"""
+)
+
+# Presence, and keeps our own deliveries from being reclaimed; returns the ones we lost.
+HEARTBEAT = (
+    "#!lua flags=allow-oom\n"
+    + _HELPERS
+    + """
+if ARGV[4] == '1' then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+else
+  redis.call('ZREM', KEYS[1], ARGV[2])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
+local lost = {}
+for i = 6, #ARGV do
+  if owns(KEYS[2], ARGV[1], ARGV[i], ARGV[2]) then
+    redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+)
+
+# Moves an unreadable message to the dead-letter stream and fails its job, if it has a record.
+DEAD_LETTER = (
+    "#!lua flags=allow-oom\n"
+    + _HELPERS
+    + """
+if not owns(KEYS[1], ARGV[1], ARGV[2], ARGV[7]) then return 0 end
+drop_entry(KEYS[1], ARGV[1], ARGV[2], KEYS[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '*', unpack(ARGV, 8))
+if KEYS[4] ~= '' then
+  local state = redis.call('HGET', KEYS[4], 'state')
+  if state == 'queued' or state == 'running' then
+    redis.call('HSET', KEYS[4], 'state', 'failed', 'error', ARGV[4])
+    redis.call('EXPIRE', KEYS[4], ARGV[6])
+    redis.call('PUBLISH', KEYS[5], ARGV[5])
+  end
+end
+return 1
+"""
+)
