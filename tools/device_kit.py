@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,32 @@ CARRY_LIMIT_BYTES = 64 * 2**20
 MANIFEST = "kit.json"
 # Never replaced by the kit: the image's CUDA builds and what they were built against.
 IMAGE_OWNED = ("torch", "transformers", "numpy", "triton")
+# What the device image holds of what the kit's wheels require (/work/.library/device/KINDS.md,
+# its package list of 2026-11-17; versions where its pip list gives them). `build` checks that
+# every requirement of a resolved kit wheel is here or in the kit.
+DEVICE_IMAGE = {
+    "filelock": None,
+    "huggingface-hub": "1.33.0",
+    "numpy": "2.5.2",
+    "packaging": None,
+    "pillow": None,
+    "pygments": None,
+    "regex": None,
+    "requests": None,
+    "safetensors": "0.8.0",
+}
+# The device's interpreter, for the requirements' environment markers.
+DEVICE_MARKERS = {
+    "python_version": PYTHON_VERSION,
+    "python_full_version": "3.12.3",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "os_name": "posix",
+    "platform_machine": "x86_64",
+    "extra": "",
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +69,7 @@ KIT = (
     KitWheel("diffusers", "UNet and VAE classes (realcustom.models)"),
     KitWheel("importlib-metadata", "a declared requirement of diffusers"),
     KitWheel("zipp", "a requirement of importlib-metadata"),
+    KitWheel("lazy-importer", "a requirement of importlib-metadata"),
     KitWheel("open-clip-torch", "only its CLIP BPE vocabulary file (realcustom.tokenizer)", deps=False),
     KitWheel("pytest", "the GPU tests (stage gpu_tests)"),
     KitWheel("pluggy", "a requirement of pytest"),
@@ -88,6 +116,30 @@ def working_tree_bytes(root: Path) -> int | None:
         return None
     paths = (root / name for name in listed.decode().split("\0") if name)
     return sum(path.stat().st_size for path in paths if path.is_file())
+
+
+def unmet_requirements(out: Path, entries: list[dict]) -> list[str]:
+    """Requirements of the resolved kit wheels that neither the kit nor the device image meets."""
+    from packaging.requirements import Requirement  # build runs here, in the project's venv
+
+    kit = {_canonical(entry["name"]): entry["version"] for entry in entries}
+    image = {_canonical(name): version for name, version in DEVICE_IMAGE.items()}
+    unmet = []
+    for entry in (e for e in entries if e["deps"]):
+        with zipfile.ZipFile(out / entry["file"]) as wheel:
+            metadata = next(name for name in wheel.namelist() if name.endswith(".dist-info/METADATA"))
+            lines = wheel.read(metadata).decode().splitlines()
+        for line in (line for line in lines if line.startswith("Requires-Dist:")):
+            requirement = Requirement(line.removeprefix("Requires-Dist:").strip())
+            if requirement.marker is not None and not requirement.marker.evaluate(DEVICE_MARKERS):
+                continue
+            name = _canonical(requirement.name)
+            version = kit.get(name, image.get(name))
+            if name not in kit and name not in image:
+                unmet.append(f"{entry['name']} needs {requirement}: not in the kit, not on the device image")
+            elif version is not None and not requirement.specifier.contains(version, prereleases=True):
+                unmet.append(f"{entry['name']} needs {requirement}: the kit or the image has {version}")
+    return unmet
 
 
 def build(out: Path) -> dict:
@@ -137,6 +189,8 @@ def build(out: Path) -> dict:
                 "bytes": path.stat().st_size,
             }
         )
+    if unmet := unmet_requirements(out, entries):
+        raise SystemExit("device-kit: incomplete:\n  " + "\n  ".join(unmet))
     total = sum(entry["bytes"] for entry in entries)
     manifest = {"python_version": PYTHON_VERSION, "total_bytes": total, "wheels": entries}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -137,6 +137,16 @@ def test_device_kit_holds_pure_python_wheels_under_64_mib(kit):
 
 
 @pytest.mark.slow
+def test_device_kit_requirements_are_met_by_the_kit_or_the_device_image(kit):
+    device_kit = _device_kit()
+    wheels = json.loads((kit / "kit.json").read_text())["wheels"]
+    assert device_kit.unmet_requirements(kit, wheels) == []
+    without = [entry for entry in wheels if entry["name"] != "lazy-importer"]
+    (unmet,) = device_kit.unmet_requirements(kit, without)
+    assert unmet.startswith("importlib-metadata needs lazy-importer") and "not in the kit" in unmet
+
+
+@pytest.mark.slow
 def test_device_check_dry_run_runs_every_stage_and_writes_rows(tmp_path, kit):
     run = _run_check(tmp_path, kit)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
