@@ -95,8 +95,8 @@ def golden_pipeline():
 def run_case(case: GoldenCase, inputs: dict[str, torch.Tensor]) -> tuple[LoopTrace, torch.Tensor]:
     positive, negative = projected(inputs)
     batch = inputs["latents_init"].shape[0]
-    # The fixture's τ has one row per subject; image tokens get the matching subject axis.
     target = inputs["target_token_mask"].reshape(1, -1, inputs["prompt_embeds"].shape[1])
+    assert target.shape[1] == 1, "the harness binds one subject: one τ row, one set of image features"
     cond = Conditioning(
         prompt_embeds=inputs["prompt_embeds"],
         negative_prompt_embeds=inputs["negative_prompt_embeds"],
