@@ -49,7 +49,9 @@ def three_call_denoise(
     scheduler = make_scheduler(settings.scheduler, settings.num_inference_steps)
     batch = cond.batch_size
     mask_size = (latents.shape[-2] // 2, latents.shape[-1] // 2)
-    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
+    # Scheduler arithmetic in fp32 as in the batched loop; the UNet runs in the model's dtype.
+    dtype = cond.prompt_embeds.dtype
+    latents = latents.float() * getattr(scheduler, "init_noise_sigma", 1.0)
     scale = cond.guidance_scale.to(latents).view(-1, 1, 1, 1)
     timesteps_on_device = scheduler.timesteps.to(latents.device)
 
@@ -58,7 +60,7 @@ def three_call_denoise(
     for k, timestep in enumerate(scheduler.timesteps):
         model_input = (
             scheduler.scale_model_input(latents, k) if hasattr(scheduler, "scale_model_input") else latents
-        )
+        ).to(dtype)
         t = timestep.to(latents.device).expand(batch)
 
         # Call 1: guidance (text only) -> masks; its ε is discarded.
@@ -67,7 +69,7 @@ def three_call_denoise(
                 model_input, t, cond.prompt_embeds, cond.pooled, cond.time_ids, cond.target_tokens
             )
             masks, _ = generate_masks(maps, mask_size, settings.mask_mode, cond.mask_scope, settings.overlap)
-        gate = masks.to(latents.dtype)
+        gate = masks.to(dtype)
 
         # Call 2: conditional, projector and image K/V recomputed inside the call.
         eps_cond = unet.generation(
@@ -83,7 +85,7 @@ def three_call_denoise(
             negative_tokens(),
             gate,
         )
-        noise_pred = eps_uncond + scale * (eps_cond - eps_uncond)
+        noise_pred = eps_uncond.float() + scale * (eps_cond.float() - eps_uncond.float())
 
         _host_step_index(timesteps_on_device, timestep)
         latents, x0 = scheduler.step(k, noise_pred, latents)

@@ -140,7 +140,7 @@ def unet_calls(pipeline: RealCustomPipeline, request: Request, masks: torch.Tens
     unet, cond = pipeline.unet, request.cond
     batch = cond.batch_size
     x = request.latents.to(pipeline.dtype)
-    t = torch.full((batch,), 500.0, device=x.device)
+    t = torch.full((batch,), 500, dtype=torch.long, device=x.device)
     gate = masks.to(pipeline.dtype)
     doubled = [None if v is None else torch.cat([v, v]) for v in (cond.pooled, cond.time_ids)]
     text = torch.cat([cond.prompt_embeds, cond.negative_prompt_embeds])
@@ -175,7 +175,7 @@ def unet_calls(pipeline: RealCustomPipeline, request: Request, masks: torch.Tens
 def bench(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype] if on_gpu else torch.float32
+    dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     selected = [name for name in LOOPS if name in args.loops]
     started = datetime.now(UTC).isoformat(timespec="seconds")
     context = {

@@ -3,7 +3,7 @@
 #
 # On the device machine, from the repository root, with the kit carried (make device-kit here):
 #   bash tools/device_check.sh
-# Dry run on a CPU (tiny models, 64², 2 steps; what tests/engines/test_device_kit.py runs):
+# Dry run on a CPU (tiny models in bf16, 64², 2 steps; what tests/engines/test_device_kit.py runs):
 #   DEVICE_CHECK_DRY_RUN=1 PYTHON=.venv/bin/python bash tools/device_check.sh
 #
 # Stages, in order, each under its own `timeout` so that a slow one is cut and recorded, and the
@@ -46,7 +46,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 START=$SECONDS
 
 if [ "$DRY_RUN" = 1 ]; then
-    BENCH=(--device cpu --size 64 --steps 2 --mask-reused-step 1 --runs 1)
+    # bf16 as on the GPU: a dtype mismatch between loops and UNet fails here, not in a device window.
+    BENCH=(--device cpu --dtype bf16 --size 64 --steps 2 --mask-reused-step 1 --runs 1)
     # The compile stage runs its control flow only: a CPU inductor compile takes many minutes.
     SD15=tiny-sd15 SDXL=tiny INDUCTOR=none INSTALL=(--dry-run)
 else
