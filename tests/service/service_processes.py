@@ -122,7 +122,7 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout_s: float = 20) -> int:
+    def stop(self, timeout_s: float = 60) -> int:
         if self.alive():
             self.process.terminate()
             try:

@@ -50,6 +50,8 @@ def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
         api.wait_ready_workers(2)
         yield Stack(api, workers)
     finally:
+        for worker in workers:  # SIGTERM to all first: their shutdowns overlap
+            worker.process.terminate()
         for worker in workers:
             assert worker.stop() == 0, worker.log()[-2000:]
         api.process.stop()
