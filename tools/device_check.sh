@@ -102,8 +102,8 @@ main() {
     # A test module that cannot be imported there must not stop the GPU tests of the others.
     stage gpu_tests 120 30 "$PYTHON" -m pytest -m gpu tests/engines -q -p no:cacheprovider --continue-on-collection-errors \
         --junitxml "$OUT_DIR/gpu-tests.xml"
-    stage sd15 120 30 "$PYTHON" benchmarks/gpu_bench.py --model "$SD15" --runs 5 --out "$OUT_DIR" "${BENCH[@]}"
-    stage sdxl 180 60 "$PYTHON" benchmarks/gpu_bench.py --model "$SDXL" --runs 3 --out "$OUT_DIR" "${BENCH[@]}"
+    stage sd15 120 30 "$PYTHON" benchmarks/gpu_bench.py --model "$SD15" --runs 10 --out "$OUT_DIR" "${BENCH[@]}"
+    stage sdxl 180 60 "$PYTHON" benchmarks/gpu_bench.py --model "$SDXL" --runs 5 --out "$OUT_DIR" "${BENCH[@]}"
     stage sd15_inductor 600 "$INDUCTOR_MIN_S" "$PYTHON" benchmarks/gpu_bench.py --model "$SD15" --runs 3 \
         --compile-backend "$INDUCTOR" --loops batched,compiled --out "$OUT_DIR" "${BENCH[@]}"
 
