@@ -231,9 +231,11 @@ def test_splitting_the_batch_into_micro_batches_trains_on_the_same_samples(tmp_p
     whole = short_run(tmp_path, dreambench_dir, "whole", batch_size=4, gradient_accumulation_steps=1)
     split = short_run(tmp_path, dreambench_dir, "split", batch_size=2, gradient_accumulation_steps=2)
     for name, tensor in whole.items():
-        # Adam divides by sqrt(v) + 1e-8, which magnifies float-order noise of tiny gradients;
-        # 3e-5 is still 100x below the weights' change over the 3 steps.
-        torch.testing.assert_close(split[name], tensor, rtol=0, atol=3e-5, msg=name)
+        # Adam divides by sqrt(v) + 1e-8, which magnifies float-order noise of tiny gradients. The
+        # fused (flash) attention kernel of the image branch blocks its sums differently per batch
+        # size: 6e-5 measured (1e-5 with the math kernel); 1e-4 is still 30x below the weights'
+        # change over the 3 steps.
+        torch.testing.assert_close(split[name], tensor, rtol=0, atol=1e-4, msg=name)
     other = short_run(tmp_path, dreambench_dir, "other", batch_size=2, gradient_accumulation_steps=1)
     assert any(not torch.allclose(other[name], tensor) for name, tensor in whole.items())
 
