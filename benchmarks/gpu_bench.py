@@ -40,6 +40,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,18 +227,24 @@ def bench(args: argparse.Namespace) -> list[dict]:
             compile_mode=args.compile_mode,
             capture=None if on_gpu else EagerCapture(),
         )
-        _, measured = measured_run(compiled.warmup, device)
-        rows.put("capture", capture="cuda_graph" if on_gpu else "eager (CPU dry run)", **measured)
-        table = loops(pipeline, request, compiled)
-        results["compiled"], measured = measured_run(table["compiled"], device)
-        rows.put(
-            "first_run",
-            key="compiled",
-            loop="compiled",
-            **measured,
-            parity=parity(results["batched"], results["compiled"]),
-            graph_stats=dict(compiled.stats),
-        )
+        try:
+            _, measured = measured_run(compiled.warmup, device)
+            rows.put("capture", capture="cuda_graph" if on_gpu else "eager (CPU dry run)", **measured)
+            table = loops(pipeline, request, compiled)
+            results["compiled"], measured = measured_run(table["compiled"], device)
+        except Exception as error:  # never run on a GPU before: record it, still time the eager loops
+            traceback.print_exc()
+            rows.put("capture", error=f"{type(error).__name__}: {error}")
+            selected.remove("compiled")
+        else:
+            rows.put(
+                "first_run",
+                key="compiled",
+                loop="compiled",
+                **measured,
+                parity=parity(results["batched"], results["compiled"]),
+                graph_stats=dict(compiled.stats),
+            )
 
     # Interleaved rounds (drift hits every loop alike); the timing rows follow each round.
     samples: dict[str, list[float]] = {name: [] for name in selected}
@@ -315,16 +322,16 @@ def summary(args, medians: dict[str, float], rows: list[dict], call: str) -> dic
         if row["call"] == call and row["row"] == "first_run"
     }
     values = {"median_s": medians, "ratios": ratios, "peak_gpu_bytes": peaks}
-    fastest = "compiled" if "compiled" in medians else "batched"
+    ours = "compiled" if "compiled" in medians else "batched"  # the project's fastest loop timed
     measured = {
-        "median_s": medians.get(fastest),
-        "speedup_vs_three_call": ratios.get(f"three_call_over_{fastest}"),
-        "peak_gpu_bytes": peaks.get(fastest),
+        "median_s": medians.get(ours),
+        "speedup_vs_three_call": ratios.get(f"three_call_over_{ours}"),
+        "peak_gpu_bytes": peaks.get(ours),
     }
     if args.device.startswith("cuda") and args.model in GOALS:
         values["goals"] = {
             name: {
-                "loop": fastest,
+                "loop": ours,
                 "target": target,
                 "measured": measured[name],
                 "met": None
@@ -356,7 +363,9 @@ def markdown(rows: list[dict]) -> str:
             if load
             else []
         )
-        if capture:
+        if capture and "error" in capture:
+            notes.append(f"**compile + capture failed: {capture['error']}**")
+        elif capture:
             notes.append(f"compile + capture {_cell(capture['seconds'], digits=1)} s ({capture['capture']})")
         lines += [
             f"## {head['model']} {head.get('size', '?')}², batch {head['batch']}, compile backend "
@@ -455,4 +464,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    # Status 1 when a row records an error (the rows measured around it are kept).
+    sys.exit(1 if any("error" in row for row in main()) else 0)

@@ -70,6 +70,19 @@ def test_batched_gpu_bench_dry_run_writes_each_row_as_it_is_measured(tmp_path):
     assert "| compiled |" in (tmp_path / "gpu-bench.md").read_text()
 
 
+def test_gpu_bench_records_a_failed_capture_and_still_times_the_eager_loops(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--device", "cpu"]
+    command += ["--model", "tiny", "--size", "64", "--steps", "2", "--mask-reused-step", "1", "--runs", "1"]
+    command += ["--unet-repeats", "1", "--compile-backend", "no-such-backend", "--out", str(tmp_path)]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1, run.stdout + run.stderr
+    rows = json.loads((tmp_path / "gpu-bench.json").read_text())["rows"]
+    (capture,) = [r for r in rows if r["row"] == "capture"]
+    assert "no-such-backend" in capture["error"]
+    assert {r["loop"] for r in rows if r["row"] == "timing"} == {"three_call", "batched"}
+    assert "compile + capture failed" in (tmp_path / "gpu-bench.md").read_text()
+
+
 def test_gpu_bench_rejects_an_unknown_loop(tmp_path, capsys):
     bench = _script("gpu_bench")
     with pytest.raises(SystemExit):
