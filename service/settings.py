@@ -10,7 +10,7 @@ import os
 import socket
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         None,
         description="Redis URL (redis://host:6379/0). Unset = the in-process queue of the all-in-one "
         "process; required by `python -m service.api` and `python -m service.worker`.",
+    )
+    redis_password: SecretStr | None = Field(
+        None,
+        description="Password of Redis (AUTH), kept out of `redis_url` so that it can come from a "
+        "Secret; a password inside the URL works too.",
     )
     queue_name: str = Field(
         "realcustom", description="Prefix of every Redis key, so that several deployments share a Redis."

@@ -49,7 +49,8 @@ def check_redis_capacity(settings: Settings, redis_url: str) -> tuple[int, str]:
             f"{settings.max_body_bytes}: the largest accepted request would never fit the queue; raise "
             "QUEUE_MAX_BYTES or lower MAX_BODY_BYTES"
         )
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+    credentials = {"password": settings.redis_password.get_secret_value()} if settings.redis_password else {}
+    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5, **credentials)
     try:
         maxmemory, policy = read_memory_config(client)
     except (RedisError, OSError, KeyError) as error:

@@ -104,6 +104,7 @@ class RedisStreamsQueue:
     def __init__(
         self,
         url: str,
+        password: str | None,
         prefix: str,
         max_depth: int,
         max_bytes: int,
@@ -113,7 +114,9 @@ class RedisStreamsQueue:
         reclaim_idle_s: float,
         worker_ttl_s: float,
     ) -> None:
-        self._client = aioredis.Redis.from_url(url, health_check_interval=10)
+        # An explicit password overrides one in the URL; None keeps the URL's.
+        credentials = {"password": password} if password else {}
+        self._client = aioredis.Redis.from_url(url, health_check_interval=10, **credentials)
         self._prefix = prefix
         self._stream = f"{prefix}:stream"
         self._channel = f"{prefix}:done"

@@ -141,6 +141,12 @@ SCALED_OBJECT = _resource(
                     "properties": {
                         "type": {"const": "redis-streams"},
                         "name": {"type": "string"},
+                        "authenticationRef": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}, "kind": {"type": "string"}},
+                            "additionalProperties": False,
+                        },
                         "metadata": _REDIS_STREAMS_METADATA,
                     },
                     "additionalProperties": False,
@@ -176,8 +182,31 @@ POD_MONITOR = _resource(
         "additionalProperties": False,
     },
 )
+# keda.sh/v1alpha1 TriggerAuthentication, Secret references only.
+TRIGGER_AUTHENTICATION = _resource(
+    "keda.sh/v1alpha1",
+    "TriggerAuthentication",
+    {
+        "type": "object",
+        "required": ["secretTargetRef"],
+        "properties": {
+            "secretTargetRef": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": ["parameter", "name", "key"],
+                    "properties": {key: {"type": "string"} for key in ("parameter", "name", "key")},
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "additionalProperties": False,
+    },
+)
 CUSTOM_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION,
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR,
     ("monitoring.coreos.com/v1", "PodMonitor"): POD_MONITOR,
 }

@@ -17,7 +17,7 @@ from service.settings import Settings
 
 BIN = Path(sys.executable).parent
 # Variables read by libraries in the worker image, not by service.settings.
-LIBRARY_ENV = {"HF_HUB_OFFLINE", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
+LIBRARY_ENV = {"HF_HUB_OFFLINE", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "REDISCLI_AUTH"}
 
 
 def test_dockerfile_passes_hadolint() -> None:

@@ -75,7 +75,10 @@ class RedisServer:
 
         def answers() -> bool:
             with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError):
-                return bool(client.ping())
+                try:
+                    return bool(client.ping())
+                except redis.AuthenticationError:  # up, and wants a password (--requirepass)
+                    return True
             return False
 
         wait_until(answers, 10, "redis-server to answer")

@@ -325,3 +325,23 @@ def test_results_decode_with_every_field(redis_server) -> None:
         await queue.close()
 
     run(scenario())
+
+
+@pytest.mark.parametrize("own_redis", [("--requirepass", "s3cret", "--protected-mode", "yes")], indirect=True)
+def test_redis_password_comes_from_its_own_setting(own_redis) -> None:
+    async def scenario() -> None:
+        anonymous = make_queue(settings(own_redis.url))
+        with pytest.raises(QueueUnavailableError):
+            await anonymous.submit(make_spec())
+        await anonymous.close()
+        queue = make_queue(settings(own_redis.url, redis_password="s3cret"))
+        spec = make_spec()
+        await queue.submit(spec)
+        assert [job.spec.id for job in await queue.take("w1", 1, block_s=1.0)] == [spec.id]
+        await queue.close()
+
+    run(scenario())
+    config = settings(own_redis.url, redis_password="s3cret", max_body_bytes=8 * 2**20)
+    assert "s3cret" not in repr(config)
+    level, line = check_redis_capacity(config, own_redis.url)
+    assert level == logging.WARNING and "no maxmemory" in line  # it could read the configuration
