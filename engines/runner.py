@@ -88,7 +88,9 @@ class Runner:
             guidance_scale=per_sample(
                 torch.tensor([job.guidance_scale for job in jobs], device=pipeline.device)
             ),
-            mask_scope=per_sample(torch.tensor([job.mask_scope for job in jobs], device=pipeline.device)),
+            mask_scope=per_sample(
+                torch.tensor([job.mask_scope for job in jobs], dtype=torch.float64, device=pipeline.device)
+            ),
         )
 
     @torch.no_grad()

@@ -37,7 +37,7 @@ class Conditioning:
     negative_image_tokens: torch.Tensor  # [B, S, T, C]
     target_tokens: torch.Tensor  # [B, S, 77]
     guidance_scale: torch.Tensor  # [B]
-    mask_scope: torch.Tensor  # [B]
+    mask_scope: torch.Tensor  # [B], float64 (the official top-k count int(scope·h·w) is float64)
 
     @property
     def batch_size(self) -> int:

@@ -260,7 +260,7 @@ class RealCustomPipeline(nn.Module):
             negative_image_tokens=_rows(negative_tokens, batch).expand(-1, num_subjects, -1, -1),
             target_tokens=_rows(target_tokens, batch),
             guidance_scale=torch.full((batch,), guidance_scale, device=self.device),
-            mask_scope=torch.full((batch,), mask_scope, device=self.device),
+            mask_scope=torch.full((batch,), mask_scope, dtype=torch.float64, device=self.device),
         )
 
         # 7. Denoising loop.

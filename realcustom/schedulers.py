@@ -191,6 +191,8 @@ class DiffusersScheduler:
             beta_end=schedule.beta_end,
             beta_schedule="scaled_linear",
             timestep_spacing="trailing",
+            # Stock DDIM clips x̂₀ to [-1, 1] by default, which is wrong for SD latents.
+            **({"clip_sample": False} if name == "diffusers-ddim" else {}),
         )
         self._scheduler.set_timesteps(num_steps)
         self.timesteps = self._scheduler.timesteps.to(torch.int64)

@@ -194,7 +194,7 @@ class LoopState:
         self.time_ids = None if pooled_dim is None else zeros(2 * rows, 6)
         self.target_tokens = zeros(rows, subjects, text_shape[0])
         self.guidance_scale = zeros(rows, 1, 1, 1, dt=f32)
-        self.mask_scope = zeros(rows, dt=f32)
+        self.mask_scope = zeros(rows, dt=torch.float64)  # the official int(scope·h·w) is float64
         self.mask_reused_step = zeros(rows, dt=torch.int64)
         tokens = image_token_shape[0]
         self.image_kv = [
@@ -284,7 +284,7 @@ class LoopState:
             self.time_ids.copy_(both(cond.time_ids, cond.time_ids))
         self.target_tokens.copy_(slots(rows(cond.target_tokens)))
         self.guidance_scale.copy_(rows(cond.guidance_scale.float()).view(-1, 1, 1, 1))
-        self.mask_scope.copy_(rows(cond.mask_scope.float()))
+        self.mask_scope.copy_(rows(cond.mask_scope))
         tokens = slots(both(cond.image_tokens, cond.negative_image_tokens))
         for (key_buffer, value_buffer), (key, value) in zip(
             self.image_kv, unet.image_key_values(tokens), strict=True

@@ -7,10 +7,12 @@ import logging
 
 import pytest
 import torch
+from PIL import Image
 
 from benchmarks.baseline_loop import three_call_denoise
 from engines.backends import EagerBackend, select_backend
 from engines.compiled import CompiledBackend, EagerCapture
+from engines.jobs import GenerationJob, SubjectInput
 from engines.runner import Runner, load_runner
 from engines.static_loop import Bucket, GraphSettings
 from realcustom.denoise import LoopSettings, denoise
@@ -150,3 +152,37 @@ def test_batched_tensorrt_backend_says_why_it_cannot_run(tiny_pipeline, caplog):
     assert backend.name == "eager"
     (record,) = [r for r in caplog.records if "tensorrt" in r.getMessage()]
     assert "not installed" in record.getMessage() or "no CUDA device" in record.getMessage()
+
+
+def test_batched_mask_keeps_the_official_pixel_count_with_float64_scope(tiny_pipeline):
+    """scope 0.35 on a 4x10 mask (64x160 image): the official int(0.35·40) = 14 pixels; a float32
+    scope would keep 13. Checked through the pipeline and through a prepared static state."""
+    red = Image.new("RGB", (64, 64), (200, 20, 20))
+    out = tiny_pipeline(
+        "a dog",
+        [(red, "dog")],
+        height=64,
+        width=160,
+        num_inference_steps=2,
+        mask_reused_step=1,
+        mask_scope=0.35,
+        output_type="latent",
+        return_masks=True,
+    )
+    assert out.masks.shape[-2:] == (4, 10)
+    assert [int((mask > 0).sum()) for mask in out.masks[:, 0, 0]] == [14, 14]
+    wide = GenerationJob(
+        id="wide",
+        prompt="a dog",
+        subjects=(SubjectInput(red, "dog"),),
+        width=160,
+        height=64,
+        num_inference_steps=2,
+        mask_reused_step=1,
+        mask_scope=0.35,
+    )
+    cond, latents = _inputs(tiny_pipeline, [wide])
+    backend = _static_backend(tiny_pipeline, [Bucket(1, 64, 160)])
+    result = backend.denoise(tiny_pipeline, cond, latents, LoopSettings(2, "dpm", ("max_norm",), 1))
+    assert backend.stats["graph_replays"] == 2
+    assert [int((mask > 0).sum()) for mask in result.masks[:, 0, 0]] == [14, 14]
