@@ -47,11 +47,11 @@ START=$SECONDS
 
 if [ "$DRY_RUN" = 1 ]; then
     # bf16 as on the GPU: a dtype mismatch between loops and UNet fails here, not in a device window.
-    BENCH=(--device cpu --dtype bf16 --size 64 --steps 2 --mask-reused-step 1 --runs 1)
+    BENCH_OPTIONS=(--device cpu --dtype bf16 --size 64 --steps 2 --mask-reused-step 1 --runs 1)
     # The compile stage runs its control flow only: a CPU inductor compile takes many minutes.
     SD15=tiny-sd15 SDXL=tiny INDUCTOR=none INSTALL=(--dry-run)
 else
-    BENCH=()
+    BENCH_OPTIONS=()
     SD15=sd15 SDXL=sdxl INDUCTOR=inductor INSTALL=()
 fi
 
@@ -85,7 +85,7 @@ stage() {
     local took=$((SECONDS - began))
     case $rc in
     0) record "$name" passed "$rc" "$budget" "$took" "" ;;
-    124 | 137) record "$name" timed_out "$rc" "$budget" "$took" "cut by its budget; rows written so far are kept" ;;
+    124 | 137) record "$name" timed_out "$rc" "$budget" "$took" "cut by its budget; rows so far kept" ;;
     *) record "$name" failed "$rc" "$budget" "$took" "see device-check.log" ;;
     esac
     ((rc == 0)) || FAILED=1
@@ -97,15 +97,16 @@ main() {
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
     fi
 
-    stage install 90 1 "$PYTHON" tools/device_kit.py install --kit "$KIT" --report "$OUT_DIR/environment.json" \
-        "${INSTALL[@]}"
+    stage install 90 1 "$PYTHON" tools/device_kit.py install --kit "$KIT" \
+        --report "$OUT_DIR/environment.json" "${INSTALL[@]}"
     # A test module that cannot be imported there must not stop the GPU tests of the others.
-    stage gpu_tests 120 30 "$PYTHON" -m pytest -m gpu tests/engines -q -p no:cacheprovider --continue-on-collection-errors \
-        --junitxml "$OUT_DIR/gpu-tests.xml"
-    stage sd15 120 30 "$PYTHON" benchmarks/gpu_bench.py --model "$SD15" --runs 10 --out "$OUT_DIR" "${BENCH[@]}"
-    stage sdxl 180 60 "$PYTHON" benchmarks/gpu_bench.py --model "$SDXL" --runs 5 --out "$OUT_DIR" "${BENCH[@]}"
-    stage sd15_inductor 600 "$INDUCTOR_MIN_S" "$PYTHON" benchmarks/gpu_bench.py --model "$SD15" --runs 3 \
-        --compile-backend "$INDUCTOR" --loops batched,compiled --out "$OUT_DIR" "${BENCH[@]}"
+    stage gpu_tests 120 30 "$PYTHON" -m pytest -m gpu tests/engines -q -p no:cacheprovider \
+        --continue-on-collection-errors --junitxml "$OUT_DIR/gpu-tests.xml"
+    local gpu_bench=("$PYTHON" benchmarks/gpu_bench.py --out "$OUT_DIR")
+    stage sd15 120 30 "${gpu_bench[@]}" --model "$SD15" --runs 10 "${BENCH_OPTIONS[@]}"
+    stage sdxl 180 60 "${gpu_bench[@]}" --model "$SDXL" --runs 5 "${BENCH_OPTIONS[@]}"
+    stage sd15_inductor 600 "$INDUCTOR_MIN_S" "${gpu_bench[@]}" --model "$SD15" --runs 3 \
+        --compile-backend "$INDUCTOR" --loops batched,compiled "${BENCH_OPTIONS[@]}"
 
     echo "=== stages ($((SECONDS - START))s in all)"
     cat "$STAGES"
