@@ -252,3 +252,33 @@ def test_full_queue_gets_429_and_missed_deadline_gets_504_and_is_never_computed(
         if worker is not None:
             worker.stop()
         api.process.stop()
+
+
+def test_redis_at_maxmemory_gives_429_with_retry_after_and_recovers_once_freed(
+    tmp_path: Path, cat_b64: str
+) -> None:
+    small = RedisServer(tmp_path / "redis", extra_args=("--maxmemory", "64mb"))
+    small.directory.mkdir()
+    small.start()
+    env = queue_env(small.url, QUEUE_MAX_BYTES=str(16 * 2**20), MAX_BODY_BYTES=str(8 * 2**20))
+    api = Api("service.api", env, tmp_path)
+    store = redis.Redis.from_url(small.url)
+    try:
+        with api.client() as client:
+            assert client.post("/jobs", json=cat_body(cat_b64, **SMALL)).status_code == 202
+            for index in range(2048):  # someone else's data fills Redis
+                try:
+                    store.set(f"filler:{index}", b"x" * 64 * 1024)
+                except redis.exceptions.OutOfMemoryError:
+                    break
+            store.config_set("maxmemory", store.info("memory")["used_memory"] - 2**20)  # well past it
+            full = client.post("/jobs", json=cat_body(cat_b64, **SMALL))
+            assert full.status_code == 429 and full.headers["retry-after"] == "2"
+            assert "memory limit" in full.json()["error"]["message"]
+            store.delete(*store.keys("filler:*"))
+            store.config_set("maxmemory", "64mb")
+            assert client.post("/jobs", json=cat_body(cat_b64, **SMALL)).status_code == 202
+    finally:
+        store.close()
+        api.process.stop()
+        small.stop()
