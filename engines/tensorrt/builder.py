@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from engines.tensorrt.cache import BuildSettings, EngineCache, engine_key, onnx_digest
+from engines.tensorrt.cache import BuildSettings, EngineCache, atomic_write, engine_key, onnx_digest
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def build_engine(onnx_path: Path, settings: BuildSettings, timing_cache_path: Pa
     )
     if timing_cache_path is not None:
         Path(timing_cache_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(timing_cache_path).write_bytes(bytes(config.get_timing_cache().serialize()))
+        atomic_write(Path(timing_cache_path), bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,23 @@ def engine_key(onnx_sha256: str, settings: BuildSettings, gpu_name: str, tensorr
     return hashlib.sha256(material.encode()).hexdigest()[:24]
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `path` through a uniquely named temporary file in its folder, then rename: a reader
+    never sees half a file, and concurrent writers (workers starting together on a shared volume)
+    never write into one another's temporary file."""
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    ) as handle:
+        temporary = Path(handle.name)
+        try:
+            handle.write(data)
+        except BaseException:
+            handle.close()
+            temporary.unlink(missing_ok=True)
+            raise
+    temporary.replace(path)
+
+
 class EngineCache:
     """<root>/<key>/engine.plan + meta.json; a shared timing cache at <root>/timing.cache."""
 
@@ -85,12 +103,12 @@ class EngineCache:
         return plan if plan.is_file() and (self.entry(key) / "meta.json").is_file() else None
 
     def store(self, key: str, plan: bytes, meta: dict) -> Path:
+        """Write an engine and its metadata; safe when several processes build the same key at once
+        (each writes its own temporary file; the last rename wins with a complete engine)."""
         entry = self.entry(key)
         entry.mkdir(parents=True, exist_ok=True)
-        temporary = entry / "engine.plan.tmp"
-        temporary.write_bytes(plan)
-        temporary.replace(self.plan_path(key))  # atomic: a reader never sees half an engine
-        (entry / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write(self.plan_path(key), plan)
+        atomic_write(entry / "meta.json", json.dumps(meta, indent=2, sort_keys=True).encode())
         return self.plan_path(key)
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -129,3 +131,15 @@ def test_onnx_engine_cache_store_and_lookup(tmp_path):
     path = cache.store("abc", b"plan-bytes", {"gpu": "test"})
     assert cache.lookup("abc") == path and path.read_bytes() == b"plan-bytes"
     assert not list((tmp_path / "trt" / "abc").glob("*.tmp"))
+
+
+def test_onnx_engine_cache_concurrent_stores_of_one_key(tmp_path):
+    """Workers starting together on a shared volume build the same engine: every store writes its
+    own temporary file, so the plan is always one whole engine and no temporary file is left."""
+    cache = EngineCache(tmp_path / "trt")
+    plans = [bytes([i]) * (1 << 20) * (i + 1) for i in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        list(pool.map(lambda plan: cache.store("same", plan, {"size": len(plan)}), plans))
+    stored = cache.lookup("same").read_bytes()
+    assert stored in plans
+    assert not [p.name for p in (tmp_path / "trt" / "same").iterdir() if p.name.endswith(".tmp")]
