@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,6 +82,14 @@ def test_gpu_bench_records_a_failed_capture_and_still_times_the_eager_loops(tmp_
     assert "no-such-backend" in capture["error"]
     assert {r["loop"] for r in rows if r["row"] == "timing"} == {"three_call", "batched"}
     assert "compile + capture failed" in (tmp_path / "gpu-bench.md").read_text()
+
+
+def test_gpu_bench_draws_random_weights_on_the_target_device():
+    """The GPU path builds the model under the device as default device; on `meta` it is free and
+    shows that every parameter and buffer follows it (nothing is drawn on the CPU and moved)."""
+    pipeline, drawn_on = _script("gpu_bench").load("tiny", torch.device("meta"), torch.bfloat16)
+    assert drawn_on == "meta"
+    assert {t.device.type for t in (*pipeline.parameters(), *pipeline.buffers())} == {"meta"}
 
 
 def test_gpu_bench_rejects_an_unknown_loop(tmp_path, capsys):
