@@ -92,13 +92,16 @@ docker-push: docker-build
 	docker push $(IMAGE_WORKER)
 
 # Applies k8s/overlays/$(OVERLAY) with the images just pushed; API_KEYS (comma-separated), when
-# given, becomes the realcustom-api-keys Secret (prod takes its keys only from there), and
+# given, becomes the realcustom-api-keys Secret (prod takes its keys only from there; its first key
+# is also stored as `metrics`, the credential Prometheus scrapes the API's /metrics with), and
 # REDIS_PASSWORD the realcustom-redis Secret (prod: e.g. REDIS_PASSWORD=$$(openssl rand -hex 32)).
+comma := ,
 deploy:
 	$(if $(REGISTRY),,$(error set REGISTRY to where `make docker-push` pushed the images))
 	$(KUBECTL) create namespace $(NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
 	$(if $(API_KEYS),$(KUBECTL) -n $(NAMESPACE) create secret generic realcustom-api-keys \
-		--from-literal=API_KEYS='$(API_KEYS)' --dry-run=client -o yaml | $(KUBECTL) apply -f -,)
+		--from-literal=API_KEYS='$(API_KEYS)' --from-literal=metrics='$(firstword $(subst $(comma), ,$(API_KEYS)))' \
+		--dry-run=client -o yaml | $(KUBECTL) apply -f -,)
 	$(if $(REDIS_PASSWORD),$(KUBECTL) -n $(NAMESPACE) create secret generic realcustom-redis \
 		--from-literal=password='$(REDIS_PASSWORD)' --dry-run=client -o yaml | $(KUBECTL) apply -f -,)
 	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \

@@ -54,6 +54,20 @@ _SCRAPE_ENDPOINT = {
         "path": {"type": "string", "pattern": "^/"},
         "interval": _DURATION,
         "scrapeTimeout": _DURATION,
+        "authorization": {
+            "type": "object",
+            "required": ["type", "credentials"],
+            "properties": {
+                "type": {"const": "Bearer"},
+                "credentials": {
+                    "type": "object",
+                    "required": ["name", "key"],
+                    "properties": {"name": {"type": "string"}, "key": {"type": "string"}},
+                    "additionalProperties": False,
+                },
+            },
+            "additionalProperties": False,
+        },
     },
     "additionalProperties": False,
 }
