@@ -4,6 +4,7 @@ full queue, a missed deadline, and a graceful stop with work in flight."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -15,6 +16,11 @@ import httpx
 import pytest
 import redis
 from service_processes import Api, RedisServer, ServiceProcess, WorkerProcess, free_port, wait_until
+from test_queue_contract import SUBJECT, make_spec
+
+from service.queue import create_queue
+from service.queue.protocol import JobSpec, SubjectSpec
+from service.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,6 +53,17 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def submit_directly(env: dict[str, str], spec: JobSpec) -> None:
+    """Accept a job through the queue itself, bypassing the API's checks."""
+
+    async def submit() -> None:
+        queue = create_queue(Settings(redis_url=env["REDIS_URL"], queue_name=env["QUEUE_NAME"]))
+        await queue.submit(spec)
+        await queue.close()
+
+    asyncio.run(submit())
 
 
 def queue_env(redis_url: str, **settings: str) -> dict[str, str]:
@@ -132,12 +149,26 @@ def test_poison_messages_are_dead_lettered_and_the_worker_stays_alive_and_ready(
             f"{prefix}:job:{old_id}", mapping={"state": "queued", "meta": json.dumps(meta), "msg": message}
         )
         store.xadd(f"{prefix}:stream", {"garbage": b"\xff\xfe"})
+        # A readable job whose reference cannot become an image (12 bytes for 64x64 pixels): it
+        # fails with the reason, it is not dead-lettered.
+        broken = make_spec().model_copy(
+            update={"subjects": [SubjectSpec.model_validate(SUBJECT | {"width": 64, "height": 64})]}
+        )
+        submit_directly(env, broken)
         with api.client() as client:
             reply = client.post("/customize", json=cat_body(cat_b64, **SMALL))
             assert reply.status_code == 200, reply.text
             wait_until(lambda: worker.metric("realcustom_queue_dead_letters_total") == 2, 30, "dead letters")
             failed = store.hgetall(f"{prefix}:job:{old_id}")
             assert failed[b"state"] == b"failed" and b"another version" in failed[b"error"]
+            unprepared = wait_until(
+                lambda: (
+                    (record := store.hgetall(f"{prefix}:job:{broken.id}"))[b"state"] != b"queued" and record
+                ),
+                30,
+                "the broken job to end",
+            )
+            assert unprepared[b"state"] == b"failed" and b"could not be prepared" in unprepared[b"error"]
             ready = client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["detail"]["ready_workers"] == 1
         assert worker.alive() and store.xlen(f"{prefix}:dead") == 2 and store.xlen(f"{prefix}:stream") == 0
