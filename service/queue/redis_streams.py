@@ -154,6 +154,8 @@ class RedisStreamsQueue:
         self._fences: dict[tuple[str, str], int] = {}
         # Consumer (worker name) of each delivery handed out by `take`.
         self._taken_by: dict[str, str] = {}
+        # Deliveries another worker took over: no longer refreshed (nor reported again).
+        self._lost: set[tuple[str, str]] = set()
 
     def _job_key(self, job_id: str) -> str:
         return f"{self._prefix}:job:{job_id}"
@@ -224,9 +226,11 @@ class RedisStreamsQueue:
             return None
         meta = JobMeta.model_validate_json(fields[b"meta"])
         result = None
-        if fields.get(b"result"):
-            blobs = [fields[b"rblob:%d" % index] for index in range(int(fields.get(b"rblobs", 0)))]
+        if b"rblobs" in fields and fields.get(b"result"):
+            blobs = [fields[b"rblob:%d" % index] for index in range(int(fields[b"rblobs"]))]
             result = join_blobs(JobResult, fields[b"result"], blobs)
+        elif fields.get(b"result"):  # stored by a worker of the previous version (rolling upgrade)
+            result = JobResult.model_validate_json(fields[b"result"])
         return JobRecord.from_meta(
             job_id,
             JobState(fields[b"state"].decode()),
@@ -481,6 +485,7 @@ class RedisStreamsQueue:
 
     def _forget(self, worker: str, job: TakenJob) -> None:
         self._fences.pop((worker, job.token), None)
+        self._lost.discard((worker, job.token))
         if self._taken_by.get(job.token) == worker:
             del self._taken_by[job.token]
 
@@ -495,11 +500,12 @@ class RedisStreamsQueue:
                     now,
                     int(ready),
                     now - FORGET_WORKER_S,
-                    *(job.token for job in in_flight),
+                    *(job.token for job in in_flight if (worker, job.token) not in self._lost),
                 ],
                 client=client,
             )
         for token in lost:
+            self._lost.add((worker, token.decode()))
             logger.warning("delivery %s was taken over by another worker", token.decode())
 
     async def close(self) -> None:

@@ -207,7 +207,9 @@ def test_redis_at_maxmemory_refuses_submissions_with_429_and_recovers_once_freed
     run(scenario())
 
 
-def test_a_worker_that_lost_its_job_cannot_take_it_back_or_overwrite_the_result(redis_server) -> None:
+def test_a_worker_that_lost_its_job_cannot_take_it_back_or_overwrite_the_result(
+    redis_server, caplog: pytest.LogCaptureFixture
+) -> None:
     async def scenario() -> None:
         config = settings(redis_server.url, reclaim_idle_s=0.3)
         slow, rescuer = make_queue(config), make_queue(config)  # two worker processes
@@ -219,6 +221,8 @@ def test_a_worker_that_lost_its_job_cannot_take_it_back_or_overwrite_the_result(
         [theirs] = await rescuer.take("rescuer", 1, block_s=1.0)
         assert theirs.spec.id == spec.id and await rescuer.start("rescuer", theirs)
         await slow.heartbeat("slow", ready=True, in_flight=[mine])  # Redis answers again
+        await slow.heartbeat("slow", ready=True, in_flight=[mine])  # reported once, then left alone
+        assert caplog.text.count(f"delivery {mine.token} was taken over") == 1
         assert not await slow.start("slow", mine)  # ownership stays with the rescuer
         await slow.finish(mine, done_record(spec, worker="slow"))
         record = await slow.get(spec.id)
@@ -345,3 +349,23 @@ def test_redis_password_comes_from_its_own_setting(own_redis) -> None:
     assert "s3cret" not in repr(config)
     level, line = check_redis_capacity(config, own_redis.url)
     assert level == logging.WARNING and "no maxmemory" in line  # it could read the configuration
+
+
+def test_a_result_stored_by_the_previous_version_still_reads(redis_server) -> None:
+    """During a rolling upgrade old workers still store results as JSON with base64 images."""
+
+    async def scenario() -> None:
+        config = settings(redis_server.url)
+        queue, client = make_queue(config), redis.Redis.from_url(redis_server.url)
+        spec = make_spec()
+        await queue.submit(spec)
+        old_result = done_record(spec).result
+        client.hset(
+            f"{config.queue_name}:job:{spec.id}",
+            mapping={"state": "done", "result": old_result.model_dump_json()},
+        )
+        assert (await queue.get(spec.id)).result.images == [b"image-bytes"]
+        client.close()
+        await queue.close()
+
+    run(scenario())
