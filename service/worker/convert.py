@@ -7,10 +7,9 @@ import time
 from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
 from service.images import encode_image
 from service.queue.protocol import JobResult, JobSpec
-from service.settings import Settings
 
 
-def to_generation_job(spec: JobSpec, settings: Settings) -> GenerationJob:
+def to_generation_job(spec: JobSpec) -> GenerationJob:
     """The job as the runner takes it; the references were decoded once, at the edge."""
     subjects = tuple(
         SubjectInput(

@@ -130,7 +130,7 @@ class Worker:
             await self._finish(taken, JobState.EXPIRED, error="the deadline passed before a worker was free")
             return
         try:
-            job = await asyncio.to_thread(to_generation_job, taken.spec, self._settings)
+            job = await asyncio.to_thread(to_generation_job, taken.spec)
         except Exception as error:  # one bad job must fail alone, never stop the worker
             logger.warning("job %s could not be prepared: %s", taken.spec.id, error)
             message = f"the job could not be prepared: {type(error).__name__}: {error}"
