@@ -369,3 +369,23 @@ def test_a_result_stored_by_the_previous_version_still_reads(redis_server) -> No
         await queue.close()
 
     run(scenario())
+
+
+def test_release_never_requeues_a_job_whose_record_says_it_ended(redis_server) -> None:
+    """The record is the authority: a finished job whose message is still pending (a cancel by an
+    older version that did not acknowledge it) is dropped, not queued again."""
+
+    async def scenario() -> None:
+        config = settings(redis_server.url)
+        queue, client = make_queue(config), redis.Redis.from_url(redis_server.url)
+        spec = make_spec()
+        await queue.submit(spec)
+        [taken] = await queue.take("w1", 1, block_s=1.0)
+        client.hset(f"{config.queue_name}:job:{spec.id}", "state", "cancelled")
+        await queue.release(taken)
+        assert (await queue.get(spec.id)).state == JobState.CANCELLED
+        assert await queue.depth() == 0 and await queue.held_bytes() == 0
+        client.close()
+        await queue.close()
+
+    run(scenario())
