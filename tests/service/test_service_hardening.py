@@ -6,6 +6,7 @@ guard for open deployments, and local docs assets."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import uuid
@@ -255,3 +256,22 @@ def test_the_default_size_is_the_models_native_size(api: Api) -> None:
         payload = body()
         del payload["width"], payload["height"]
         assert client.post("/jobs", json=payload).status_code == 202
+
+
+def test_a_body_that_never_arrives_times_out_and_frees_its_slot(redis_server, tmp_path: Path) -> None:
+    """A client that announces a body and stalls gets 408 after BODY_TIMEOUT_S; with one intake slot,
+    the next request is served after it."""
+    api = start_api(redis_server.url, tmp_path, {"BODY_TIMEOUT_S": "1", "INTAKE_CONCURRENCY": "1"})
+    try:
+        with socket.create_connection(("127.0.0.1", api.port), timeout=30) as stalled:
+            stalled.sendall(
+                b"POST /jobs HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{"
+            )
+            with api.client() as client:
+                queued_behind = client.post("/jobs", json=body())  # waits for the slot
+                assert queued_behind.status_code == 202, queued_behind.text
+            reply = stalled.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "body_timeout" in reply
+    finally:
+        api.process.stop()
