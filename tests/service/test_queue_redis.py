@@ -389,3 +389,28 @@ def test_release_never_requeues_a_job_whose_record_says_it_ended(redis_server) -
         await queue.close()
 
     run(scenario())
+
+
+def test_the_fencing_token_tells_apart_two_processes_with_the_same_worker_name(redis_server) -> None:
+    """A worker restarted under the same WORKER_ID reclaims its own idle delivery; the old process,
+    still running somewhere, cannot store its late result over the new run's."""
+
+    async def scenario() -> None:
+        config = settings(redis_server.url, reclaim_idle_s=0.3)
+        old, new = make_queue(config), make_queue(config)
+        spec = make_spec()
+        await old.submit(spec)
+        [first] = await old.take("w", 1, block_s=1.0)
+        assert await old.start("w", first)
+        await asyncio.sleep(0.5)
+        [again] = await new.take("w", 1, block_s=1.0)
+        assert again.token == first.token and await new.start("w", again)
+        await old.finish(first, done_record(spec, worker="w").model_copy(update={"error": "stale"}))
+        assert (await new.get(spec.id)).state == JobState.RUNNING
+        await new.finish(again, done_record(spec, worker="w"))
+        record = await new.get(spec.id)
+        assert record.state == JobState.DONE and record.error is None
+        await old.close()
+        await new.close()
+
+    run(scenario())
