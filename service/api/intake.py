@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from service.errors import ApiError
 from service.images import MEDIA_TYPES
 from service.queue.protocol import JobSpec
+from service.schemas import CustomizeRequest
 from service.settings import Settings
 from service.validation import build_job_spec, parse_json, parse_request
 
@@ -142,7 +143,7 @@ class Intake:
 JSON_TYPES = {"application/json", "application/*", "*/*"}
 
 
-def negotiate(accept: str, request: Any) -> str | None:
+def negotiate(accept: str, request: CustomizeRequest) -> str | None:
     """The media type of a raw-image reply, None for JSON, or 406 when Accept cannot be met.
 
     An image type in Accept asks for the raw bytes of one image; with `output_format` absent the
