@@ -2,10 +2,10 @@
 
 Layout under the `queue_name` prefix:
 - `<p>:stream`: one message per accepted job, consumer group `workers`. Fields: `id`, `deadline`,
-  `v` (message format), `size` (payload bytes), `spec` (the job's JSON without its images) and
-  `blob:<i>` (each image as raw bytes, see `blobs.py`). Messages are acknowledged and deleted only
-  once their job's terminal record is stored, so the stream length is the number of unfinished
-  jobs (the bounded depth).
+  `v` (message format), `size` (payload bytes), `spec` (the job's JSON without its images),
+  `blobs` (their count) and `blob:<i>` (each image as raw bytes, see `blobs.py`). Messages are
+  acknowledged and deleted only once their job's terminal record is stored, so the stream length
+  is the number of unfinished jobs (the bounded depth).
 - `<p>:job:<id>`: hash with the job's `state`, `worker`, `fence` (ownership token), `error`,
   `result` (+ `rblob:<i>` raw result images), `meta` and stream id.
 - `<p>:bytes`, `<p>:results`: the byte budget: bytes held (payloads of unfinished jobs + results not
