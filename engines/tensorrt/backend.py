@@ -18,12 +18,13 @@ the machines this was developed on). Its capability check says so at selection. 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from engines.compiled import CudaGraphCapture, GraphBackend, GraphLoop
+from engines.compiled import CudaGraphCapture, GraphBackend, GraphLoop, WarmupCapture
 from engines.static_loop import Bucket, GraphSettings
 from engines.tensorrt import tensorrt_unavailable_reason
 from engines.tensorrt.cache import BuildSettings, EngineCache
@@ -80,10 +81,18 @@ class EngineFeeds:
         }
 
 
+class Engine(Protocol):
+    """What the step needs of an engine (engines/tensorrt/runtime.py::TensorRTEngine)."""
+
+    def bind(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def execute(self) -> dict[str, torch.Tensor]: ...
+
+
 class TensorRTUNetCalls:
     """The UNet roles as engine launches on bound buffers (see `realcustom.step.UNetCalls`)."""
 
-    def __init__(self, feeds: EngineFeeds, guidance, generation):
+    def __init__(self, feeds: EngineFeeds, guidance: Engine, generation: Engine):
         self.feeds = feeds
         self.guidance_engine, self.generation_engine = guidance, generation
         self.guidance_out = guidance.bind(feeds.guidance)
@@ -123,32 +132,45 @@ class TensorRTBackend(GraphBackend):
         cache_dir: Path = DEFAULT_CACHE,
         model_id: str | None = None,
         precision: str | None = None,
+        open_engine: Callable[[Path], Engine] | None = None,
+        capture: WarmupCapture | None = None,
     ):
+        """open_engine: ONNX graph -> engine bound by `TensorRTUNetCalls` (default: build or load the
+        TensorRT engine); capture: CUDA graphs by default (tests run the same path on the CPU with
+        `WarmupCapture` and onnxruntime sessions standing in for TensorRT)."""
         self._configure(pipeline, buckets, graph_settings)
         self.cache_dir = Path(cache_dir)
         self.model_id = model_id or pipeline.name
         self.precision = precision or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
             pipeline.dtype, "fp32"
         )
-        self.engines: dict[Bucket, dict[str, object]] = {}
+        self.open_engine = open_engine or self._tensorrt_engine
+        self.engines: dict[Bucket, dict[str, Engine]] = {}
         self.graphs = GraphLoop(
-            pipeline, CudaGraphCapture(), calls_factory=self._calls, state_dtype=torch.float32
+            pipeline, capture or CudaGraphCapture(), calls_factory=self._calls, state_dtype=torch.float32
         )
 
-    def _load_engines(self, bucket: Bucket) -> dict[str, object]:
-        from engines.onnx_export import export_all
+    def _tensorrt_engine(self, onnx_path: Path) -> Engine:
         from engines.tensorrt.builder import cached_engine
         from engines.tensorrt.runtime import TensorRTEngine
 
+        plan = cached_engine(
+            onnx_path, BuildSettings(precision=self.precision), EngineCache(self.cache_dir / "trt")
+        )
+        return TensorRTEngine(plan, self.pipeline.device)
+
+    def _load_engines(self, bucket: Bucket) -> dict[str, Engine]:
+        from engines.onnx_export import export_all
+
         if bucket not in self.engines:
             export = export_all(self.pipeline, self.model_id, [bucket], self.cache_dir / "onnx")
-            cache = EngineCache(self.cache_dir / "trt")
-            loaded = {}
-            for role, stem in (("guidance", f"guidance-{bucket}"), ("generation", f"generation-kv-{bucket}")):
-                settings = BuildSettings(precision=self.precision)
-                plan = cached_engine(export / f"{stem}.onnx", settings, cache)
-                loaded[role] = TensorRTEngine(plan, self.pipeline.device)
-            self.engines[bucket] = loaded
+            self.engines[bucket] = {
+                role: self.open_engine(export / f"{stem}.onnx")
+                for role, stem in (
+                    ("guidance", f"guidance-{bucket}"),
+                    ("generation", f"generation-kv-{bucket}"),
+                )
+            }
         return self.engines[bucket]
 
     def _calls(self, state: LoopState, bucket: Bucket) -> TensorRTUNetCalls:
