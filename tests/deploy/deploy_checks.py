@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import kubernetes_validate
 import yaml
+from keda_rules import KEDA_VERSIONS, scaled_object_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 KUSTOMIZE_TARGETS = ("k8s/base", "k8s/overlays/dev", "k8s/overlays/prod")
@@ -87,7 +88,8 @@ def _resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, An
     }
 
 
-# keda.sh/v1alpha1 ScaledObject (KEDA 2.10+), redis-streams triggers only.
+# keda.sh/v1alpha1 ScaledObject (KEDA 2.15+), redis-streams triggers only; what KEDA makes of the
+# values, per version, is checked by keda_rules.py.
 _REDIS_STREAMS_METADATA = {
     "type": "object",
     "required": ["stream"],
@@ -111,6 +113,7 @@ _REDIS_STREAMS_METADATA = {
     # Exactly one way to measure the queue per trigger.
     "oneOf": [{"required": [key]} for key in ("pendingEntriesCount", "streamLength", "lagCount")],
 }
+_NON_NEGATIVE = {"type": "integer", "minimum": 0}
 _COUNT_AS_STRING = {"type": "string", "pattern": "^[0-9]+$"}
 for _key in ("pendingEntriesCount", "streamLength", "lagCount", "activationLagCount"):
     _REDIS_STREAMS_METADATA["properties"][_key] = _COUNT_AS_STRING
@@ -132,6 +135,16 @@ SCALED_OBJECT = _resource(
                 "additionalProperties": False,
             },
             "pollingInterval": {"type": "integer", "minimum": 1},
+            "fallback": {
+                "type": "object",
+                "required": ["failureThreshold", "replicas"],
+                "properties": {
+                    "failureThreshold": _NON_NEGATIVE,
+                    "replicas": _NON_NEGATIVE,
+                    "behavior": {"type": "string"},
+                },
+                "additionalProperties": False,
+            },
             "cooldownPeriod": {"type": "integer", "minimum": 0},
             "minReplicaCount": {"type": "integer", "minimum": 0},
             "maxReplicaCount": {"type": "integer", "minimum": 1},
@@ -155,6 +168,7 @@ SCALED_OBJECT = _resource(
                     "properties": {
                         "type": {"const": "redis-streams"},
                         "name": {"type": "string"},
+                        "metricType": {"enum": ["AverageValue", "Value"]},
                         "authenticationRef": {
                             "type": "object",
                             "required": ["name"],
@@ -249,7 +263,10 @@ def validate(doc: dict[str, Any]) -> list[str]:
     custom = CUSTOM_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
     if custom is not None:
         validator = jsonschema.Draft202012Validator(custom)
-        return [f"{name}: {'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+        errors = [f"{name}: {'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(doc)]
+        if doc["kind"] == "ScaledObject" and not errors:
+            errors = [f"{name}: {error}" for v in KEDA_VERSIONS for error in scaled_object_errors(doc, v)]
+        return errors
     errors = []
     for version in KUBERNETES_VERSIONS:
         try:
