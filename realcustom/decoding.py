@@ -165,5 +165,11 @@ def _strip_to_rgb(strip: Image.Image) -> Image.Image:
         strip = strip.point(lambda value: value / 256).convert("L")
     if strip.mode in _WITH_ALPHA:
         rgba = strip.convert("RGBA")
+        alpha = rgba.getextrema()[3]
+        # Uniform strips (the bulk of a transparent canvas) skip the composite: same pixels, less CPU.
+        if alpha == (0, 0):
+            return Image.new("RGB", rgba.size, _WHITE[:3])
+        if alpha == (255, 255):
+            return rgba.convert("RGB")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
     return strip.convert("RGB")

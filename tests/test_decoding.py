@@ -86,10 +86,14 @@ def test_exif_orientation_is_applied(orientation: int) -> None:
 
 
 def test_large_images_are_reduced_like_a_full_size_composite_then_box_filter() -> None:
-    """Strip-wise conversion and reduction equals converting the whole image, then reducing."""
+    """Strip-wise conversion and reduction equals converting the whole image, then reducing (with
+    transparent, opaque and mixed strips)."""
     width, height = 2500, 1700  # factor 2, then a box resize to 1024
     rgba = noise(width, height).convert("RGBA")
-    alpha = Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width), dtype=np.uint8))
+    alpha_values = np.random.default_rng(1).integers(0, 256, (height, width), dtype=np.uint8)
+    alpha_values[:600] = 0  # whole strips fully transparent
+    alpha_values[600:1000] = 255  # and fully opaque
+    alpha = Image.fromarray(alpha_values)
     rgba.putalpha(alpha)
     data = encode(rgba)
     white = Image.new("RGBA", (width, height), (255, 255, 255, 255))
