@@ -177,3 +177,66 @@ def test_api_starts_with_only_what_the_api_image_installs() -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- rendered manifests: disruptions and rollouts -----------------------------------------------
+
+# Kubernetes' default when a Deployment sets none.
+DEFAULT_PROGRESS_DEADLINE_S = 600
+
+
+def _rendered(kind: str) -> list[tuple[str, dict]]:
+    return [(target, doc) for target in KUSTOMIZE_TARGETS for doc in render(target) if doc["kind"] == kind]
+
+
+def _needs_gpu(pod_spec: dict) -> bool:
+    return any(
+        "nvidia.com/gpu" in container.get("resources", {}).get("limits", {})
+        for container in pod_spec["containers"]
+    )
+
+
+def _startup_allowance_s(container: dict) -> int:
+    """The longest a container may take to pass its startup probe before it is restarted."""
+    probe = container.get("startupProbe", {})
+    return probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get(
+        "failureThreshold", 3
+    )
+
+
+def test_disruption_budgets_never_count_unready_pods() -> None:
+    """An unready pod serves nothing: it must never block a node drain (k8s 1.27+ beta, 1.31 GA)."""
+    budgets = _rendered("PodDisruptionBudget")
+    assert budgets
+    for target, budget in budgets:
+        assert budget["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow", (
+            target,
+            budget["metadata"]["name"],
+        )
+
+
+def test_gpu_rollouts_need_no_spare_gpu() -> None:
+    """A surge pod needs one more GPU than the pool has in use; a full pool never schedules it."""
+    gpu_deployments = [
+        (target, doc)
+        for target, doc in _rendered("Deployment")
+        if _needs_gpu(doc["spec"]["template"]["spec"])
+    ]
+    assert any(target.endswith("prod") for target, _ in gpu_deployments)
+    for target, deployment in gpu_deployments:
+        rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+        assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1), target
+
+
+def test_rollouts_are_not_declared_stuck_while_a_pod_may_still_start() -> None:
+    """progressDeadlineSeconds must exceed a new pod's start-up allowance, plus the old pod's grace
+    period where the new one waits for its resources (maxSurge 0)."""
+    for target, deployment in _rendered("Deployment"):
+        spec = deployment["spec"]
+        pod = spec["template"]["spec"]
+        waits_for_old_pod = spec.get("strategy", {}).get("rollingUpdate", {}).get("maxSurge") == 0
+        worst_s = max(_startup_allowance_s(c) for c in pod["containers"])
+        if waits_for_old_pod:
+            worst_s += pod.get("terminationGracePeriodSeconds", 30)
+        deadline_s = spec.get("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE_S)
+        assert deadline_s > worst_s, (target, deployment["metadata"]["name"], deadline_s, worst_s)
