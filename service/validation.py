@@ -176,7 +176,12 @@ def build_job_spec(
 ) -> JobSpec:
     """Validate a request and turn it into the job the queue carries (owned by `owner`)."""
     size = native_size(settings.model)
-    request = request.model_copy(update={"width": request.width or size, "height": request.height or size})
+    request = request.model_copy(
+        update={
+            "width": size if request.width is None else request.width,
+            "height": size if request.height is None else request.height,
+        }
+    )
     _check_settings(request, settings)
     token_indices = _locate_targets(request, tokenizer)
     images = _decode_images(request, settings, decode_slots)

@@ -70,6 +70,7 @@ def test_every_limit_at_its_exact_value(api: Api) -> None:
     }
     rejected = {
         "past max side": (body(width=544), 422, "between 64 and 512"),
+        "zero width is not the default size": (body(width=0), 422, "positive multiple of 32"),
         "past max steps": (body(num_inference_steps=51, mask_reused_step=1), 422, "at most 50"),
         "mask_reused_step 0 (the pipeline rejects it)": (body(mask_reused_step=0), 422, "at least 1"),
         "past max subjects": (body(subjects=[subject] * 5), 422, "at most 4 subjects"),
