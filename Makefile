@@ -104,12 +104,46 @@ deploy:
 		--dry-run=client -o yaml | $(KUBECTL) apply -f -,)
 	$(if $(REDIS_PASSWORD),$(KUBECTL) -n $(NAMESPACE) create secret generic realcustom-redis \
 		--from-literal=password='$(REDIS_PASSWORD)' --dry-run=client -o yaml | $(KUBECTL) apply -f -,)
-	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	printf '%s\n' 'resources:' "  - $$(realpath --relative-to="$$tmp" k8s/overlays/$(OVERLAY))" 'images:' \
-		'  - name: realcustom-api' '    newName: $(IMAGE_PREFIX)realcustom-api' '    newTag: "$(TAG)"' \
-		'  - name: realcustom-worker' '    newName: $(IMAGE_PREFIX)realcustom-worker' '    newTag: "$(TAG)"' \
-		> "$$tmp/kustomization.yaml" && \
-	$(KUBECTL) apply -k "$$tmp"
+	$(overlay_with_images) && \
+	$(KUBECTL) apply -k "$$tmp" -l 'app.kubernetes.io/component notin ($(ON_DEMAND_JOBS))'
+
+# In "$$tmp": a kustomization of k8s/overlays/$(OVERLAY) with both images at REGISTRY/TAG, and
+# with GPU_PRODUCT (a node's nvidia.com/gpu.product label), the engine build pinned to that GPU kind.
+define overlay_with_images
+tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+printf '%s\n' 'resources:' "  - $$(realpath --relative-to="$$tmp" k8s/overlays/$(OVERLAY))" 'images:' \
+	'  - name: realcustom-api' '    newName: $(IMAGE_PREFIX)realcustom-api' '    newTag: "$(TAG)"' \
+	'  - name: realcustom-worker' '    newName: $(IMAGE_PREFIX)realcustom-worker' '    newTag: "$(TAG)"' \
+	$(if $(GPU_PRODUCT),$(PIN_ENGINE_BUILD)) > "$$tmp/kustomization.yaml"
+endef
+PIN_ENGINE_BUILD = 'patches:' '  - target:' '      kind: Job' '      name: realcustom-engine-build' \
+	'    patch: |-' '      - op: add' '        path: /spec/template/spec/nodeSelector/nvidia.com~1gpu.product' \
+	'        value: "$(GPU_PRODUCT)"'
+
+# The prod overlay's Jobs run on demand, never on each deploy: `make fetch-weights` once per
+# model, `make build-engines` once per (model, BUCKETS, GPU kind, image), before the workers need
+# them (docs/DEPLOYMENT.md, "Rollout runbook"). A Job's pod template cannot change, so the previous
+# run is deleted first; the Job is applied with its ConfigMap, then awaited (its log tail on failure).
+ON_DEMAND_JOBS := engine-build,fetch-weights
+GPU_PRODUCT ?=
+JOB_COMPONENT_fetch-weights := fetch-weights
+JOB_COMPONENT_build-engines := engine-build
+.PHONY: fetch-weights build-engines
+fetch-weights build-engines: OVERLAY = prod
+fetch-weights build-engines:
+	$(if $(REGISTRY),,$(error set REGISTRY to where `make docker-push` pushed the images))
+	$(KUBECTL) -n $(NAMESPACE) delete job realcustom-$(JOB_COMPONENT_$@) --ignore-not-found
+	$(overlay_with_images) && \
+	$(KUBECTL) apply -k "$$tmp" -l 'app.kubernetes.io/component in (config,$(JOB_COMPONENT_$@))'
+	@while :; do \
+		state=$$($(KUBECTL) -n $(NAMESPACE) get job realcustom-$(JOB_COMPONENT_$@) \
+			-o jsonpath='{.status.conditions[?(@.status=="True")].type}') || exit 1; \
+		case "$$state" in \
+			*Complete*) echo "realcustom-$(JOB_COMPONENT_$@): complete"; break ;; \
+			*Failed*) $(KUBECTL) -n $(NAMESPACE) logs job/realcustom-$(JOB_COMPONENT_$@) --tail=50; exit 1 ;; \
+		esac; \
+		sleep 15; \
+	done
 
 # hadolint, yamllint and the Kubernetes schema check; all offline.
 lint-deploy: install

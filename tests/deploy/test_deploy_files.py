@@ -17,7 +17,14 @@ from service.settings import Settings
 
 BIN = Path(sys.executable).parent
 # Variables read by libraries in the worker image, not by service.settings.
-LIBRARY_ENV = {"HF_HUB_OFFLINE", "HF_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "REDISCLI_AUTH"}
+LIBRARY_ENV = {
+    "HF_HUB_OFFLINE",
+    "HF_HOME",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TRITON_CACHE_DIR",
+    "REDISCLI_AUTH",
+    "XDG_CACHE_HOME",
+}
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -48,7 +55,7 @@ def _container_env(docs: list[dict]) -> set[str]:
     for doc in docs:
         if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].startswith("realcustom-config"):
             names |= set(doc["data"])
-        if doc["kind"] in {"Deployment", "StatefulSet"}:
+        if doc["kind"] in {"Deployment", "StatefulSet", "Job"}:
             for container in doc["spec"]["template"]["spec"]["containers"]:
                 names |= {item["name"] for item in container.get("env", [])}
     return names
@@ -240,3 +247,98 @@ def test_rollouts_are_not_declared_stuck_while_a_pod_may_still_start() -> None:
             worst_s += pod.get("terminationGracePeriodSeconds", 30)
         deadline_s = spec.get("progressDeadlineSeconds", DEFAULT_PROGRESS_DEADLINE_S)
         assert deadline_s > worst_s, (target, deployment["metadata"]["name"], deadline_s, worst_s)
+
+
+# --- rendered manifests: engines, storage, monitoring -------------------------------------------
+
+
+def _config(docs: list[dict]) -> dict[str, str]:
+    (config,) = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("realcustom-config")
+    ]
+    return config["data"]
+
+
+def test_tensorrt_is_never_configured_without_buckets() -> None:
+    """Without BUCKETS the TensorRT backend prepares batch 1 only: batches of 2-4 would run eagerly."""
+    configs = [_config(render(target)) for target in KUSTOMIZE_TARGETS]
+    compose = yaml.safe_load((ROOT / "docker/compose.yaml").read_text())
+    configs += [service.get("environment", {}) for service in compose["services"].values()]
+    tensorrt = [config for config in configs if "tensorrt" in str(config.get("BACKEND", ""))]
+    assert tensorrt, "no TensorRT configuration found: the prod overlay and compose's gpu profile have one"
+    for config in tensorrt:
+        assert config.get("BUCKETS"), config
+
+
+def _pod_spec(docs: list[dict], kind: str, name: str) -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc["spec"]["template"]["spec"]
+
+
+def _mounts(pod: dict) -> dict[str, tuple[str, bool]]:
+    """Mount path -> (claim name, read-only) for the pod's PVC-backed volumes."""
+    claims = {
+        v["name"]: (
+            v["persistentVolumeClaim"]["claimName"],
+            v["persistentVolumeClaim"].get("readOnly", False),
+        )
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    (container,) = pod["containers"]
+    return {
+        m["mountPath"]: (claims[m["name"]][0], claims[m["name"]][1] or m.get("readOnly", False))
+        for m in container["volumeMounts"]
+        if m["name"] in claims
+    }
+
+
+def test_engine_build_job_builds_into_the_workers_cache_from_their_settings() -> None:
+    docs = render("k8s/overlays/prod")
+    worker = _pod_spec(docs, "Deployment", "realcustom-worker")
+    job = _pod_spec(docs, "Job", "realcustom-engine-build")
+    (job_container,) = job["containers"]
+    (worker_container,) = worker["containers"]
+    # The same MODEL and BUCKETS: the ConfigMap the workers read.
+    assert job_container["envFrom"] == worker_container["envFrom"]
+    # The same shared claims at the same paths; weights read-only for both.
+    assert _mounts(job) == _mounts(worker)
+    assert _mounts(worker)["/models"][1] and not _mounts(worker)["/artifacts"][1]
+    assert job["nodeSelector"] == worker["nodeSelector"] and job["tolerations"] == worker["tolerations"]
+    command = " ".join(job_container["args"])
+    assert "python -m engines.export" in command
+    assert '--model "$MODEL"' in command and '--buckets "$BUCKETS"' in command
+    # The worker image links /app/artifacts (the TensorRT backend's default cache) to /artifacts.
+    assert "--out /artifacts/engines" in command
+    assert "ln -s /artifacts /app/artifacts" in (ROOT / "Dockerfile").read_text()
+
+
+def test_every_claim_can_be_filled_and_names_its_storage_class() -> None:
+    """An empty ReadOnlyMany claim can never be written through; the class is an overlay parameter."""
+    docs = render("k8s/overlays/prod")
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    params = yaml.safe_load((ROOT / "k8s/overlays/prod/params.yaml").read_text())["data"]
+    assert {c["metadata"]["name"]: c["spec"]["storageClassName"] for c in claims} == {
+        "realcustom-models": params["modelsStorageClass"],
+        "realcustom-artifacts": params["artifactsStorageClass"],
+    }
+    for claim in claims:
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], claim["metadata"]["name"]
+    # Something writes the weights: the fetch Job mounts the models claim writable.
+    fetch = _pod_spec(docs, "Job", "realcustom-fetch-weights")
+    assert _mounts(fetch)["/models"] == ("realcustom-models", False)
+    assert not any(
+        d.get("kind") == "ConfigMap" and d["metadata"]["name"] == "realcustom-params" for d in docs
+    )
+
+
+@pytest.mark.parametrize("target", KUSTOMIZE_TARGETS)
+def test_monitors_carry_the_label_kube_prometheus_stack_selects(target: str) -> None:
+    monitors = [d for d in render(target) if d["kind"] in {"ServiceMonitor", "PodMonitor"}]
+    assert len(monitors) == 2
+    expected = "kube-prometheus-stack"
+    if target.endswith("prod"):
+        expected = yaml.safe_load((ROOT / "k8s/overlays/prod/params.yaml").read_text())["data"][
+            "prometheusRelease"
+        ]
+    assert {m["metadata"]["labels"].get("release") for m in monitors} == {expected}
