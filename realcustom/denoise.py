@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from realcustom.step import (
+    Conditioning,
     LoopState,
     MaskSettings,
     StepKind,
@@ -22,26 +23,6 @@ from realcustom.step import (
     step_kinds,
 )
 from realcustom.unet import RealCustomUNet
-
-
-@dataclass
-class Conditioning:
-    """Everything the loop needs per sample: B samples, S subject slots (zero rows pad unused slots)."""
-
-    prompt_embeds: torch.Tensor  # [B, 77, D]
-    negative_prompt_embeds: torch.Tensor  # [B, 77, D]
-    pooled: torch.Tensor | None  # [B, P] (SDXL)
-    negative_pooled: torch.Tensor | None  # [B, P] (SDXL)
-    time_ids: torch.Tensor | None  # [B, 6] (SDXL)
-    image_tokens: torch.Tensor  # [B, S, T, C]
-    negative_image_tokens: torch.Tensor  # [B, S, T, C]
-    target_tokens: torch.Tensor  # [B, S, 77]
-    guidance_scale: torch.Tensor  # [B]
-    mask_scope: torch.Tensor  # [B], float64 (the official top-k count int(scope·h·w) is float64)
-
-    @property
-    def batch_size(self) -> int:
-        return self.prompt_embeds.shape[0]
 
 
 @dataclass(frozen=True)

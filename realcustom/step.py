@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
@@ -30,11 +30,28 @@ from realcustom.masks import generate_masks
 from realcustom.schedulers import TABLE_SCHEDULERS, DiffusersScheduler, TableScheduler, make_scheduler
 from realcustom.unet import RealCustomUNet
 
-if TYPE_CHECKING:  # realcustom.denoise imports this module
-    from realcustom.denoise import Conditioning
-
 # Capacity of the device schedule tables (a loop with more steps cannot use a prepared state).
 MAX_STEPS = 1000
+
+
+@dataclass
+class Conditioning:
+    """Everything the loop needs per sample: B samples, S subject slots (zero rows pad unused slots)."""
+
+    prompt_embeds: torch.Tensor  # [B, 77, D]
+    negative_prompt_embeds: torch.Tensor  # [B, 77, D]
+    pooled: torch.Tensor | None  # [B, P] (SDXL)
+    negative_pooled: torch.Tensor | None  # [B, P] (SDXL)
+    time_ids: torch.Tensor | None  # [B, 6] (SDXL)
+    image_tokens: torch.Tensor  # [B, S, T, C]
+    negative_image_tokens: torch.Tensor  # [B, S, T, C]
+    target_tokens: torch.Tensor  # [B, S, 77]
+    guidance_scale: torch.Tensor  # [B]
+    mask_scope: torch.Tensor  # [B], float64 (the official top-k count int(scope·h·w) is float64)
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_embeds.shape[0]
 
 
 class StepKind(enum.Enum):
@@ -249,48 +266,75 @@ class LoopState:
         mask_reused_step: int,
         schedule: RowSchedule | HostSchedule,
     ) -> None:
-        """Copy one loop's inputs in (host-side work allowed). Rows beyond the loop's batch repeat
-        its last row; subject slots beyond its subjects are zero (zero tokens -> zero mask -> the
-        slot adds exactly 0). Every layer's image K/V is computed here, once per loop."""
-        batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
-        if batch > self.rows or subjects > self.subjects:
-            raise ValueError(
-                f"{batch} rows x {subjects} subjects exceed the state ({self.rows}x{self.subjects})"
-            )
-        pad, extra = self.rows - batch, self.subjects - subjects
+        """Copy one loop's inputs into every row (host-side work allowed). Rows beyond the loop's
+        batch repeat its last row. Every layer's image K/V is computed here, once per loop."""
+        batch = cond.batch_size
+        if batch > self.rows:
+            raise ValueError(f"{batch} rows exceed the state's {self.rows}")
+        pad = self.rows - batch
 
-        def rows(tensor: torch.Tensor) -> torch.Tensor:
-            return torch.cat([tensor, tensor[-1:].expand(pad, *tensor.shape[1:])]) if pad else tensor
+        def rows(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None or not pad:
+                return tensor
+            return torch.cat([tensor, tensor[-1:].expand(pad, *tensor.shape[1:])])
+
+        padded = Conditioning(**{name: rows(value) for name, value in vars(cond).items()})
+        self.schedule = schedule
+        self.load_rows(unet, padded, rows(latents), mask_reused_step, start=0)
+
+    def load_rows(
+        self,
+        unet: RealCustomUNet,
+        cond: Conditioning,
+        latents: torch.Tensor,
+        mask_reused_step: int,
+        start: int,
+    ) -> slice:
+        """Rows [start, start + B) take one loop's inputs, at step 0; other rows are untouched (a
+        request joining a running batch). Subject slots beyond its subjects are zero (zero tokens ->
+        zero mask -> the slot adds exactly 0). Returns the rows. The schedule's table rows are the
+        caller's (`RowSchedule.load(steps, rows)`)."""
+        batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
+        if start < 0 or start + batch > self.rows or subjects > self.subjects:
+            raise ValueError(
+                f"rows {start}..{start + batch} x {subjects} subjects exceed the state "
+                f"({self.rows} rows x {self.subjects} subjects)"
+            )
+        extra = self.subjects - subjects
+        own = slice(start, start + batch)
+        uncond = slice(self.rows + start, self.rows + start + batch)
 
         def slots(tensor: torch.Tensor) -> torch.Tensor:
             if not extra:
                 return tensor
             return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], extra, *tensor.shape[2:])], dim=1)
 
-        def both(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-            return torch.cat([rows(first), rows(second)])
+        def both(buffer: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> None:
+            buffer[own] = first
+            buffer[uncond] = second
 
-        self.schedule = schedule
-        self.latents.copy_(rows(latents.float()) * schedule.init_noise_sigma)
-        self.x0.copy_(self.latents)
-        self.anchor.zero_()
-        self.anchor_x0.zero_()
-        self.masks.zero_()
-        self.step.zero_()
-        self.mask_reused_step.fill_(mask_reused_step)
-        self.text.copy_(both(cond.prompt_embeds, cond.negative_prompt_embeds))
+        self.latents[own] = latents.float() * self.schedule.init_noise_sigma
+        self.x0[own] = self.latents[own]
+        for buffer in (self.anchor, self.anchor_x0, self.masks, self.step):
+            buffer[own] = 0
+        self.mask_reused_step[own] = mask_reused_step
+        both(self.text, cond.prompt_embeds, cond.negative_prompt_embeds)
         if self.pooled is not None:
-            self.pooled.copy_(both(cond.pooled, cond.negative_pooled))
-            self.time_ids.copy_(both(cond.time_ids, cond.time_ids))
-        self.target_tokens.copy_(slots(rows(cond.target_tokens)))
-        self.guidance_scale.copy_(rows(cond.guidance_scale.float()).view(-1, 1, 1, 1))
-        self.mask_scope.copy_(rows(cond.mask_scope))
-        tokens = slots(both(cond.image_tokens, cond.negative_image_tokens))
-        for (key_buffer, value_buffer), (key, value) in zip(
-            self.image_kv, unet.image_key_values(tokens), strict=True
+            both(self.pooled, cond.pooled, cond.negative_pooled)
+            both(self.time_ids, cond.time_ids, cond.time_ids)
+        self.target_tokens[own] = slots(cond.target_tokens)
+        self.guidance_scale[own] = cond.guidance_scale.float().view(-1, 1, 1, 1)
+        self.mask_scope[own] = cond.mask_scope
+        positive, negative = (
+            unet.image_key_values(slots(cond.image_tokens)),
+            unet.image_key_values(slots(cond.negative_image_tokens)),
+        )
+        for (key_buffer, value_buffer), (key, value), (negative_key, negative_value) in zip(
+            self.image_kv, positive, negative, strict=True
         ):
-            key_buffer.copy_(key)
-            value_buffer.copy_(value)
+            both(key_buffer, key, negative_key)
+            both(value_buffer, value, negative_value)
+        return own
 
 
 class UNetCalls(Protocol):
