@@ -66,9 +66,10 @@ class Settings(BaseSettings):
     queue_max_bytes: int = Field(
         256 * 2**20,
         ge=2**20,
-        description="Bytes of job data the Redis queue may hold: the payloads (spec and reference images) "
-        "of unfinished jobs plus the results of finished ones until `result_ttl_s`; past it requests get "
-        "429 + Retry-After. Checked at start-up against Redis' `maxmemory` (docs/DEPLOYMENT.md).",
+        description="Bytes of job data the queue may hold (in Redis, or in the all-in-one process): the "
+        "payloads (spec and reference images) of unfinished jobs plus the results of finished ones until "
+        "`result_ttl_s`; past it requests get 429 + Retry-After. Checked at start-up against Redis' "
+        "`maxmemory` (docs/DEPLOYMENT.md).",
     )
     queue_full_retry_after_s: int = Field(2, ge=1, description="Retry-After of a 429 for a full queue.")
     job_timeout_s: float = Field(

@@ -27,6 +27,7 @@ def create_queue(settings: Settings) -> JobQueue:
         )
     return InProcessQueue(
         max_depth=settings.queue_max_depth,
+        max_bytes=settings.queue_max_bytes,
         retry_after_s=settings.queue_full_retry_after_s,
         result_ttl_s=settings.result_ttl_s,
         worker_ttl_s=worker_ttl_s,

@@ -55,3 +55,8 @@ def join_blobs(model_type: type[ModelT], document: bytes, blobs: list[bytes]) ->
 def payload_size(document: bytes, blobs: list[bytes]) -> int:
     """Bytes a split model occupies (what the queue's byte budget counts)."""
     return len(document) + sum(len(blob) for blob in blobs)
+
+
+def stored_size(model: BaseModel) -> int:
+    """`payload_size` of the model, split."""
+    return payload_size(*split_blobs(model))

@@ -11,20 +11,26 @@ import contextlib
 import time
 from collections import deque
 
+from service.queue.blobs import stored_size
 from service.queue.protocol import JobRecord, JobSpec, JobState, QueueFullError, TakenJob
 
 
 class InProcessQueue:
     """The `JobQueue` of one process. Tokens are job ids (one delivery per job)."""
 
-    def __init__(self, max_depth: int, retry_after_s: int, result_ttl_s: float, worker_ttl_s: float) -> None:
+    def __init__(
+        self, max_depth: int, max_bytes: int, retry_after_s: int, result_ttl_s: float, worker_ttl_s: float
+    ) -> None:
         self._max_depth = max_depth
+        self._max_bytes = max_bytes
         self._retry_after_s = retry_after_s
         self._result_ttl_s = result_ttl_s
         self._worker_ttl_s = worker_ttl_s
         self._specs: dict[str, JobSpec] = {}
         self._records: dict[str, JobRecord] = {}
         self._expires: dict[str, float] = {}
+        # Bytes each job holds against `max_bytes`: its payload until it ends, then its result.
+        self._sizes: dict[str, int] = {}
         self._idempotency: dict[str, str] = {}
         self._pending: deque[str] = deque()
         self._finished_events: dict[str, asyncio.Event] = {}
@@ -34,7 +40,7 @@ class InProcessQueue:
     def _purge(self) -> None:
         now = time.monotonic()
         for job_id in [job_id for job_id, expires in self._expires.items() if expires < now]:
-            for store in (self._records, self._specs, self._expires, self._finished_events):
+            for store in (self._records, self._specs, self._expires, self._finished_events, self._sizes):
                 store.pop(job_id, None)
         for key in [key for key, job_id in self._idempotency.items() if job_id not in self._records]:
             del self._idempotency[key]
@@ -46,6 +52,10 @@ class InProcessQueue:
         depth = await self.depth()
         if depth >= self._max_depth:
             raise QueueFullError(f"the queue holds {depth} jobs, its limit", self._retry_after_s)
+        size, held = stored_size(spec), await self.held_bytes()
+        if held + size > self._max_bytes:
+            raise QueueFullError.for_bytes(held, size, self._max_bytes, self._retry_after_s)
+        self._sizes[spec.id] = size
         record = spec.record(JobState.QUEUED)
         self._specs[spec.id] = spec
         self._records[spec.id] = record
@@ -78,6 +88,10 @@ class InProcessQueue:
 
     async def depth(self) -> int:
         return sum(not record.state.finished for record in self._records.values())
+
+    async def held_bytes(self) -> int:
+        self._purge()
+        return sum(self._sizes.values())
 
     async def ready_workers(self) -> int:
         now = time.monotonic()
@@ -132,6 +146,7 @@ class InProcessQueue:
     def _store(self, job_id: str, record: JobRecord) -> JobRecord:
         self._records[job_id] = record
         self._expires[job_id] = time.monotonic() + self._result_ttl_s
+        self._sizes[job_id] = stored_size(record.result) if record.result is not None else 0
         self._specs.pop(job_id, None)
         event = self._finished_events.get(job_id)
         if event is not None:

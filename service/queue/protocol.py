@@ -161,6 +161,14 @@ class QueueFullError(Exception):
         super().__init__(f"{reason}; retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
+    @classmethod
+    def for_bytes(cls, held: int, size: int, limit: int, retry_after_s: int) -> QueueFullError:
+        return cls(
+            f"the queue holds {held} bytes of jobs and results; this job's {size} bytes would pass its "
+            f"limit of {limit}",
+            retry_after_s,
+        )
+
 
 class QueueUnavailableError(Exception):
     """The queue backend cannot be reached (e.g. Redis restarting)."""
@@ -186,6 +194,10 @@ class JobQueue(Protocol):
 
     async def depth(self) -> int:
         """Accepted jobs not yet finished."""
+        ...
+
+    async def held_bytes(self) -> int:
+        """Bytes counted against the byte budget: payloads of unfinished jobs, results still kept."""
         ...
 
     async def ready_workers(self) -> int:

@@ -207,11 +207,7 @@ class RedisStreamsQueue:
         if outcome == "full":
             raise QueueFullError(f"the queue holds {value} jobs, its limit", self._retry_after_s)
         if outcome == "bytes":
-            raise QueueFullError(
-                f"the queue holds {int(value)} bytes of jobs and results; this job's {size} bytes would pass "
-                f"its limit of {self._max_bytes}",
-                self._retry_after_s,
-            )
+            raise QueueFullError.for_bytes(int(value), size, self._max_bytes, self._retry_after_s)
         if outcome == "existing":
             existing = await self.get(value)
             if existing is not None:

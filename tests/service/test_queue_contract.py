@@ -4,6 +4,7 @@ redis-server). No model needed."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 
@@ -63,6 +64,16 @@ def done_record(spec: JobSpec, worker: str = "w1") -> JobRecord:
             worker=worker,
         ),
     )
+
+
+def spec_with_image(size: int) -> JobSpec:
+    subject = SUBJECT | {"image": os.urandom(size)}
+    return make_spec().model_copy(update={"subjects": [SubjectSpec.model_validate(subject)]})
+
+
+def result_of(spec: JobSpec, image: bytes, worker: str = "w1") -> JobRecord:
+    record = done_record(spec, worker)
+    return record.model_copy(update={"result": record.result.model_copy(update={"images": [image]})})
 
 
 @pytest.fixture(params=["in_process", "redis"])
@@ -272,6 +283,28 @@ def test_a_failed_job_keeps_its_error_text(make_queue) -> None:
         stored = await queue.get(spec.id)
         assert stored.state == JobState.FAILED and stored.error == "RuntimeError: out of memory"
         assert stored.result is None and stored.worker == "w1"
+        await queue.close()
+
+    run(scenario())
+
+
+def test_the_byte_budget_counts_payloads_and_results_until_they_expire(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(queue_max_bytes=2**20, result_ttl_s=1)
+        first, second = spec_with_image(400_000), spec_with_image(400_000)
+        await queue.submit(first)
+        await queue.submit(second)
+        with pytest.raises(QueueFullError, match="bytes") as full:
+            await queue.submit(spec_with_image(400_000))
+        assert full.value.retry_after_s == 2
+        taken = {job.spec.id: job for job in await queue.take("w1", 2, block_s=1.0)}
+        await queue.finish(taken[first.id], result_of(first, os.urandom(500_000)))
+        with pytest.raises(QueueFullError):  # the result counts while it is kept
+            await queue.submit(spec_with_image(400_000))
+        await queue.finish(taken[second.id], result_of(second, b"small"))
+        await asyncio.sleep(1.2)  # the big result expired
+        await queue.submit(spec_with_image(400_000))
+        assert await queue.held_bytes() < 500_000
         await queue.close()
 
     run(scenario())

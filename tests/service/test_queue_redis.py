@@ -17,11 +17,11 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 from service_processes import RedisServer
-from test_queue_contract import SUBJECT, done_record, make_spec
+from test_queue_contract import done_record, make_spec, result_of, spec_with_image
 
 from service.queue import create_queue, redis_streams
 from service.queue.capacity import REDIS_OVERHEAD, RedisCapacityError, check_redis_capacity
-from service.queue.protocol import JobResult, JobSpec, JobState, QueueFullError, QueueUnavailableError
+from service.queue.protocol import JobResult, JobState, QueueFullError, QueueUnavailableError
 from service.queue.redis_streams import RedisStreamsQueue
 from service.settings import Settings
 
@@ -39,18 +39,6 @@ def make_queue(config: Settings) -> RedisStreamsQueue:
     queue = create_queue(config)
     assert isinstance(queue, RedisStreamsQueue)
     return queue
-
-
-def spec_with_image(size: int) -> JobSpec:
-    subject = SUBJECT | {"image": os.urandom(size)}
-    return make_spec().model_copy(
-        update={"subjects": [type(make_spec().subjects[0]).model_validate(subject)]}
-    )
-
-
-def result_of(spec: JobSpec, image: bytes, worker: str = "w1"):
-    record = done_record(spec, worker)
-    return record.model_copy(update={"result": record.result.model_copy(update={"images": [image]})})
 
 
 def fill_until_out_of_memory(client: redis.Redis) -> None:
@@ -146,28 +134,6 @@ def test_unreadable_messages_are_dead_lettered_once_and_their_jobs_failed(
         await asyncio.sleep(0.5)  # past the reclaim idle time
         assert await queue.take("w2", 8, block_s=0.2) == []
         client.close()
-        await queue.close()
-
-    run(scenario())
-
-
-def test_the_byte_budget_counts_payloads_and_results_until_they_expire(redis_server) -> None:
-    async def scenario() -> None:
-        queue = make_queue(settings(redis_server.url, queue_max_bytes=2**20, result_ttl_s=1))
-        first, second = spec_with_image(400_000), spec_with_image(400_000)
-        await queue.submit(first)
-        await queue.submit(second)
-        with pytest.raises(QueueFullError, match="bytes") as full:
-            await queue.submit(spec_with_image(400_000))
-        assert full.value.retry_after_s == 2
-        taken = {job.spec.id: job for job in await queue.take("w1", 2, block_s=1.0)}
-        await queue.finish(taken[first.id], result_of(first, os.urandom(500_000)))
-        with pytest.raises(QueueFullError):  # the result counts while it is kept
-            await queue.submit(spec_with_image(400_000))
-        await queue.finish(taken[second.id], result_of(second, b"small"))
-        await asyncio.sleep(1.2)  # the big result expired
-        await queue.submit(spec_with_image(400_000))
-        assert await queue.held_bytes() < 500_000
         await queue.close()
 
     run(scenario())
