@@ -1,0 +1,141 @@
+"""Step-level batching on the CPU: requests join a running batch mid-flight and leave when done."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from engines.backends import EagerBackend
+from engines.compiled import EagerCapture, GraphLoop
+from engines.jobs import GenerationJob, SubjectInput
+from engines.runner import Runner
+from engines.static_loop import Bucket, GraphSettings
+from engines.step_batching import RowRequest, RunningBatch
+from realcustom.denoise import LoopSettings, denoise
+
+RED = Image.new("RGB", (64, 64), (200, 20, 20))
+GREEN = Image.new("RGB", (64, 64), (20, 200, 20))
+BUCKET = Bucket(4, 64, 64, 2)
+
+
+def request(pipeline, key, prompt, subjects, seed, steps, reuse, images=1, scale=3.5):
+    job = GenerationJob(
+        id=key,
+        prompt=prompt,
+        subjects=tuple(SubjectInput(i, t) for i, t in subjects),
+        width=64,
+        height=64,
+        num_inference_steps=steps,
+        mask_reused_step=reuse,
+        seed=seed,
+        num_images=images,
+        guidance_scale=scale,
+    )
+    cond = Runner(pipeline, EagerBackend(pipeline), "tiny").conditioning([job])
+    latents = pipeline.prepare_latents([seed], [images], 64, 64)
+    return RowRequest(key, cond, latents, steps, reuse)
+
+
+def alone(pipeline, row: RowRequest):
+    settings = LoopSettings(row.num_steps, "dpm", ("max_norm",), row.mask_reused_step)
+    return denoise(pipeline.unet, row.cond, row.latents, settings)
+
+
+@pytest.fixture
+def batch(tiny_pipeline):
+    graphs = GraphLoop(tiny_pipeline, EagerCapture())
+    graphs.prepare([BUCKET], [GraphSettings()])
+    return RunningBatch(graphs, BUCKET, GraphSettings())
+
+
+def run_until_done(batch, finished, limit=50):
+    for _ in range(limit):
+        if not batch.slots:
+            return
+        finished.update({done.key: done for done in batch.step()})
+    raise AssertionError("the batch did not drain")
+
+
+def close(result, eager, atol=1e-5):
+    scale = float(eager.latents.abs().max())
+    torch.testing.assert_close(result.latents, eager.latents, rtol=0, atol=atol * scale)
+    torch.testing.assert_close(result.masks, eager.masks[-1], rtol=0, atol=atol)
+
+
+def test_step_batching_joined_mid_flight_equals_alone(tiny_pipeline, batch):
+    """A (6 steps) runs; B (4 steps, other mask-reuse step, guidance, subjects, 2 images) joins after
+    two steps; C (3 steps) joins when A still runs. Each equals its own loop run alone."""
+    a = request(tiny_pipeline, "a", "a dog on a sofa", [(RED, "dog")], seed=1, steps=6, reuse=3)
+    b = request(
+        tiny_pipeline,
+        "b",
+        "a dog and a cat",
+        [(RED, "dog"), (GREEN, "cat")],
+        seed=2,
+        steps=4,
+        reuse=1,
+        images=2,
+        scale=5.0,
+    )
+    c = request(tiny_pipeline, "c", "a cat outside", [(GREEN, "cat")], seed=3, steps=3, reuse=9)
+    assert batch.join(a)
+    finished = {}
+    for _ in range(2):
+        finished.update({done.key: done for done in batch.step()})
+    assert batch.join(b) and batch.free_rows == 1
+    finished.update({done.key: done for done in batch.step()})
+    assert batch.join(c) and batch.free_rows == 0
+    assert not batch.join(request(tiny_pipeline, "d", "a dog", [(RED, "dog")], seed=4, steps=2, reuse=1))
+    run_until_done(batch, finished)
+    assert set(finished) == {"a", "b", "c"} and batch.free_rows == 4
+    for row in (a, b, c):
+        close(finished[row.key], alone(tiny_pipeline, row))
+
+
+def test_step_batching_same_seed_same_image_whatever_step_it_joins_at(tiny_pipeline, batch):
+    runner = request(tiny_pipeline, "long", "a dog on a sofa", [(RED, "dog")], seed=1, steps=8, reuse=4)
+    late = request(tiny_pipeline, "late", "a cat outside", [(GREEN, "cat")], seed=7, steps=3, reuse=2)
+    results = []
+    for join_at in (0, 1, 4):
+        batch.join(runner)
+        finished = {}
+        for _ in range(join_at):
+            finished.update({done.key: done for done in batch.step()})
+        batch.join(late)
+        run_until_done(batch, finished)
+        results.append(finished["late"])
+    first = results[0]
+    scale = float(first.latents.abs().max())
+    for other in results[1:]:
+        torch.testing.assert_close(other.latents, first.latents, rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(other.masks, first.masks, rtol=0, atol=1e-5)
+
+
+def test_step_batching_cancel_frees_the_rows_at_the_next_boundary(tiny_pipeline, batch):
+    a = request(tiny_pipeline, "a", "a dog on a sofa", [(RED, "dog")], seed=1, steps=4, reuse=2)
+    b = request(tiny_pipeline, "b", "a cat outside", [(GREEN, "cat")], seed=3, steps=4, reuse=2, images=3)
+    assert batch.join(a) and batch.join(b) and batch.free_rows == 0
+    finished = {done.key: done for done in batch.step()}
+    assert batch.cancel("b") and not batch.cancel("b")
+    assert batch.free_rows == 3 and batch.active == ["a"]
+    run_until_done(batch, finished)
+    assert set(finished) == {"a"}
+    close(finished["a"], alone(tiny_pipeline, a))
+    assert torch.isfinite(batch.state.latents).all()  # parked rows stay finite
+
+
+def test_step_batching_rejects_what_the_bucket_cannot_hold(tiny_pipeline, batch):
+    three = request(
+        tiny_pipeline,
+        "x",
+        "a dog, a cat and a dog",
+        [(RED, "dog"), (GREEN, "cat"), (RED, "dog")],
+        seed=1,
+        steps=2,
+        reuse=1,
+    )
+    with pytest.raises(ValueError, match="subjects"):
+        batch.join(three)
+    with pytest.raises(ValueError, match="not prepared"):
+        RunningBatch(batch.graphs, Bucket(2, 64, 64), GraphSettings())
