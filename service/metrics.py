@@ -31,6 +31,10 @@ JOBS_FINISHED = Counter(
     "realcustom_jobs_finished_total", "Jobs finished by workers, by terminal state.", ["state"]
 )
 QUEUE_DEPTH = Gauge("realcustom_queue_depth", "Accepted jobs not yet finished (read at scrape time).")
+QUEUE_BYTES = Gauge(
+    "realcustom_queue_bytes",
+    "Bytes held against QUEUE_MAX_BYTES: payloads of unfinished jobs and kept results (read at scrape time).",
+)
 QUEUE_WAIT_SECONDS = Histogram(
     "realcustom_queue_wait_seconds", "Acceptance until the job's batch starts.", buckets=LATENCY_BUCKETS
 )

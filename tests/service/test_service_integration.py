@@ -185,6 +185,8 @@ def test_readiness_and_metrics(stack: Stack) -> None:
         text = client.get("/metrics").text
     assert 'realcustom_http_requests_total{method="POST",route="/customize",status="200"}' in text
     assert "realcustom_http_request_seconds_bucket" in text and "realcustom_queue_depth 0.0" in text
+    [held] = [line for line in text.splitlines() if line.startswith("realcustom_queue_bytes ")]
+    assert float(held.split()[1]) > 0  # the results of the earlier tests are kept (RESULT_TTL_S)
     worker = stack.workers[0]
     assert worker.metric("realcustom_worker_ready") == 1
     for name in (

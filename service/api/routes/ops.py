@@ -75,4 +75,5 @@ async def prometheus_metrics(_caller: Caller, queue: QueueDep) -> Response:
     # On an outage the last known depth stays; readyz reports the outage.
     with contextlib.suppress(QueueUnavailableError):
         metrics.QUEUE_DEPTH.set(await queue.depth())
+        metrics.QUEUE_BYTES.set(await queue.held_bytes())
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
