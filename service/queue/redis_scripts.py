@@ -6,7 +6,7 @@ before it stores the result, so a full Redis drains itself.
 """
 
 # drop_entry: acknowledge a delivery and delete its message, returning its payload bytes to the
-# budget. owns: whether `worker` holds the delivery `msg` now.
+# budget. holder: the consumer holding the delivery `msg` now (false once it was acknowledged).
 _HELPERS = """
 local function drop_entry(stream, group, msg, bytes_key)
   redis.call('XACK', stream, group, msg)
@@ -18,9 +18,12 @@ local function drop_entry(stream, group, msg, bytes_key)
   end
   redis.call('XDEL', stream, msg)
 end
-local function owns(stream, group, msg, worker)
+local function holder(stream, group, msg)
   local pending = redis.call('XPENDING', stream, group, msg, msg, 1)
-  return #pending == 1 and pending[1][2] == worker
+  return #pending == 1 and pending[1][2]
+end
+local function owns(stream, group, msg, worker)
+  return holder(stream, group, msg) == worker
 end
 """
 
@@ -55,13 +58,15 @@ if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[5]) end
 return {'new', msg}
 """
 
-# Returns the new fencing token, 0 when the job ended (delivery dropped), -1 when another worker
-# holds the delivery now (it was reclaimed from us).
+# Returns the new fencing token, 0 when the job ended (cancelled, finished: delivery dropped), -1
+# when another worker holds the delivery now (it was reclaimed from us).
 START = (
     "#!lua flags=allow-oom\n"
     + _HELPERS
     + """
-if not owns(KEYS[2], ARGV[1], ARGV[2], ARGV[3]) then return -1 end
+local held_by = holder(KEYS[2], ARGV[1], ARGV[2])
+if not held_by then return 0 end
+if held_by ~= ARGV[3] then return -1 end
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' or state == 'running' then
   local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
@@ -131,7 +136,7 @@ return 1
 """
 )
 
-# Presence, and keeps our own deliveries from being reclaimed; returns the ones we lost.
+# Presence, and keeps our own deliveries from being reclaimed; returns the ones another worker took.
 HEARTBEAT = (
     "#!lua flags=allow-oom\n"
     + _HELPERS
@@ -144,9 +149,10 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
 local lost = {}
 for i = 6, #ARGV do
-  if owns(KEYS[2], ARGV[1], ARGV[i], ARGV[2]) then
+  local held_by = holder(KEYS[2], ARGV[1], ARGV[i])
+  if held_by == ARGV[2] then
     redis.call('XCLAIM', KEYS[2], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-  else
+  elseif held_by then
     table.insert(lost, ARGV[i])
   end
 end

@@ -162,7 +162,7 @@ def test_idempotency_key_returns_the_same_job(make_queue) -> None:
     run(scenario())
 
 
-def test_cancel_only_queued_jobs_and_workers_skip_them(make_queue) -> None:
+def test_cancel_only_queued_jobs_and_workers_skip_them(make_queue, caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         queue = make_queue()
         cancelled, running = make_spec(), make_spec()
@@ -173,6 +173,8 @@ def test_cancel_only_queued_jobs_and_workers_skip_them(make_queue) -> None:
         [taken_cancelled] = await queue.take("w1", 1, block_s=1.0)  # taken, not yet started
         assert (await queue.cancel(cancelled.id)).state == JobState.CANCELLED
         assert not await queue.start("w1", taken_cancelled)
+        await queue.heartbeat("w1", ready=True, in_flight=[taken_running, taken_cancelled])
+        assert "taken over" not in caplog.text  # a cancellation is not a takeover
         assert (await queue.cancel(running.id)).state == JobState.RUNNING
         assert await queue.depth() == 1
         assert await queue.cancel("no-such-job") is None
