@@ -49,16 +49,25 @@ class Settings(BaseSettings):
     # --- queue ---------------------------------------------------------------------------------
     redis_url: str | None = Field(
         None,
-        description="Redis URL (redis://host:6379/0). Unset = the in-process queue of the all-in-one "
-        "process; required by `python -m service.api` and `python -m service.worker`.",
+        description="Redis URL: `redis://host:6379/0` (one server), "
+        "`redis+sentinel://host:26379,host:26379/<service>` (Sentinel: follows failovers) or "
+        "`redis+cluster://host:6379,host:6379` (Cluster); `rediss...` for TLS (service/queue/connect.py). "
+        "Unset = the in-process queue of the all-in-one process; required by `python -m service.api` "
+        "and `python -m service.worker`.",
     )
     redis_password: SecretStr | None = Field(
         None,
         description="Password of Redis (AUTH), kept out of `redis_url` so that it can come from a "
         "Secret; a password inside the URL works too.",
     )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="Password of the sentinels of a `redis+sentinel://` URL, when they require one."
+    )
     queue_name: str = Field(
-        "realcustom", description="Prefix of every Redis key, so that several deployments share a Redis."
+        "realcustom",
+        pattern=r"^[^{}]+$",
+        description="Prefix of every Redis key, so that several deployments share a Redis. The keys are "
+        "`{<queue_name>}:...`, one Redis Cluster slot per queue (no braces in the name).",
     )
     queue_max_depth: int = Field(
         64, ge=1, description="Accepted jobs not yet finished; beyond it requests get 429 + Retry-After."

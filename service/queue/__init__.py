@@ -16,6 +16,11 @@ def create_queue(settings: Settings) -> JobQueue:
         return RedisStreamsQueue(
             url=settings.redis_url,
             password=settings.redis_password.get_secret_value() if settings.redis_password else None,
+            sentinel_password=(
+                settings.redis_sentinel_password.get_secret_value()
+                if settings.redis_sentinel_password
+                else None
+            ),
             prefix=settings.queue_name,
             max_depth=settings.queue_max_depth,
             max_bytes=settings.queue_max_bytes,

@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
+from service.queue.connect import connect_sync
+from service.queue.keys import QueueKeys
 from service.settings import Settings
 
 # Redis memory per byte of job data held (allocator size classes, listpack/hash overhead).
@@ -41,6 +44,27 @@ def read_memory_config(client: redis.Redis) -> tuple[int, str]:
         return int(info["maxmemory"]), str(info["maxmemory_policy"])
 
 
+def read_queue_node_memory_config(settings: Settings, redis_url: str) -> tuple[int, str]:
+    """`read_memory_config` of the server holding the queue: the primary (Sentinel), or on Redis
+    Cluster the primary of the queue's slot (each node has its own maxmemory)."""
+    secret = settings.redis_password or None
+    sentinel_secret = settings.redis_sentinel_password or None
+    client = connect_sync(
+        redis_url,
+        secret.get_secret_value() if secret else None,
+        sentinel_secret.get_secret_value() if sentinel_secret else None,
+        socket_timeout=5,
+        socket_connect_timeout=5,
+    )
+    try:
+        if isinstance(client, RedisCluster):
+            node = client.get_node_from_key(QueueKeys(settings.queue_name).stream)
+            return read_memory_config(node.redis_connection)
+        return read_memory_config(client)
+    finally:
+        client.close()
+
+
 def check_redis_capacity(settings: Settings, redis_url: str) -> tuple[int, str]:
     """Raise RedisCapacityError when the queue's settings cannot fit Redis; else (log level, line)."""
     if settings.queue_max_bytes < settings.max_body_bytes:
@@ -49,14 +73,10 @@ def check_redis_capacity(settings: Settings, redis_url: str) -> tuple[int, str]:
             f"{settings.max_body_bytes}: the largest accepted request would never fit the queue; raise "
             "QUEUE_MAX_BYTES or lower MAX_BODY_BYTES"
         )
-    credentials = {"password": settings.redis_password.get_secret_value()} if settings.redis_password else {}
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5, **credentials)
     try:
-        maxmemory, policy = read_memory_config(client)
+        maxmemory, policy = read_queue_node_memory_config(settings, redis_url)
     except (RedisError, OSError, KeyError) as error:
         return logging.WARNING, f"Redis memory not checked (could not read maxmemory: {error})"
-    finally:
-        client.close()
     if policy != "noeviction":
         raise RedisCapacityError(
             f"Redis evicts keys when full (maxmemory-policy {policy}); an evicted queue entry or job "

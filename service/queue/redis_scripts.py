@@ -33,28 +33,29 @@ if type(reply) == 'table' and reply.err and not string.find(reply.err, 'BUSYGROU
 return 1
 """
 
-# No allow-oom: at maxmemory Redis refuses it before any write.
+# No allow-oom: at maxmemory Redis refuses it before any write. KEYS[5], the idempotency key, only
+# when the request has one (an empty key name would hash to another slot on Redis Cluster).
 SUBMIT = """#!lua
-if KEYS[3] ~= '' then
-  local existing = redis.call('GET', KEYS[3])
+if #KEYS == 5 then
+  local existing = redis.call('GET', KEYS[5])
   if existing then return {'existing', existing} end
 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
 if #expired > 0 then
   local freed = 0
   for _, member in ipairs(expired) do freed = freed + tonumber(string.match(member, '^(%d+):')) end
-  redis.call('DECRBY', KEYS[4], freed)
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[6])
+  redis.call('DECRBY', KEYS[3], freed)
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
 end
 local depth = redis.call('XLEN', KEYS[1])
 if depth >= tonumber(ARGV[1]) then return {'full', tostring(depth)} end
-local held = tonumber(redis.call('GET', KEYS[4]) or '0')
+local held = tonumber(redis.call('GET', KEYS[3]) or '0')
 if held + tonumber(ARGV[7]) > tonumber(ARGV[2]) then return {'bytes', tostring(held)} end
 local msg = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 8))
-redis.call('INCRBY', KEYS[4], ARGV[7])
+redis.call('INCRBY', KEYS[3], ARGV[7])
 redis.call('HSET', KEYS[2], 'state', 'queued', 'meta', ARGV[4], 'msg', msg)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-if KEYS[3] ~= '' then redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[5]) end
+if #KEYS == 5 then redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[5]) end
 return {'new', msg}
 """
 
@@ -160,7 +161,8 @@ return lost
 """
 )
 
-# Moves an unreadable message to the dead-letter stream and fails its job, if it has a record.
+# Moves an unreadable message to the dead-letter stream and fails its job (KEYS[5], passed only when
+# the message names one).
 DEAD_LETTER = (
     "#!lua flags=allow-oom\n"
     + _HELPERS
@@ -168,12 +170,12 @@ DEAD_LETTER = (
 if not owns(KEYS[1], ARGV[1], ARGV[2], ARGV[7]) then return 0 end
 drop_entry(KEYS[1], ARGV[1], ARGV[2], KEYS[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '*', unpack(ARGV, 8))
-if KEYS[4] ~= '' then
-  local state = redis.call('HGET', KEYS[4], 'state')
+if #KEYS == 5 then
+  local state = redis.call('HGET', KEYS[5], 'state')
   if state == 'queued' or state == 'running' then
-    redis.call('HSET', KEYS[4], 'state', 'failed', 'error', ARGV[4])
-    redis.call('EXPIRE', KEYS[4], ARGV[6])
-    redis.call('PUBLISH', KEYS[5], ARGV[5])
+    redis.call('HSET', KEYS[5], 'state', 'failed', 'error', ARGV[4])
+    redis.call('EXPIRE', KEYS[5], ARGV[6])
+    redis.call('PUBLISH', KEYS[4], ARGV[5])
   end
 end
 return 1

@@ -1,19 +1,20 @@
 """Redis Streams queue: many API processes and many workers on any machines.
 
-Layout under the `queue_name` prefix:
-- `<p>:stream`: one message per accepted job, consumer group `workers`. Fields: `id`, `deadline`,
+Layout under the `queue_name` prefix `p`, every key inside the hash tag `{p}` so that a queue lives in
+one Redis Cluster slot (`keys.py`):
+- `{p}:stream`: one message per accepted job, consumer group `workers`. Fields: `id`, `deadline`,
   `v` (message format), `size` (payload bytes), `spec` (the job's JSON without its images),
   `blobs` (their count) and `blob:<i>` (each image as raw bytes, see `blobs.py`). Messages are
   acknowledged and deleted only once their job's terminal record is stored, so the stream length
   is the number of unfinished jobs (the bounded depth).
-- `<p>:job:<id>`: hash with the job's `state`, `worker`, `fence` (ownership token), `error`,
+- `{p}:job:<id>`: hash with the job's `state`, `worker`, `fence` (ownership token), `error`,
   `result` (+ `rblob:<i>` raw result images), `meta` and stream id.
-- `<p>:bytes`, `<p>:results`: the byte budget: bytes held (payloads of unfinished jobs + results not
+- `{p}:bytes`, `{p}:results`: the byte budget: bytes held (payloads of unfinished jobs + results not
   yet expired) and the sizes and expiry times of stored results.
-- `<p>:dead`: dead letters (messages no worker could read), bounded.
-- `<p>:idem:<key>`: idempotency key -> job id.
-- `<p>:workers`: sorted set worker -> last heartbeat (readiness).
-- `<p>:done`: pub/sub channel carrying the ids of finished jobs, so waiting requests wake at once.
+- `{p}:dead`: dead letters (messages no worker could read), bounded.
+- `{p}:idem:<key>`: idempotency key -> job id.
+- `{p}:workers`: sorted set worker -> last heartbeat (readiness).
+- `{p}:done`: pub/sub channel carrying the ids of finished jobs, so waiting requests wake at once.
 
 Every state change that must be atomic is one Lua script (`redis_scripts.py`).
 """
@@ -31,6 +32,8 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from service import metrics
 from service.queue.blobs import join_blobs, payload_size, split_blobs
+from service.queue.connect import connect_async
+from service.queue.keys import QueueKeys
 from service.queue.protocol import (
     JobMeta,
     JobRecord,
@@ -113,17 +116,17 @@ class RedisStreamsQueue:
         job_timeout_s: float,
         reclaim_idle_s: float,
         worker_ttl_s: float,
+        sentinel_password: str | None = None,
     ) -> None:
         # An explicit password overrides one in the URL; None keeps the URL's.
-        credentials = {"password": password} if password else {}
-        self._client = aioredis.Redis.from_url(url, health_check_interval=10, **credentials)
-        self._prefix = prefix
-        self._stream = f"{prefix}:stream"
-        self._channel = f"{prefix}:done"
-        self._workers_key = f"{prefix}:workers"
-        self._bytes_key = f"{prefix}:bytes"
-        self._results_key = f"{prefix}:results"
-        self._dead_key = f"{prefix}:dead"
+        self._client = connect_async(url, password, sentinel_password, health_check_interval=10)
+        self._keys = QueueKeys(prefix)
+        self._stream = self._keys.stream
+        self._channel = self._keys.channel
+        self._workers_key = self._keys.workers
+        self._bytes_key = self._keys.bytes
+        self._results_key = self._keys.results
+        self._dead_key = self._keys.dead
         self._max_depth = max_depth
         self._max_bytes = max_bytes
         self._retry_after_s = retry_after_s
@@ -158,7 +161,7 @@ class RedisStreamsQueue:
         self._lost: set[tuple[str, str]] = set()
 
     def _job_key(self, job_id: str) -> str:
-        return f"{self._prefix}:job:{job_id}"
+        return self._keys.job(job_id)
 
     @contextlib.asynccontextmanager
     async def _redis(self) -> AsyncIterator[aioredis.Redis]:
@@ -180,11 +183,17 @@ class RedisStreamsQueue:
     async def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobRecord:
         meta = spec.meta().model_dump_json()
         fields, size = encode_job(spec)
-        idem_key = f"{self._prefix}:idem:{idempotency_key}" if idempotency_key else ""
+        idem_keys = [self._keys.idem(idempotency_key)] if idempotency_key else []
         try:
             async with self._redis() as client:
                 outcome, value = await self._scripts["submit"](
-                    keys=[self._stream, self._job_key(spec.id), idem_key, self._bytes_key, self._results_key],
+                    keys=[
+                        self._stream,
+                        self._job_key(spec.id),
+                        self._bytes_key,
+                        self._results_key,
+                        *idem_keys,
+                    ],
                     args=[
                         self._max_depth,
                         self._max_bytes,
@@ -386,8 +395,8 @@ class RedisStreamsQueue:
                         self._stream,
                         self._dead_key,
                         self._bytes_key,
-                        self._job_key(job_id) if job_id else "",
                         self._channel,
+                        *([self._job_key(job_id)] if job_id else []),
                     ],
                     args=[
                         GROUP,

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from deploy_checks import KUSTOMIZE_TARGETS, ROOT, render, validate
 
+from service.queue.keys import QueueKeys
 from service.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -83,7 +84,7 @@ def test_kubernetes_scaler_watches_the_service_stream() -> None:
     for target in KUSTOMIZE_TARGETS:
         (scaled,) = [doc for doc in render(target) if doc["kind"] == "ScaledObject"]
         for trigger in scaled["spec"]["triggers"]:
-            assert trigger["metadata"]["stream"] == f"{prefix}:stream"
+            assert trigger["metadata"]["stream"] == QueueKeys(prefix).stream
             assert trigger["metadata"].get("consumerGroup", group.group(1)) == group.group(1)
 
 

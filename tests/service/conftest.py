@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis_topologies import ClusterSetup, SentinelSetup
 from service_processes import RedisServer
 
 
@@ -17,6 +18,28 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSetup]:
+    """A primary, a replica and three sentinels for the session (`.url` is redis+sentinel://)."""
+    setup = SentinelSetup(tmp_path_factory.mktemp("sentinel"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
+    """A three-master Redis Cluster for the session (`.url` is redis+cluster://)."""
+    setup = ClusterSetup(tmp_path_factory.mktemp("cluster"))
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
 
 
 @pytest.fixture(scope="session")

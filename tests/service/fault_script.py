@@ -22,6 +22,8 @@ import httpx
 import redis
 from service_processes import REPO_ROOT, Api, RedisServer, WorkerProcess, wait_until
 
+from service.queue.keys import QueueKeys
+
 PHOTO = REPO_ROOT.parent / "shared" / "fixtures" / "dreambench" / "cat.jpg"
 # About a second per job on the tiny model with one CPU thread: long enough to kill a worker mid-batch.
 SLOW = {"width": 256, "height": 256, "num_inference_steps": 16, "mask_reused_step": 1}
@@ -86,7 +88,7 @@ def run(photo: Path, log_dir: Path) -> dict:
                 job_id for seed in range(4, 12) if (job_id := submit(client, photo_b64, seed, SMALL))
             ]
             store = redis.Redis.from_url(server.url)
-            stream = f"{env['QUEUE_NAME']}:stream"
+            stream = QueueKeys(env["QUEUE_NAME"]).stream
             summary["queued_at_redis_crash"] = (
                 store.xlen(stream) - store.xpending(stream, "workers")["pending"]
             )

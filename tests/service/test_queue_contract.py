@@ -1,5 +1,6 @@
-"""The queue contract, run against both backends (in-process and Redis Streams on a private
-redis-server). No model needed."""
+"""The queue contract, run against every backend: in-process, and Redis Streams on a private
+redis-server, on Sentinel (primary, replica, three sentinels) and on a three-master Redis Cluster,
+all on loopback. No model needed."""
 
 from __future__ import annotations
 
@@ -76,14 +77,18 @@ def result_of(spec: JobSpec, image: bytes, worker: str = "w1") -> JobRecord:
     return record.model_copy(update={"result": record.result.model_copy(update={"images": [image]})})
 
 
-@pytest.fixture(params=["in_process", "redis"])
+# Redis topologies: one server, Sentinel (primary + replica + 3 sentinels), Cluster (3 masters).
+REDIS_FIXTURES = {"redis": "redis_server", "sentinel": "redis_sentinel", "cluster": "redis_cluster"}
+
+
+@pytest.fixture(params=["in_process", "redis", "sentinel", "cluster"])
 def make_queue(request: pytest.FixtureRequest):
     """Factory of fresh queues of one backend (Redis ones isolated by a unique key prefix)."""
 
     def factory(**overrides) -> JobQueue:
         values = {"queue_max_depth": 8, "heartbeat_s": 0.2, "reclaim_idle_s": 0.4, **overrides}
-        if request.param == "redis":
-            server = request.getfixturevalue("redis_server")
+        if request.param in REDIS_FIXTURES:
+            server = request.getfixturevalue(REDIS_FIXTURES[request.param])
             values |= {"redis_url": server.url, "queue_name": f"test-{uuid.uuid4().hex[:8]}"}
         return create_queue(Settings(**values))
 
@@ -227,7 +232,7 @@ def test_readiness_follows_heartbeats(make_queue) -> None:
     run(scenario())
 
 
-@pytest.mark.parametrize("make_queue", ["redis"], indirect=True)
+@pytest.mark.parametrize("make_queue", list(REDIS_FIXTURES), indirect=True)
 def test_jobs_of_a_silent_worker_are_reclaimed_and_live_ones_are_not(make_queue) -> None:
     async def scenario() -> None:
         queue = make_queue(reclaim_idle_s=0.4)

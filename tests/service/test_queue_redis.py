@@ -21,6 +21,7 @@ from test_queue_contract import done_record, make_spec, result_of, spec_with_ima
 
 from service.queue import create_queue, redis_streams
 from service.queue.capacity import REDIS_OVERHEAD, RedisCapacityError, check_redis_capacity
+from service.queue.keys import QueueKeys
 from service.queue.protocol import JobResult, JobState, QueueFullError, QueueUnavailableError
 from service.queue.redis_streams import RedisStreamsQueue
 from service.settings import Settings
@@ -68,7 +69,7 @@ def test_images_travel_and_are_stored_as_raw_bytes(redis_server) -> None:
         spec = spec_with_image(100_000)
         image = spec.subjects[0].image
         await queue.submit(spec)
-        [(_message_id, fields)] = client.xrange(f"{config.queue_name}:stream")
+        [(_message_id, fields)] = client.xrange(QueueKeys(config.queue_name).stream)
         assert fields[b"blob:0"] == image and base64.b64encode(image[:300])[:200] not in fields[b"spec"]
         assert int(fields[b"size"]) == len(fields[b"spec"]) + len(image) == await queue.held_bytes()
         assert len(b"".join(fields.values())) < 1.01 * len(image) + 1000  # no base64 third on top
@@ -77,7 +78,7 @@ def test_images_travel_and_are_stored_as_raw_bytes(redis_server) -> None:
         assert taken.spec == spec and await queue.start("w1", taken)
         picture = os.urandom(50_000)
         await queue.finish(taken, result_of(spec, picture))
-        stored = client.hgetall(f"{config.queue_name}:job:{spec.id}")
+        stored = client.hgetall(QueueKeys(config.queue_name).job(spec.id))
         assert stored[b"rblob:0"] == picture and b"$blob" in stored[b"result"]
         assert await queue.held_bytes() == len(stored[b"result"]) + len(picture)  # payload freed
         assert (await queue.get(spec.id)).result.images == [picture]
@@ -102,7 +103,8 @@ def test_unreadable_messages_are_dead_lettered_once_and_their_jobs_failed(
         # record that version's API wrote: what a rolling upgrade leaves in the stream.
         old = make_spec()
         old_message = client.xadd(
-            f"{prefix}:stream", {"id": old.id, "deadline": repr(old.deadline), "spec": old.model_dump_json()}
+            QueueKeys(prefix).stream,
+            {"id": old.id, "deadline": repr(old.deadline), "spec": old.model_dump_json()},
         )
         meta = {
             "seed": old.seed,
@@ -111,24 +113,24 @@ def test_unreadable_messages_are_dead_lettered_once_and_their_jobs_failed(
             "deadline": old.deadline,
         }
         client.hset(
-            f"{prefix}:job:{old.id}",
+            QueueKeys(prefix).job(old.id),
             mapping={"state": "queued", "meta": json.dumps(meta), "msg": old_message},
         )
         for junk in ({"junk": b"\xff\x00"}, {"v": "2", "spec": b"{not json", "blobs": "0"}):
-            client.xadd(f"{prefix}:stream", junk)
+            client.xadd(QueueKeys(prefix).stream, junk)
         counted = REGISTRY.get_sample_value("realcustom_queue_dead_letters_total") or 0.0
 
         taken = await queue.take("w1", 8, block_s=1.0)
         assert [job.spec.id for job in taken] == [good.id]
         assert REGISTRY.get_sample_value("realcustom_queue_dead_letters_total") == counted + 3
-        dead = client.xrange(f"{prefix}:dead")
+        dead = client.xrange(QueueKeys(prefix).dead)
         assert len(dead) == 2  # bounded: the oldest of the three was dropped
         assert b"JSON" in dead[-1][1][b"reason"] or b"json" in dead[-1][1][b"reason"]
         failed = await queue.get(old.id)
         assert failed.state == JobState.FAILED and "message format" in failed.error
         # Acknowledged and deleted: only the good job is left, and nothing comes back.
-        assert client.xlen(f"{prefix}:stream") == 1
-        assert client.xpending(f"{prefix}:stream", "workers")["pending"] == 1
+        assert client.xlen(QueueKeys(prefix).stream) == 1
+        assert client.xpending(QueueKeys(prefix).stream, "workers")["pending"] == 1
         assert await queue.start("w1", taken[0])
         await queue.finish(taken[0], done_record(good))
         await asyncio.sleep(0.5)  # past the reclaim idle time
@@ -327,7 +329,7 @@ def test_a_result_stored_by_the_previous_version_still_reads(redis_server) -> No
         await queue.submit(spec)
         old_result = done_record(spec).result
         client.hset(
-            f"{config.queue_name}:job:{spec.id}",
+            QueueKeys(config.queue_name).job(spec.id),
             mapping={"state": "done", "result": old_result.model_dump_json()},
         )
         assert (await queue.get(spec.id)).result.images == [b"image-bytes"]
@@ -347,7 +349,7 @@ def test_release_never_requeues_a_job_whose_record_says_it_ended(redis_server) -
         spec = make_spec()
         await queue.submit(spec)
         [taken] = await queue.take("w1", 1, block_s=1.0)
-        client.hset(f"{config.queue_name}:job:{spec.id}", "state", "cancelled")
+        client.hset(QueueKeys(config.queue_name).job(spec.id), "state", "cancelled")
         await queue.release(taken)
         assert (await queue.get(spec.id)).state == JobState.CANCELLED
         assert await queue.depth() == 0 and await queue.held_bytes() == 0

@@ -19,6 +19,7 @@ from service_processes import Api, RedisServer, ServiceProcess, WorkerProcess, f
 from test_queue_contract import SUBJECT, make_spec
 
 from service.queue import create_queue
+from service.queue.keys import QueueKeys
 from service.queue.protocol import JobSpec, SubjectSpec
 from service.settings import Settings
 
@@ -110,7 +111,7 @@ def test_two_workers_on_one_host_a_killed_one_s_batch_completes_on_the_other_and
             wait_status(client, job_id, {"running"}, 30)
             next_id = client.post("/jobs", json=cat_body(cat_b64, seed=14, **SLOW)).json()["id"]
             stream = redis.Redis.from_url(redis_server.url)
-            stream_key = f"{env['QUEUE_NAME']}:stream"
+            stream_key = QueueKeys(env["QUEUE_NAME"]).stream
             wait_until(lambda: stream.xpending(stream_key, "workers")["pending"] == 2, 10, "the prefetch")
             survivor.process.send_signal(signal.SIGTERM)
             assert survivor.process.wait(30) == 0
@@ -142,13 +143,14 @@ def test_poison_messages_are_dead_lettered_and_the_worker_stays_alive_and_ready(
         old_id = "0123456789abcdef0123456789abcdef"
         old_spec = {"id": old_id, "prompt": "a cat", "subjects": [{"image": cat_b64, "target": "cat"}]}
         message = store.xadd(
-            f"{prefix}:stream", {"id": old_id, "deadline": "9e9", "spec": json.dumps(old_spec)}
+            QueueKeys(prefix).stream, {"id": old_id, "deadline": "9e9", "spec": json.dumps(old_spec)}
         )
         meta = {"seed": 1, "output_format": "png", "enqueued_at": time.time(), "deadline": 9e9}
         store.hset(
-            f"{prefix}:job:{old_id}", mapping={"state": "queued", "meta": json.dumps(meta), "msg": message}
+            QueueKeys(prefix).job(old_id),
+            mapping={"state": "queued", "meta": json.dumps(meta), "msg": message},
         )
-        store.xadd(f"{prefix}:stream", {"garbage": b"\xff\xfe"})
+        store.xadd(QueueKeys(prefix).stream, {"garbage": b"\xff\xfe"})
         # A readable job whose reference cannot become an image (12 bytes for 64x64 pixels): it
         # fails with the reason, it is not dead-lettered.
         broken = make_spec().model_copy(
@@ -159,11 +161,12 @@ def test_poison_messages_are_dead_lettered_and_the_worker_stays_alive_and_ready(
             reply = client.post("/customize", json=cat_body(cat_b64, **SMALL))
             assert reply.status_code == 200, reply.text
             wait_until(lambda: worker.metric("realcustom_queue_dead_letters_total") == 2, 30, "dead letters")
-            failed = store.hgetall(f"{prefix}:job:{old_id}")
+            failed = store.hgetall(QueueKeys(prefix).job(old_id))
             assert failed[b"state"] == b"failed" and b"another version" in failed[b"error"]
             unprepared = wait_until(
                 lambda: (
-                    (record := store.hgetall(f"{prefix}:job:{broken.id}"))[b"state"] != b"queued" and record
+                    (record := store.hgetall(QueueKeys(prefix).job(broken.id)))[b"state"] != b"queued"
+                    and record
                 ),
                 30,
                 "the broken job to end",
@@ -171,7 +174,11 @@ def test_poison_messages_are_dead_lettered_and_the_worker_stays_alive_and_ready(
             assert unprepared[b"state"] == b"failed" and b"could not be prepared" in unprepared[b"error"]
             ready = client.get("/readyz")
             assert ready.status_code == 200 and ready.json()["detail"]["ready_workers"] == 1
-        assert worker.alive() and store.xlen(f"{prefix}:dead") == 2 and store.xlen(f"{prefix}:stream") == 0
+        assert (
+            worker.alive()
+            and store.xlen(QueueKeys(prefix).dead) == 2
+            and store.xlen(QueueKeys(prefix).stream) == 0
+        )
     finally:
         store.close()
         worker.stop()
@@ -190,7 +197,7 @@ def test_a_redis_error_when_a_job_starts_does_not_strand_it(
         with api.client() as client:
             job_id = client.post("/jobs", json=cat_body(cat_b64, **SMALL)).json()["id"]
             # While the record is unreadable, every `start` of this job fails with a Redis error.
-            key = f"{env['QUEUE_NAME']}:job:{job_id}"
+            key = QueueKeys(env["QUEUE_NAME"]).job(job_id)
             record, ttl = store.hgetall(key), store.ttl(key)
             store.delete(key)
             store.set(key, "not a hash")

@@ -1,0 +1,213 @@
+"""Highly available Redis topologies on loopback, started by the tests on free ports.
+
+- `SentinelSetup`: a primary, one replica and three sentinels (quorum 2) watching service `queue`;
+  `kill_primary()` SIGKILLs the primary and waits until the sentinels promote the replica.
+- `ClusterSetup`: three masters created with `redis-cli --cluster create ... --cluster-yes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import redis
+from service_processes import free_port, wait_until
+
+SERVICE = "queue"
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} is not installed; the Redis HA tests need it (apt install redis)")
+    return path
+
+
+def _answers(port: int) -> bool:
+    client = redis.Redis(port=port, socket_timeout=1)
+    try:
+        with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
+            return bool(client.ping())
+        return False
+    finally:
+        client.close()
+
+
+class _Processes:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.processes: dict[int, subprocess.Popen] = {}
+
+    def spawn(self, port: int, *args: str) -> None:
+        self.processes[port] = subprocess.Popen(
+            [_binary("redis-server"), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: _answers(port), 10, f"redis on port {port}")
+
+    def kill(self, port: int) -> None:
+        process = self.processes.pop(port)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+
+def _data_node_args(port: int, directory: Path) -> list[str]:
+    return [
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--dir",
+        str(directory),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+
+
+class SentinelSetup(_Processes):
+    """Primary + replica + three sentinels; `url` is the service's `redis+sentinel://` REDIS_URL."""
+
+    def __init__(self, directory: Path, down_after_ms: int = 1000) -> None:
+        super().__init__(directory)
+        self.down_after_ms = down_after_ms
+        self.primary_port, self.replica_port = free_port(), free_port()
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        self.url = f"redis+sentinel://{hosts}/{SERVICE}"
+
+    def start(self) -> None:
+        for port in (self.primary_port, self.replica_port):
+            (self.directory / str(port)).mkdir(exist_ok=True)
+        self.spawn(
+            self.primary_port, *_data_node_args(self.primary_port, self.directory / str(self.primary_port))
+        )
+        self.spawn(
+            self.replica_port,
+            *_data_node_args(self.replica_port, self.directory / str(self.replica_port)),
+            "--replicaof",
+            "127.0.0.1",
+            str(self.primary_port),
+        )
+        for port in self.sentinel_ports:
+            config = self.directory / f"sentinel-{port}.conf"
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 2\n"
+                f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {SERVICE} 4000\n"
+                f"sentinel parallel-syncs {SERVICE} 1\n"
+            )
+            self.spawn(port, str(config), "--sentinel")
+        wait_until(self._settled, 30, "the sentinels to see the replica and each other", interval_s=0.2)
+
+    def _settled(self) -> bool:
+        for port in self.sentinel_ports:
+            client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+            try:
+                state = client.sentinel_master(SERVICE)
+            except redis.RedisError:
+                return False
+            finally:
+                client.close()
+            if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
+                return False
+        replica = redis.Redis(port=self.replica_port, decode_responses=True)
+        try:
+            return replica.info("replication").get("master_link_status") == "up"
+        finally:
+            replica.close()
+
+    def primary(self) -> tuple[str, int]:
+        client = redis.Redis(port=self.sentinel_ports[0], socket_timeout=1)
+        try:
+            host, port = client.sentinel_get_master_addr_by_name(SERVICE)
+            return host.decode() if isinstance(host, bytes) else host, int(port)
+        finally:
+            client.close()
+
+    def kill_primary(self, timeout_s: float = 30) -> int:
+        """SIGKILL the current primary; returns the new primary's port once the sentinels agree."""
+        _host, old = self.primary()
+        self.kill(old)
+        wait_until(lambda: self.primary()[1] != old, timeout_s, "the sentinels to promote the replica", 0.1)
+        new = self.primary()[1]
+        wait_until(lambda: self._role(new) == "master", timeout_s, "the replica to become a primary", 0.1)
+        return new
+
+    def _role(self, port: int) -> str:
+        client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+        try:
+            return client.info("replication")["role"]
+        except redis.RedisError:
+            return ""
+        finally:
+            client.close()
+
+
+class ClusterSetup(_Processes):
+    """Three masters (no replicas) in one Redis Cluster; `url` is its `redis+cluster://` REDIS_URL."""
+
+    def __init__(self, directory: Path, masters: int = 3) -> None:
+        super().__init__(directory)
+        self.ports = [free_port() for _ in range(masters)]
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+
+    def start(self) -> None:
+        for port in self.ports:
+            directory = self.directory / str(port)
+            directory.mkdir(exist_ok=True)
+            self.spawn(
+                port,
+                *_data_node_args(port, directory),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(directory / "nodes.conf"),
+                "--cluster-port",
+                str(free_port()),
+                "--cluster-node-timeout",
+                "2000",
+            )
+        addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            [
+                _binary("redis-cli"),
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_until(self._ok, 30, "the cluster to report ok on every node", interval_s=0.2)
+
+    def _ok(self) -> bool:
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+            try:
+                if "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                    return False
+            finally:
+                client.close()
+        return True
