@@ -49,6 +49,11 @@ DEAD_LETTERS = Counter(
     "Queue messages this worker could not read (e.g. another version's format), set aside in the "
     "dead-letter stream; their jobs fail with the reason.",
 )
+UNREPLICATED_ACCEPTS = Counter(
+    "realcustom_queue_unreplicated_accepts_total",
+    "Jobs accepted while fewer than REDIS_ACK_REPLICAS replicas acknowledged them within "
+    "REDIS_ACK_TIMEOUT_MS (a failover at that moment could lose them).",
+)
 WORKER_BUSY = Gauge("realcustom_worker_busy", "1 while this worker runs a batch.")
 WORKER_READY = Gauge("realcustom_worker_ready", "1 once this worker's model is loaded and warm.")
 ENGINE_EVENTS = Counter(

@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     redis_sentinel_password: SecretStr | None = Field(
         None, description="Password of the sentinels of a `redis+sentinel://` URL, when they require one."
     )
+    redis_ack_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas that must acknowledge an accepted job (Redis `WAIT`) before the API answers; "
+        "0 = none (a failover can lose jobs accepted in the last replication lag). A job not acknowledged "
+        "within `redis_ack_timeout_ms` is still accepted, logged and counted "
+        "(realcustom_queue_unreplicated_accepts_total). Not with redis+cluster://.",
+    )
+    redis_ack_timeout_ms: int = Field(
+        100, ge=1, description="Longest wait for `redis_ack_replicas` acknowledgements of one accepted job."
+    )
     queue_name: str = Field(
         "realcustom",
         pattern=r"^[^{}]+$",

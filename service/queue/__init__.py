@@ -29,6 +29,8 @@ def create_queue(settings: Settings) -> JobQueue:
             job_timeout_s=settings.job_timeout_s,
             reclaim_idle_s=settings.reclaim_idle_s,
             worker_ttl_s=worker_ttl_s,
+            ack_replicas=settings.redis_ack_replicas,
+            ack_timeout_ms=settings.redis_ack_timeout_ms,
         )
     return InProcessQueue(
         max_depth=settings.queue_max_depth,

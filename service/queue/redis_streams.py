@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from service import metrics
@@ -117,9 +118,18 @@ class RedisStreamsQueue:
         reclaim_idle_s: float,
         worker_ttl_s: float,
         sentinel_password: str | None = None,
+        ack_replicas: int = 0,
+        ack_timeout_ms: int = 100,
     ) -> None:
         # An explicit password overrides one in the URL; None keeps the URL's.
         self._client = connect_async(url, password, sentinel_password, health_check_interval=10)
+        if ack_replicas and isinstance(self._client, RedisCluster):
+            raise ValueError(
+                "REDIS_ACK_REPLICAS is not supported with redis+cluster:// (WAIT must run on the "
+                "connection of the write, which a cluster pipeline does not guarantee); set it to 0"
+            )
+        self._ack_replicas = ack_replicas
+        self._ack_timeout_ms = ack_timeout_ms
         self._keys = QueueKeys(prefix)
         self._stream = self._keys.stream
         self._channel = self._keys.channel
@@ -184,28 +194,37 @@ class RedisStreamsQueue:
         meta = spec.meta().model_dump_json()
         fields, size = encode_job(spec)
         idem_keys = [self._keys.idem(idempotency_key)] if idempotency_key else []
+        keys = [self._stream, self._job_key(spec.id), self._bytes_key, self._results_key, *idem_keys]
+        args = [
+            self._max_depth,
+            self._max_bytes,
+            spec.id,
+            meta,
+            self._record_ttl_s,
+            time.time(),
+            size,
+            *fields,
+        ]
         try:
             async with self._redis() as client:
-                outcome, value = await self._scripts["submit"](
-                    keys=[
-                        self._stream,
-                        self._job_key(spec.id),
-                        self._bytes_key,
-                        self._results_key,
-                        *idem_keys,
-                    ],
-                    args=[
-                        self._max_depth,
-                        self._max_bytes,
-                        spec.id,
-                        meta,
-                        self._record_ttl_s,
-                        time.time(),
-                        size,
-                        *fields,
-                    ],
-                    client=client,
-                )
+                if not self._ack_replicas:
+                    outcome, value = await self._scripts["submit"](keys=keys, args=args, client=client)
+                else:
+                    # WAIT counts the writes of its own connection: one pipeline, one connection.
+                    async with client.pipeline(transaction=False) as pipe:
+                        await self._scripts["submit"](keys=keys, args=args, client=pipe)
+                        pipe.execute_command("WAIT", self._ack_replicas, self._ack_timeout_ms)
+                        (outcome, value), acked = await pipe.execute()
+                    if outcome == b"new" and int(acked) < self._ack_replicas:
+                        metrics.UNREPLICATED_ACCEPTS.inc()
+                        logger.warning(
+                            "job %s accepted with %s of %d replicas acknowledging it within %d ms: "
+                            "a failover now could lose it",
+                            spec.id,
+                            acked,
+                            self._ack_replicas,
+                            self._ack_timeout_ms,
+                        )
         except QueueUnavailableError as error:
             if isinstance(error.__cause__, OutOfMemoryError):
                 raise QueueFullError(

@@ -1,0 +1,114 @@
+"""Sentinel failover under the queue: the primary is SIGKILLed with jobs queued and running. The
+clients follow the sentinels to the promoted replica; no accepted job is lost (acceptance waits for
+the replica's acknowledgement, REDIS_ACK_REPLICAS=1) and none is run by two workers at once (the
+fencing token). Plus the URL errors of the HA schemes. No model needed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis_topologies import SentinelSetup
+from test_queue_contract import done_record, make_spec
+
+from service.queue import create_queue
+from service.queue.connect import RedisUrlError, parse_multi_host
+from service.queue.protocol import JobQueue, JobState, QueueUnavailableError
+from service.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[SentinelSetup]:
+    """A Sentinel setup of its own: the test kills its primary."""
+    setup = SentinelSetup(tmp_path)
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+async def retrying(call, timeout_s: float = 30):
+    """What a service does during a failover: retry the call while the queue is unavailable."""
+    give_up = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await call()
+        except QueueUnavailableError:
+            if time.monotonic() > give_up:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def test_killing_the_primary_loses_no_accepted_job_and_runs_none_twice(sentinel: SentinelSetup) -> None:
+    config = Settings(
+        redis_url=sentinel.url,
+        queue_name=f"failover-{uuid.uuid4().hex[:8]}",
+        heartbeat_s=0.2,
+        reclaim_idle_s=1.0,
+        redis_ack_replicas=1,
+        redis_ack_timeout_ms=1000,
+    )
+
+    async def scenario() -> None:
+        api, first, second = create_queue(config), create_queue(config), create_queue(config)
+        queues: list[JobQueue] = [api, first, second]
+        try:
+            accepted = [(await api.submit(make_spec(seed=seed))).id for seed in range(8)]
+            running = await first.take("w1", 2, block_s=1.0)
+            assert len(running) == 2 and all([await first.start("w1", job) for job in running])
+
+            new_port = await asyncio.to_thread(sentinel.kill_primary)
+            assert new_port == sentinel.replica_port
+            # Accepted during and after the failover (retried while it is unavailable).
+            accepted += [(await retrying(lambda: api.submit(make_spec(seed=99)))).id for _ in range(2)]
+
+            # The first worker finishes its running jobs on the new primary.
+            for job in running:
+                await retrying(lambda job=job: first.finish(job, done_record(job.spec, "w1")))
+            # The second serves everything else; its start must refuse nothing that w1 ran.
+            served = {job.spec.id for job in running}
+            deadline = time.monotonic() + 30
+            while len(served) < len(accepted) and time.monotonic() < deadline:
+                for job in await retrying(lambda: second.take("w2", 4, block_s=0.2)):
+                    assert job.spec.id not in served, "a job was delivered again after it ran"
+                    if await retrying(lambda job=job: second.start("w2", job)):
+                        await retrying(lambda job=job: second.finish(job, done_record(job.spec, "w2")))
+                        served.add(job.spec.id)
+            records = [await retrying(lambda job_id=job_id: api.get(job_id)) for job_id in accepted]
+            assert [record.state for record in records] == [JobState.DONE] * len(accepted)
+            by_id = {record.id: record for record in records}
+            assert all(by_id[job.spec.id].worker == "w1" for job in running)
+            assert await api.depth() == 0
+        finally:
+            for queue in queues:
+                await queue.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "names the primary's service"),
+        ("redis+sentinel://127.0.0.1/queue", "is not host:port"),
+        ("redis+cluster://127.0.0.1:7000/0", "has no path"),
+    ],
+)
+def test_ha_urls_that_cannot_work_say_what_to_change(url: str, message: str) -> None:
+    with pytest.raises(RedisUrlError, match=message):
+        parse_multi_host(url)
+
+
+def test_ha_urls_parse_hosts_service_and_password() -> None:
+    sentinel = parse_multi_host("rediss+sentinel://:s%40cret@10.0.0.1:26379,[::1]:26380/queue/2")
+    assert sentinel.hosts == [("10.0.0.1", 26379), ("::1", 26380)]
+    assert (sentinel.service, sentinel.db, sentinel.password, sentinel.ssl) == ("queue", 2, "s@cret", True)
+    cluster = parse_multi_host("redis+cluster://a:7000,b:7001")
+    assert cluster.hosts == [("a", 7000), ("b", 7001)] and cluster.password is None and not cluster.ssl
