@@ -2,7 +2,8 @@
 
 A schema cannot say "this key is ignored when that one is set" or "2.16 refuses 0": KEDA parses
 trigger metadata in Go and, when it refuses a trigger, creates no HPA at all (workers stay at
-their current count). The rules below are read from these files at these tags:
+their current count). The rules below are read from these files at the tags v2.10.0, v2.11.0,
+v2.15.0, v2.16.0, v2.17.0 and v2.20.0 (ranges assume the releases between behave as both ends):
 
 - pkg/scalers/redis_streams_scaler.go
   - v2.11.0 .. v2.15.x (`parseRedisStreamsMetadata`): with `consumerGroup`, `lagCount` selects

@@ -343,3 +343,22 @@ def test_monitors_carry_the_label_kube_prometheus_stack_selects(target: str) -> 
             "prometheusRelease"
         ]
     assert {m["metadata"]["labels"].get("release") for m in monitors} == {expected}
+
+
+# Start-up estimates per step, minutes (docs/DEPLOYMENT.md, "Start-up budget": estimates, not
+# measurements): weights onto the GPU; per bucket, the worker's ONNX export and engine load + CUDA
+# graph capture; per engine (two per bucket), a TensorRT build when no Job built it.
+LOAD_MIN, EXPORT_MIN, CAPTURE_MIN, BUILD_MIN = 5, 5, 2, 15
+
+
+def test_prod_worker_start_up_allowance_covers_its_buckets() -> None:
+    """A worker that must build its own engines (a GPU kind no Job covered) must not be killed
+    mid-build by its startup probe: an interrupted build is lost and would restart forever."""
+    docs = render("k8s/overlays/prod")
+    buckets = _config(docs)["BUCKETS"].split(",")
+    worst_min = LOAD_MIN + len(buckets) * (EXPORT_MIN + CAPTURE_MIN + 2 * BUILD_MIN)
+    (worker,) = [
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "realcustom-worker"
+    ]
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    assert _startup_allowance_s(container) >= worst_min * 60, (len(buckets), worst_min)
