@@ -33,9 +33,10 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 # Largest decoded source (width x height) accepted by default; a 24 MP camera photo fits.
 DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_MIN_SIDE = 16
-# Longest side of a decoded reference: the released encoder squashes it to 768 x 768, so 1024
-# keeps every usual photo at or near full detail while bounding the job to 3 MiB per subject.
-REFERENCE_MAX_SIDE = 1024
+# Longest side of a decoded reference: twice the 768 x 768 the released encoder squashes it to, so
+# photos up to 1536 px (DreamBench's 1280 included) stay exactly as the official code reads them,
+# and a job carries at most 7 MiB per subject.
+REFERENCE_MAX_SIDE = 1536
 # Pixels converted at a time (one strip): bounds the conversion buffers to a few MiB.
 STRIP_PIXELS = 1 << 20
 # Pillow lets the text chunks of one PNG expand to 64 MiB; reference photos need none of it.

@@ -88,7 +88,7 @@ def test_exif_orientation_is_applied(orientation: int) -> None:
 def test_large_images_are_reduced_like_a_full_size_composite_then_box_filter() -> None:
     """Strip-wise conversion and reduction equals converting the whole image, then reducing (with
     transparent, opaque and mixed strips)."""
-    width, height = 2500, 1700  # factor 2, then a box resize to 1024
+    width, height = 2 * REFERENCE_MAX_SIDE + 400, 1700  # factor 2, then a box resize
     rgba = noise(width, height).convert("RGBA")
     alpha_values = np.random.default_rng(1).integers(0, 256, (height, width), dtype=np.uint8)
     alpha_values[:600] = 0  # whole strips fully transparent
@@ -103,17 +103,17 @@ def test_large_images_are_reduced_like_a_full_size_composite_then_box_filter() -
         (round(reference.width * scale), round(reference.height * scale)), Image.Resampling.BOX
     )
     decoded = decode_reference(data)
-    assert decoded.size == (1024, 696)
+    assert decoded.size == (REFERENCE_MAX_SIDE, round(850 * scale))
     assert np.array_equal(np.asarray(decoded), np.asarray(reference))
 
 
 def test_large_jpegs_decode_at_reduced_scale(dreambench_dir: Path) -> None:
-    photo = Image.open(dreambench_dir / "cat.jpg").convert("RGB").resize((4000, 3000))
+    photo = Image.open(dreambench_dir / "cat.jpg").convert("RGB").resize((5632, 4224))  # 23.8 MP, 4:3
     data = encode(photo, "JPEG", quality=90)
     decoded = decode_reference(data)
-    assert decoded.size == (1024, 768)
+    assert decoded.size == (REFERENCE_MAX_SIDE, REFERENCE_MAX_SIDE * 3 // 4)
     # Close to the full-size decode box-filtered to the same size (DCT scaling is not bit-exact).
-    full = Image.open(io.BytesIO(data)).convert("RGB").resize((1024, 768), Image.Resampling.BOX)
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize(decoded.size, Image.Resampling.BOX)
     difference = np.abs(np.asarray(decoded, dtype=int) - np.asarray(full, dtype=int))
     assert difference.mean() < 2
 
@@ -189,7 +189,7 @@ def test_decoding_a_bomb_peaks_near_the_decoded_source(
         check=True,
     )
     measured = json.loads(result.stdout)
-    assert measured["size"] == [1024, 1024]
+    assert measured["size"] == [REFERENCE_MAX_SIDE, REFERENCE_MAX_SIDE]
     source_mib = side * side * source_bytes_per_pixel / 2**20
     assert measured["growth_mib"] < source_mib + 40, measured
     assert math.isfinite(measured["growth_mib"])

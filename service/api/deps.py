@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.api.intake import Intake, Submission
+from service.api.intake import Accepted, Intake
 from service.api.ratelimit import RateLimiter, retry_after_header
 from service.errors import ApiError
 from service.queue.protocol import JobQueue
@@ -81,21 +81,6 @@ AcceptHeader = Annotated[
 ]
 
 
-async def customize_submission(
-    request: Request, caller: RateLimitedCaller, accept: AcceptHeader = None
-) -> Submission:
-    intake: Intake = request.app.state.intake
-    return await intake.submission(request, owner_of(caller), accept=accept or "application/json")
-
-
-async def job_submission(request: Request, caller: RateLimitedCaller) -> Submission:
-    intake: Intake = request.app.state.intake
-    return await intake.submission(request, owner_of(caller))
-
-
-# Auth and the rate limit are dependencies of these, so they run before the body is read.
-CustomizeSubmission = Annotated[Submission, Depends(customize_submission)]
-JobSubmission = Annotated[Submission, Depends(job_submission)]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -105,3 +90,28 @@ IdempotencyKey = Annotated[
         "same key with another body is a 422.",
     ),
 ]
+
+
+async def accept_customize(
+    request: Request,
+    caller: RateLimitedCaller,
+    queue: QueueDep,
+    idempotency_key: IdempotencyKey = None,
+    accept: AcceptHeader = None,
+) -> Accepted:
+    intake: Intake = request.app.state.intake
+    return await intake.enqueue(
+        request, owner_of(caller), queue, idempotency_key, accept or "application/json"
+    )
+
+
+async def accept_job(
+    request: Request, caller: RateLimitedCaller, queue: QueueDep, idempotency_key: IdempotencyKey = None
+) -> Accepted:
+    intake: Intake = request.app.state.intake
+    return await intake.enqueue(request, owner_of(caller), queue, idempotency_key)
+
+
+# Auth and the rate limit are dependencies of these, so they run before the body is read.
+AcceptedCustomize = Annotated[Accepted, Depends(accept_customize)]
+AcceptedJob = Annotated[Accepted, Depends(accept_job)]

@@ -1,10 +1,11 @@
-"""From an HTTP request to a validated `JobSpec`, with bounded memory and off the event loop.
+"""From an HTTP request to an enqueued job, with bounded memory and off the event loop.
 
-A bounded number of requests read and validate their body at once (`INTAKE_CONCURRENCY`): the
+A bounded number of requests read, validate and enqueue at once (`INTAKE_CONCURRENCY`): the
 others wait with their bodies still in the kernel's socket buffers, so at most that many JSON
-bodies sit in memory. Parsing, the tokenizer and image decoding run in a worker thread, decoding a
-bounded number of images at a time (`DECODE_CONCURRENCY`), so the event loop keeps answering
-probes. Multipart uploads are spooled to disk by the form parser and read in the worker thread.
+bodies and decoded jobs sit in memory. Parsing, the tokenizer and image decoding run in a worker
+thread, decoding a bounded number of images at a time (`DECODE_CONCURRENCY`), so the event loop
+keeps answering probes. Multipart uploads are spooled to disk by the form parser and read in the
+worker thread.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from transformers import PreTrainedTokenizerBase
 
+from service.api import results
 from service.errors import ApiError
 from service.images import MEDIA_TYPES
-from service.queue.protocol import JobSpec
+from service.queue.protocol import JobQueue, JobRecord, JobSpec
 from service.schemas import CustomizeRequest
 from service.settings import Settings
 from service.validation import build_job_spec, parse_json, parse_request
@@ -33,18 +35,13 @@ SUBJECT_TARGET_FIELD = "subject_target"
 MAX_FORM_FIELDS = 64
 
 
-@dataclass
-class Submission:
-    """A validated job and how to answer; `take()` hands the spec over once, so a synchronous
-    request does not keep the decoded references alive while it waits for the result."""
+@dataclass(frozen=True)
+class Accepted:
+    """An enqueued job and how to answer. The job's spec (the decoded references) is not kept: a
+    synchronous request waits for its result holding only the record."""
 
-    spec: JobSpec | None
+    record: JobRecord
     raw_media_type: str | None  # answer with the raw image of this type; None = JSON
-
-    def take(self) -> JobSpec:
-        spec, self.spec = self.spec, None
-        assert spec is not None, "a submission is taken once"
-        return spec
 
 
 class Intake:
@@ -54,8 +51,16 @@ class Intake:
         self._slots = asyncio.Semaphore(settings.intake_concurrency)
         self._decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
 
-    async def submission(self, request: Request, owner: str, accept: str | None = None) -> Submission:
-        """`accept`: the Accept header of a route that may answer with a raw image."""
+    async def enqueue(
+        self,
+        request: Request,
+        owner: str,
+        queue: JobQueue,
+        idempotency_key: str | None,
+        accept: str | None = None,
+    ) -> Accepted:
+        """Read, validate and enqueue within one slot. `accept`: the Accept header of a route that
+        may answer with a raw image."""
         async with self._slots:
             try:
                 async with asyncio.timeout(self._settings.body_timeout_s):
@@ -66,7 +71,9 @@ class Intake:
                     "body_timeout",
                     f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
                 ) from None
-            return await run_in_threadpool(self._validate, data, owner, accept)
+            spec, raw_media_type = await run_in_threadpool(self._validate, data, owner, accept)
+            del data
+            return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type)
 
     async def _read(self, request: Request) -> Any:
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
@@ -132,7 +139,7 @@ class Intake:
                 upload.file.close()
         data["subjects"] = subjects
 
-    def _validate(self, data: Any, owner: str, accept: str | None) -> Submission:
+    def _validate(self, data: Any, owner: str, accept: str | None) -> tuple[JobSpec, str | None]:
         if isinstance(data, bytes):
             data = parse_json(data)
         else:
@@ -143,8 +150,9 @@ class Intake:
         if raw_media_type is not None:
             output_format = next(name for name, media in MEDIA_TYPES.items() if media == raw_media_type)
             request = request.model_copy(update={"output_format": output_format})
-        spec = build_job_spec(request, self._settings, self._tokenizer, owner, self._decode_slots)
-        return Submission(spec, raw_media_type)
+        return build_job_spec(
+            request, self._settings, self._tokenizer, owner, self._decode_slots
+        ), raw_media_type
 
 
 JSON_TYPES = {"application/json", "application/*", "*/*"}

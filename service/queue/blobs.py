@@ -19,37 +19,39 @@ BLOB_REF = "$blob"
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+# Module-level walkers, not recursive closures: a closure that calls itself is a reference cycle,
+# which kept every job's image bytes alive until the cyclic GC ran (+4.7 MiB per job in the API).
+def _split(value: Any, blobs: list[bytes]) -> Any:
+    if isinstance(value, bytes):
+        blobs.append(value)
+        return {BLOB_REF: len(blobs) - 1}
+    if isinstance(value, dict):
+        return {key: _split(item, blobs) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_split(item, blobs) for item in value]
+    return value
+
+
+def _join(value: Any, blobs: list[bytes]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {BLOB_REF}:
+            return blobs[value[BLOB_REF]]
+        return {key: _join(item, blobs) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_join(item, blobs) for item in value]
+    return value
+
+
 def split_blobs(model: BaseModel) -> tuple[bytes, list[bytes]]:
     """The model's JSON with each bytes value replaced by {"$blob": index}, and the blobs in order."""
     blobs: list[bytes] = []
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, bytes):
-            blobs.append(value)
-            return {BLOB_REF: len(blobs) - 1}
-        if isinstance(value, dict):
-            return {key: walk(item) for key, item in value.items()}
-        if isinstance(value, list | tuple):
-            return [walk(item) for item in value]
-        return value
-
-    tree = walk(model.model_dump(mode="python"))
+    tree = _split(model.model_dump(mode="python"), blobs)
     return json.dumps(tree, default=to_jsonable_python, separators=(",", ":")).encode(), blobs
 
 
 def join_blobs(model_type: type[ModelT], document: bytes, blobs: list[bytes]) -> ModelT:
     """Inverse of `split_blobs`. Raises ValueError (or IndexError) on a document that does not fit."""
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, dict):
-            if set(value) == {BLOB_REF}:
-                return blobs[value[BLOB_REF]]
-            return {key: walk(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [walk(item) for item in value]
-        return value
-
-    return model_type.model_validate(walk(json.loads(document)))
+    return model_type.model_validate(_join(json.loads(document), blobs))
 
 
 def payload_size(document: bytes, blobs: list[bytes]) -> int:

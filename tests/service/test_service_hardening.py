@@ -213,11 +213,12 @@ def test_metrics_need_a_key_and_have_bounded_labels(redis_server, tmp_path: Path
 
 def test_internal_errors_reply_with_an_id_never_the_exception_text(api: Api) -> None:
     """A corrupt job record in Redis (say, written by a foreign version) makes GET fail inside."""
-    job_id = uuid.uuid4().hex
-    store = redis.Redis.from_url(api.redis_url)
-    store.hset(f"{api.queue_name}:job:{job_id}", mapping={"state": "done", "meta": "{not json"})
-    store.close()
     with api.client() as http:
+        job_id = http.post("/jobs", json=body()).json()["id"]
+        store = redis.Redis.from_url(api.redis_url)
+        (key,) = [key for key in store.scan_iter(match=f"*{api.queue_name}*:job:{job_id}")]
+        store.hset(key, "meta", "{not json")
+        store.close()
         reply = http.get(f"/jobs/{job_id}")
     assert reply.status_code == 500
     error = reply.json()["error"]

@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Request, Response
 
 from service.api import results
-from service.api.deps import CustomizeSubmission, IdempotencyKey, QueueDep, SettingsDep
+from service.api.deps import AcceptedCustomize, QueueDep, SettingsDep
 from service.api.openapi import ERROR_RESPONSES, RAW_IMAGE_RESPONSE
 from service.queue.protocol import JobQueue, JobRecord
 from service.schemas import CustomizeResponse
@@ -49,19 +49,14 @@ async def _wait_unless_gone(request: Request, queue: JobQueue, record: JobRecord
     summary="Generate images of the reference subjects in the scene of the prompt (synchronous)",
 )
 async def customize(
-    request: Request,
-    submission: CustomizeSubmission,
-    queue: QueueDep,
-    settings: SettingsDep,
-    idempotency_key: IdempotencyKey = None,
+    request: Request, accepted: AcceptedCustomize, queue: QueueDep, settings: SettingsDep
 ) -> CustomizeResponse | Response:
     started = time.perf_counter()
-    record = await results.submit(queue, submission.take(), idempotency_key)
-    finished = await _wait_unless_gone(request, queue, record)
+    finished = await _wait_unless_gone(request, queue, accepted.record)
     if finished is None:
         return Response(status_code=CLIENT_GONE)
     results.raise_unless_done(finished, settings.job_timeout_s)
     total_s = time.perf_counter() - started
-    if submission.raw_media_type is not None:
+    if accepted.raw_media_type is not None:
         return results.raw_image_response(finished, total_s)
     return results.to_response(finished, total_s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from service.api import results
-from service.api.deps import Caller, IdempotencyKey, JobSubmission, QueueDep, owner_of
+from service.api.deps import AcceptedJob, Caller, QueueDep, owner_of
 from service.api.openapi import ERROR_RESPONSES
 from service.errors import ApiError
 from service.queue.protocol import JobQueue, JobRecord, JobState
@@ -36,10 +36,8 @@ async def _find(queue: JobQueue, job_id: str, caller: str) -> JobRecord:
     responses=ERROR_RESPONSES,
     summary="Queue a customisation job; poll GET /jobs/{id} (the Location header) for the result",
 )
-async def create_job(
-    submission: JobSubmission, queue: QueueDep, response: Response, idempotency_key: IdempotencyKey = None
-) -> JobAccepted:
-    record = await results.submit(queue, submission.take(), idempotency_key)
+async def create_job(accepted: AcceptedJob, response: Response) -> JobAccepted:
+    record = accepted.record
     url = f"/jobs/{record.id}"
     response.headers["Location"] = url
     return JobAccepted(id=record.id, status=results.effective_state(record), url=url)
