@@ -7,6 +7,7 @@ release therefore never load a stale engine; the same inputs always hit the same
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tempfile
@@ -45,13 +46,28 @@ def onnx_files(onnx_path: Path) -> list[Path]:
 
 
 def onnx_digest(onnx_path: Path) -> str:
-    """sha256 over the graph and its external data, file names included (order fixed)."""
+    """sha256 over the graph and its external data, file names included (order fixed).
+
+    An SDXL graph with its weights is ~10 GB per role, and a worker looks its engines up at every
+    start: the digest is kept in a `<graph>.sha256.json` sidecar and reused while every file keeps
+    the name, size and modification time it was hashed with (a rewritten export changes them)."""
+    files = onnx_files(onnx_path)
+    stamp = [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+    sidecar = Path(onnx_path).with_name(f"{Path(onnx_path).name}.sha256.json")
+    try:
+        cached = json.loads(sidecar.read_text())
+        if cached["files"] == stamp:
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no sidecar, or an unreadable one: hash the files
     digest = hashlib.sha256()
-    for path in onnx_files(onnx_path):
+    for path in files:
         digest.update(path.name.encode() + b"\0")
         with path.open("rb") as handle:
             while chunk := handle.read(_CHUNK):
                 digest.update(chunk)
+    with contextlib.suppress(OSError):  # a read-only export volume: hash again next time
+        atomic_write(sidecar, json.dumps({"files": stamp, "sha256": digest.hexdigest()}).encode())
     return digest.hexdigest()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -143,3 +145,22 @@ def test_onnx_engine_cache_concurrent_stores_of_one_key(tmp_path):
     stored = cache.lookup("same").read_bytes()
     assert stored in plans
     assert not [p.name for p in (tmp_path / "trt" / "same").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_onnx_digest_is_kept_beside_the_graph_until_a_file_changes(tmp_path):
+    """Workers look engines up at every start: the graph is hashed once, not at every start."""
+    graph = tmp_path / "unet.onnx"
+    graph.write_bytes(b"graph")
+    (tmp_path / "unet.data").write_bytes(b"weights")
+    digest = onnx_digest(graph)
+    sidecar = tmp_path / "unet.onnx.sha256.json"
+    record = json.loads(sidecar.read_text())
+    assert record["sha256"] == digest
+    sidecar.write_text(json.dumps({**record, "sha256": "kept"}))  # what a second start reads
+    assert onnx_digest(graph) == "kept"
+    (tmp_path / "unet.data").write_bytes(b"weights, re-exported")  # size and mtime change
+    assert (
+        onnx_digest(graph) == hashlib.sha256(b"unet.onnx\0graphunet.data\0weights, re-exported").hexdigest()
+    )
+    sidecar.write_text("{not json")
+    assert onnx_digest(graph) != "kept"  # an unreadable sidecar is ignored
