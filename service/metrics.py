@@ -55,6 +55,14 @@ UNREPLICATED_ACCEPTS = Counter(
     "REDIS_ACK_TIMEOUT_MS (a failover at that moment could lose them).",
 )
 WORKER_BUSY = Gauge("realcustom_worker_busy", "1 while this worker runs a batch.")
+WORKER_STEPS = Counter(
+    "realcustom_worker_steps_total",
+    "UNet passes run by this worker (eager backend; the liveness probe's progress signal).",
+)
+BATCHES_ABANDONED = Counter(
+    "realcustom_worker_batches_abandoned_total",
+    "Batches still computing at their compute deadline: their jobs were released and the worker exited.",
+)
 WORKER_READY = Gauge("realcustom_worker_ready", "1 once this worker's model is loaded and warm.")
 ENGINE_EVENTS = Counter(
     "realcustom_engine_events_total",

@@ -116,6 +116,26 @@ class Settings(BaseSettings):
     batch_window_ms: int = Field(
         10, ge=0, description="How long a worker waits for more compatible jobs before running a batch."
     )
+    compute_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        description="Fixed part of a batch's compute deadline. A batch still computing after "
+        "`COMPUTE_DEADLINE_S + COMPUTE_S_PER_IMAGE_STEP x (steps x images of its jobs)` is abandoned: its "
+        "jobs go back to the queue for another worker and this worker exits (code 3) to be restarted.",
+    )
+    compute_s_per_image_step: float = Field(
+        0.5,
+        ge=0,
+        description="Per denoising step of one image, the compute deadline's allowance (set it to a few "
+        "times the measured step time of the slowest bucket).",
+    )
+    worker_stall_s: float = Field(
+        60.0,
+        gt=0,
+        description="Liveness: a worker's `/healthz` (on its metrics port) answers 503 when it made no "
+        "progress for this long (an idle loop that stopped ticking, or a batch between two steps; with "
+        "compiled/TensorRT backends a batch may take its compute deadline plus this).",
+    )
     worker_metrics_host: str = Field(
         "127.0.0.1",
         description="Interface of a worker's Prometheus endpoint; `0.0.0.0` (or the pod IP) where "

@@ -8,19 +8,21 @@ import os
 import signal
 import sys
 
-from prometheus_client import start_http_server
-
 from engines.runner import load_runner
 from service.logs import configure_logging
 from service.queue import create_queue
 from service.queue.capacity import check_or_exit
 from service.settings import Settings, load_settings
-from service.worker.loop import Worker
+from service.worker.health import Progress, serve_health
+from service.worker.loop import ComputeDeadlineExceeded, Worker
 
 logger = logging.getLogger("service.worker")
 
+# Exit status of a worker that abandoned a hung batch (its orchestrator restarts it).
+EXIT_BATCH_ABANDONED = 3
 
-async def serve(settings: Settings) -> None:
+
+async def serve(settings: Settings, progress: Progress) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -31,16 +33,23 @@ async def serve(settings: Settings) -> None:
     )
     if settings.warmup:
         await asyncio.to_thread(runner.warmup)
+    if runner.backend_name == "eager":
+        progress.count_steps_of(runner.pipeline.unet.unet)
     if stopping.is_set():
         return
     queue = create_queue(settings)
-    worker = Worker(queue, runner, settings, settings.worker_name)
+    worker = Worker(queue, runner, settings, settings.worker_name, progress)
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait([task, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
         logger.info("stopping: finishing the batch in flight and returning the rest")
         worker.stop()
         await task
+    except ComputeDeadlineExceeded:
+        await queue.close()
+        # Not a normal return: asyncio.run would wait forever for the hung compute thread.
+        logging.shutdown()
+        os._exit(EXIT_BATCH_ABANDONED)
     finally:
         await queue.close()
 
@@ -55,34 +64,14 @@ def main() -> None:
         )
         sys.exit(2)
     check_or_exit(settings, logger)
-    serve_metrics(settings.worker_metrics_host, settings.worker_metrics_port)
-    asyncio.run(serve(settings))
+    progress = Progress(settings.worker_stall_s)
+    serve_health(settings.worker_metrics_host, settings.worker_metrics_port, progress)
+    asyncio.run(serve(settings, progress))
     # Every job is stored or returned and the queue is closed. Skip the interpreter's teardown of
     # torch's modules: it took 1.6-3.5 s on 2 busy cores (more under load, past a test's stop
     # timeout), time a stopping pod spends doing nothing useful.
     logging.shutdown()
     os._exit(0)
-
-
-def serve_metrics(host: str, port: int) -> None:
-    """Start the Prometheus endpoint. A taken port (another worker on this host) falls back to a
-    free one; no port at all only costs the metrics, never the worker."""
-    try:
-        server, _thread = start_http_server(port, addr=host)
-    except OSError as error:
-        if port == 0:
-            logger.error("worker metrics disabled: cannot listen on %s (%s)", host, error)
-            return
-        logger.warning(
-            "worker metrics port %d on %s is taken (%s), maybe by another worker on this host: using a "
-            "free port instead; give each worker its own WORKER_METRICS_PORT",
-            port,
-            host,
-            error.strerror or error,
-        )
-        serve_metrics(host, 0)
-        return
-    logger.info("worker metrics on http://%s:%d/metrics", host, server.server_port)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Runs on an asyncio loop; the runner itself runs in a thread, so while a batch computes the loop
 keeps heart-beating (which keeps this worker's jobs from being reclaimed) and takes and decodes
-the next jobs.
+the next jobs. Heartbeats alone would keep a hung batch's jobs claimed forever, so each batch has
+a compute deadline: past it the jobs are released to other workers and the worker stops with
+ComputeDeadlineExceeded (a thread cannot be interrupted; the process exits and is restarted).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import logging
 import time
 
+from engines.jobs import GenerationJob
 from engines.runner import Runner
 from service import metrics
 from service.queue.protocol import (
@@ -25,6 +28,7 @@ from service.settings import Settings
 from service.worker.batcher import PendingJob, next_batch
 from service.worker.convert import to_generation_job, to_result
 from service.worker.gpu import record_gpu_memory
+from service.worker.health import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +38,23 @@ TAKE_BLOCK_S = 0.5
 RETRY_DELAY_S = 0.5
 
 
+class ComputeDeadlineExceeded(Exception):
+    """A batch ran past its compute deadline; its jobs were released. The process must exit: the
+    thread running the batch cannot be stopped, and the device may be wedged."""
+
+
+def compute_deadline_s(settings: Settings, jobs: list[GenerationJob]) -> float:
+    """The compute deadline of one batch: a fixed part plus an allowance per image step."""
+    image_steps = sum(job.num_inference_steps * job.num_images for job in jobs)
+    return settings.compute_deadline_s + settings.compute_s_per_image_step * image_steps
+
+
 class Worker:
     """Serves jobs from `queue` with `runner` until `stop()`; finishes or returns in-flight work."""
 
-    def __init__(self, queue: JobQueue, runner: Runner, settings: Settings, name: str) -> None:
+    def __init__(
+        self, queue: JobQueue, runner: Runner, settings: Settings, name: str, progress: Progress | None = None
+    ) -> None:
         self._queue = queue
         self._runner = runner
         self._settings = settings
@@ -48,6 +65,7 @@ class Worker:
         self._held: dict[str, TakenJob] = {}
         self._stopping = asyncio.Event()
         self._drain = False
+        self.progress = progress or Progress(settings.worker_stall_s)
 
     def stop(self, drain: bool = False) -> None:
         """Stop after the current batch; with `drain`, only once the queue is empty too."""
@@ -56,6 +74,7 @@ class Worker:
         metrics.WORKER_READY.set(0)  # probes see the stop at once, not after the batch
 
     async def run(self) -> None:
+        self.progress.beat()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
         metrics.WORKER_READY.set(1)
         logger.info(
@@ -100,6 +119,8 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            if not self.progress.busy:  # the loop ticks; a running batch shows progress itself
+                self.progress.beat(self.progress.stall_s + self._settings.heartbeat_s)
             try:
                 in_flight = list(self._held.values())
                 await self._queue.heartbeat(
@@ -164,15 +185,24 @@ class Worker:
         metrics.BATCH_SIZE.observe(len(runnable))
         for pending in runnable:
             metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, started_at - pending.taken.spec.enqueued_at))
+        deadline_s = compute_deadline_s(self._settings, [pending.job for pending in runnable])
+        self.progress.busy = True
+        self.progress.beat(deadline_s + self.progress.stall_s)
+        compute = asyncio.ensure_future(asyncio.to_thread(self._compute, runnable, started_at))
         failure: Exception | None = None
         try:
-            results = await asyncio.to_thread(self._compute, runnable, started_at)
+            # shield: at the deadline only the waiting stops; the thread cannot be cancelled.
+            results = await asyncio.wait_for(asyncio.shield(compute), deadline_s)
+        except TimeoutError:
+            await self._abandon(runnable, deadline_s)
         except Exception as error:  # a failing batch must still end every job it holds
             failure = error
         finally:
             metrics.WORKER_BUSY.set(0)
-            record_gpu_memory()
-            self._engine_stats.record(self._runner.stats)
+        self.progress.busy = False
+        self.progress.beat()
+        record_gpu_memory()
+        self._engine_stats.record(self._runner.stats)
         if failure is not None:
             logger.error("batch of %d jobs failed", len(runnable), exc_info=failure)
             if len(runnable) > 1:
@@ -186,6 +216,28 @@ class Worker:
         metrics.INFERENCE_SECONDS.observe(results[0].inference_seconds)
         for pending, result in zip(runnable, results, strict=True):
             await self._finish(pending.taken, JobState.DONE, result=result)
+
+    async def _abandon(self, runnable: list[PendingJob], deadline_s: float) -> None:
+        """Give a hung batch's jobs back to the queue (another worker runs them; a late result of
+        this one is refused by the fencing token) and stop this worker."""
+        metrics.BATCHES_ABANDONED.inc()
+        self.stop()
+        for pending in runnable:
+            try:
+                await self._queue.release(pending.taken)
+                self._held.pop(pending.taken.token, None)
+            except QueueUnavailableError as error:
+                # Still claimed by us: reclaimed by another worker once our heartbeats stop.
+                logger.warning("could not release job %s (%s)", pending.taken.spec.id, error)
+        ids = ", ".join(pending.taken.spec.id for pending in runnable)
+        logger.error(
+            "batch of %d jobs (%s) still computing after its compute deadline of %.1f s: released them "
+            "to other workers; this worker exits to restart its engine",
+            len(runnable),
+            ids,
+            deadline_s,
+        )
+        raise ComputeDeadlineExceeded(f"batch of {len(runnable)} jobs passed its {deadline_s:.1f} s deadline")
 
     def _compute(self, batch: list[PendingJob], started_at: float) -> list[JobResult]:
         outputs = self._runner.run([pending.job for pending in batch])
