@@ -51,6 +51,9 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
             RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
         )
         app.state.queue = create_queue(settings)
+        # The all-in-one process can serve only once its own worker is warm; the API alone once
+        # Redis answers (workers come and go behind the queue).
+        app.state.ready_needs_worker = companion is not None
         logger.info("queue: %s", "Redis Streams" if settings.redis_url else "in-process")
         try:
             async with contextlib.AsyncExitStack() as stack:

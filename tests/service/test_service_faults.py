@@ -320,3 +320,36 @@ def test_redis_at_maxmemory_gives_429_with_retry_after_and_recovers_once_freed(
         store.close()
         api.process.stop()
         small.stop()
+
+
+def test_api_is_ready_while_redis_answers_even_with_no_worker_and_queues_jobs_for_the_next(
+    own_redis: RedisServer, tmp_path: Path, cat_b64: str
+) -> None:
+    """Readiness means "this process can serve": no worker ready keeps the API in its Service and
+    jobs wait in the queue; only an unreachable Redis takes it out."""
+    env = queue_env(own_redis.url, HEARTBEAT_S="0.3")
+    api = Api("service.api", env, tmp_path)
+    worker = None
+    try:
+        with api.client() as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["detail"] | {"native_size": None} == {
+                "queue_reachable": True,
+                "ready_workers": 0,
+                "native_size": None,
+            }
+            accepted = client.post("/jobs", json=cat_body(cat_b64, **SMALL))
+            assert accepted.status_code == 202, accepted.text
+            own_redis.kill()
+            down = client.get("/readyz")
+            assert down.status_code == 503 and down.json()["detail"]["queue_reachable"] is False
+            own_redis.start()
+            wait_until(lambda: client.get("/readyz").status_code == 200, 30, "ready again")
+            worker = WorkerProcess("late", env, tmp_path)
+            done = wait_status(client, accepted.json()["id"], {"done", "failed", "expired"}, 90)
+            assert done["status"] == "done"
+    finally:
+        if worker is not None:
+            worker.stop()
+        api.process.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,10 +26,18 @@ async def healthz() -> HealthResponse:
 @router.get(
     "/readyz",
     response_model=HealthResponse,
-    responses={503: {"model": HealthResponse, "description": "No warm worker, or the queue is unreachable"}},
-    summary="A worker is warm and the queue is reachable",
+    responses={
+        503: {
+            "model": HealthResponse,
+            "description": "The queue is unreachable (or, in the all-in-one process, its worker is not warm)",
+        }
+    },
+    summary="This process can serve: its queue is reachable",
 )
-async def readyz(queue: QueueDep, settings: SettingsDep) -> HealthResponse | JSONResponse:
+async def readyz(request: Request, queue: QueueDep, settings: SettingsDep) -> HealthResponse | JSONResponse:
+    """Ready while the queue answers, with or without a warm worker: jobs are accepted into the
+    queue and wait there for one (up to JOB_TIMEOUT_S), so a worker restart or drain never takes
+    the API out of its Service; `detail.ready_workers` says how many are warm."""
     reachable = await queue.ping()
     workers = 0
     if reachable:
@@ -37,8 +45,9 @@ async def readyz(queue: QueueDep, settings: SettingsDep) -> HealthResponse | JSO
             workers = await queue.ready_workers()
         except QueueUnavailableError:
             reachable = False
+    ready = reachable and (workers > 0 or not request.app.state.ready_needs_worker)
     body = HealthResponse(
-        status="ok" if reachable and workers > 0 else "not_ready",
+        status="ok" if ready else "not_ready",
         detail={
             "queue_reachable": reachable,
             "ready_workers": workers,
