@@ -1,8 +1,13 @@
-"""Fault run: Redis (AOF, its own port), the API and two workers on one host; SIGKILL a worker
-mid-batch, then SIGKILL Redis with jobs queued and restart it; count the accepted jobs that were
-lost. Prints one JSON summary line and exits 0 only when no accepted job was lost.
+"""Fault run: Redis, the API and two workers on one host; SIGKILL a worker mid-batch, then make
+Redis fail with jobs queued and running; count the accepted jobs that were lost. Prints one JSON
+summary line and exits 0 only when no accepted job was lost. Redis topologies (`--topology`):
 
-    .venv/bin/python tests/service/fault_script.py [--photo PATH] [--logs DIR]
+- `single`: one redis-server (AOF, fsync always), SIGKILLed and restarted;
+- `sentinel`: primary + replica + three sentinels, the primary SIGKILLed and not restarted (the
+  sentinels promote the replica; acceptance waits for the replica, REDIS_ACK_REPLICAS=1);
+- `cluster`: three masters (AOF), the master of the queue's slot SIGKILLed and restarted.
+
+    .venv/bin/python tests/service/fault_script.py [--topology single] [--photo PATH] [--logs DIR]
 
 Run in CI by tests/service/test_fault_script.py.
 """
@@ -19,9 +24,10 @@ import uuid
 from pathlib import Path
 
 import httpx
-import redis
+from redis_topologies import ClusterSetup, SentinelSetup
 from service_processes import REPO_ROOT, Api, RedisServer, WorkerProcess, wait_until
 
+from service.queue.connect import connect_sync
 from service.queue.keys import QueueKeys
 
 PHOTO = REPO_ROOT.parent / "shared" / "fixtures" / "dreambench" / "cat.jpg"
@@ -50,15 +56,65 @@ def states(client: httpx.Client, job_ids: list[str]) -> dict[str, str]:
     return found
 
 
-def run(photo: Path, log_dir: Path) -> dict:
+class Topology:
+    """The Redis of the run, and what "Redis fails" means for it."""
+
+    def __init__(self, kind: str, directory: Path, queue_name: str) -> None:
+        self.kind = kind
+        self.stream = QueueKeys(queue_name).stream
+        directory.mkdir(exist_ok=True)
+        if kind == "single":
+            self.setup = RedisServer(directory)
+        elif kind == "sentinel":
+            self.setup = SentinelSetup(directory)
+        else:
+            self.setup = ClusterSetup(directory, aof=True)
+        self.setup.start()
+        self.url = self.setup.url
+        self._crashed_port = 0
+
+    def env(self) -> dict[str, str]:
+        return {"REDIS_ACK_REPLICAS": "1", "REDIS_ACK_TIMEOUT_MS": "2000"} if self.kind == "sentinel" else {}
+
+    def backlog(self) -> tuple[int, int]:
+        """(queued, delivered) jobs: stream entries no worker holds yet, and those workers hold (running or
+        prefetched)."""
+        store = connect_sync(self.url, None)
+        try:
+            pending = store.xpending(self.stream, "workers")["pending"]
+            return store.xlen(self.stream) - pending, pending
+        finally:
+            store.close()
+
+    def crash(self) -> None:
+        if self.kind == "single":
+            self.setup.kill()  # SIGKILL: only what the AOF holds survives
+        elif self.kind == "sentinel":
+            self.setup.kill_primary()  # returns once the replica is the primary
+        else:
+            self._crashed_port = self.setup.port_of(self.stream)
+            self.setup.kill(self._crashed_port)
+
+    def recover(self) -> None:
+        if self.kind == "single":
+            self.setup.start()
+        elif self.kind == "cluster":
+            self.setup.restart(self._crashed_port)
+            self.setup.wait_ok()
+
+    def stop(self) -> None:
+        self.setup.stop()
+
+
+def run(photo: Path, log_dir: Path, kind: str = "single") -> dict:
     started = time.monotonic()
     photo_b64 = base64.b64encode(photo.read_bytes()).decode()
-    server = RedisServer(log_dir / "redis")
-    server.directory.mkdir(exist_ok=True)
-    server.start()
+    queue_name = f"fault-{uuid.uuid4().hex[:8]}"
+    topology = Topology(kind, log_dir / "redis", queue_name)
     env = {
-        "REDIS_URL": server.url,
-        "QUEUE_NAME": f"fault-{uuid.uuid4().hex[:8]}",
+        **topology.env(),
+        "REDIS_URL": topology.url,
+        "QUEUE_NAME": queue_name,
         "HEARTBEAT_S": "0.3",
         "RECLAIM_IDLE_S": "1.5",
         "MAX_BATCH": "2",
@@ -68,7 +124,7 @@ def run(photo: Path, log_dir: Path) -> dict:
     workers = [WorkerProcess(f"fault-{index}", env, log_dir) for index in (1, 2)]
     api = Api("service.api", env, log_dir)
     accepted: list[str] = []
-    summary: dict = {}
+    summary: dict = {"topology": kind}
     try:
         api.wait_ready_workers(2, timeout_s=120)
         with api.client() as client:
@@ -87,17 +143,12 @@ def run(photo: Path, log_dir: Path) -> dict:
             accepted += [
                 job_id for seed in range(4, 12) if (job_id := submit(client, photo_b64, seed, SMALL))
             ]
-            store = redis.Redis.from_url(server.url)
-            stream = QueueKeys(env["QUEUE_NAME"]).stream
-            summary["queued_at_redis_crash"] = (
-                store.xlen(stream) - store.xpending(stream, "workers")["pending"]
-            )
-            store.close()
-            server.kill()  # SIGKILL with jobs queued: only what the AOF holds survives
+            summary["queued_at_redis_crash"], summary["delivered_at_redis_crash"] = topology.backlog()
+            topology.crash()
             refused = [submit(client, photo_b64, 99, SMALL) for _ in range(3)]
             summary["refused_while_redis_down"] = sum(job_id is None for job_id in refused)
             accepted += [job_id for job_id in refused if job_id]
-            server.start()
+            topology.recover()
 
             final = wait_until(
                 lambda: (
@@ -118,7 +169,7 @@ def run(photo: Path, log_dir: Path) -> dict:
             if worker.alive():
                 worker.stop()
         api.process.stop()
-        server.stop()
+        topology.stop()
     summary |= {
         "accepted": len(accepted),
         "done": sum(state == "done" for state in final.values()),
@@ -133,11 +184,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photo", type=Path, default=PHOTO, help="reference photo of a cat")
     parser.add_argument("--logs", type=Path, default=None, help="keep the processes' logs here")
+    parser.add_argument("--topology", choices=("single", "sentinel", "cluster"), default="single")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         log_dir = args.logs or Path(scratch)
         log_dir.mkdir(parents=True, exist_ok=True)
-        summary = run(args.photo, log_dir)
+        summary = run(args.photo, log_dir, args.topology)
     print(json.dumps(summary))
     sys.exit(0 if not summary["lost"] and not summary["not_done"] and summary["accepted"] else 1)
 

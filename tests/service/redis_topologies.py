@@ -40,8 +40,14 @@ class _Processes:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.processes: dict[int, subprocess.Popen] = {}
+        self.arguments: dict[int, tuple[str, ...]] = {}
+
+    def restart(self, port: int) -> None:
+        """Start the server of `port` again, with its arguments and data directory."""
+        self.spawn(port, *self.arguments[port])
 
     def spawn(self, port: int, *args: str) -> None:
+        self.arguments[port] = args
         self.processes[port] = subprocess.Popen(
             [_binary("redis-server"), *args],
             stdout=subprocess.DEVNULL,
@@ -66,19 +72,9 @@ class _Processes:
         self.processes.clear()
 
 
-def _data_node_args(port: int, directory: Path) -> list[str]:
-    return [
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(directory),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
+def _data_node_args(port: int, directory: Path, aof: bool = False) -> list[str]:
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+    return ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "", *persistence]
 
 
 class SentinelSetup(_Processes):
@@ -162,10 +158,12 @@ class SentinelSetup(_Processes):
 
 
 class ClusterSetup(_Processes):
-    """Three masters (no replicas) in one Redis Cluster; `url` is its `redis+cluster://` REDIS_URL."""
+    """Three masters (no replicas) in one Redis Cluster; `url` is its `redis+cluster://` REDIS_URL.
+    With `aof`, a node killed and restarted comes back with its data (like a single Redis)."""
 
-    def __init__(self, directory: Path, masters: int = 3) -> None:
+    def __init__(self, directory: Path, masters: int = 3, aof: bool = False) -> None:
         super().__init__(directory)
+        self.aof = aof
         self.ports = [free_port() for _ in range(masters)]
         self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
@@ -175,7 +173,7 @@ class ClusterSetup(_Processes):
             directory.mkdir(exist_ok=True)
             self.spawn(
                 port,
-                *_data_node_args(port, directory),
+                *_data_node_args(port, directory, self.aof),
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -200,6 +198,21 @@ class ClusterSetup(_Processes):
             capture_output=True,
             timeout=60,
         )
+        self.wait_ok()
+
+    def port_of(self, key: str) -> int:
+        """The port of the master serving `key`'s slot."""
+        client = redis.Redis(port=self.ports[0], decode_responses=True)
+        try:
+            slot = client.execute_command("CLUSTER", "KEYSLOT", key)
+            for start, end, (_host, port, *_ids), *_replicas in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return int(port)
+        finally:
+            client.close()
+        raise LookupError(f"no master serves the slot of {key}")
+
+    def wait_ok(self) -> None:
         wait_until(self._ok, 30, "the cluster to report ok on every node", interval_s=0.2)
 
     def _ok(self) -> bool:
@@ -208,6 +221,8 @@ class ClusterSetup(_Processes):
             try:
                 if "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
                     return False
+            except redis.RedisError:
+                return False
             finally:
                 client.close()
         return True
