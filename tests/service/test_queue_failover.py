@@ -1,7 +1,8 @@
 """Sentinel failover under the queue: the primary is SIGKILLed with jobs queued and running. The
 clients follow the sentinels to the promoted replica; no accepted job is lost (acceptance waits for
 the replica's acknowledgement, REDIS_ACK_REPLICAS=1) and none is run by two workers at once (the
-fencing token). Plus the URL errors of the HA schemes. No model needed."""
+fencing token). Plus the URL errors of the HA schemes and the capacity check on a Cluster. No model
+needed."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from redis_topologies import SentinelSetup
 from test_queue_contract import done_record, make_spec
 
 from service.queue import create_queue
+from service.queue.capacity import RedisCapacityError, check_redis_capacity
 from service.queue.connect import RedisUrlError, parse_multi_host
+from service.queue.keys import QueueKeys
 from service.queue.protocol import JobQueue, JobState, QueueUnavailableError
 from service.settings import Settings
 
@@ -112,3 +116,17 @@ def test_ha_urls_parse_hosts_service_and_password() -> None:
     assert (sentinel.service, sentinel.db, sentinel.password, sentinel.ssl) == ("queue", 2, "s@cret", True)
     cluster = parse_multi_host("redis+cluster://a:7000,b:7001")
     assert cluster.hosts == [("a", 7000), ("b", 7001)] and cluster.password is None and not cluster.ssl
+
+
+def test_capacity_check_reads_the_node_of_the_queue_s_slot_on_a_cluster(redis_cluster) -> None:
+    """Each Cluster node has its own maxmemory: the start-up check reads the one holding the queue."""
+    config = Settings(redis_url=redis_cluster.url, queue_name=f"cap-{uuid.uuid4().hex[:8]}")
+    port = redis_cluster.port_of(QueueKeys(config.queue_name).stream)
+    node = redis.Redis(port=port)
+    try:
+        node.config_set("maxmemory", 64 * 2**20)
+        with pytest.raises(RedisCapacityError, match=r"maxmemory 67108864 \(64 MiB\)"):
+            check_redis_capacity(config, config.redis_url)
+    finally:
+        node.config_set("maxmemory", 0)
+        node.close()
