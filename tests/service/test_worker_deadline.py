@@ -48,8 +48,13 @@ def test_a_batch_past_its_compute_deadline_is_released_and_completed_by_another_
             rescuer = WorkerProcess("rescuer", env, tmp_path)
             done = wait_status(client, job_id, {"done", "failed"}, 120)
         assert done["status"] == "done" and done["worker"] == "rescuer", done
-        # Abandoned at its 0.5 s deadline, not after the whole batch (seconds).
-        assert exited_after_s < 0.5 + 1.5, exited_after_s
+        # Abandoned at its 0.5 s deadline, well before the batch would have ended (the same job took
+        # the rescuer this long to compute, on the same machine).
+        assert exited_after_s < done["result"]["timings"]["inference"], (
+            exited_after_s,
+            done["result"]["timings"],
+        )
+        assert "compute deadline of 0.5 s" in hung.log()
     finally:
         for worker in (hung, rescuer):
             if worker is not None and worker.alive():
@@ -63,7 +68,7 @@ def test_liveness_reports_no_progress_between_steps_and_recovers_when_the_batch_
     """WORKER_STALL_S below the time of one UNet pass: /healthz answers 503 between two steps of a
     batch and 200 again once the worker is idle; the step counter moves during the batch."""
     env = {"REDIS_URL": redis_server.url, "QUEUE_NAME": f"stall-{uuid.uuid4().hex[:8]}", "HEARTBEAT_S": "0.3"}
-    worker = WorkerProcess("stalling", env | {"WORKER_STALL_S": "0.1"}, tmp_path)
+    worker = WorkerProcess("stalling", env | {"WORKER_STALL_S": "0.05"}, tmp_path)
     api = Api("service.api", env, tmp_path)
     try:
         api.wait_ready_workers(1)
@@ -79,7 +84,7 @@ def test_liveness_reports_no_progress_between_steps_and_recovers_when_the_batch_
                 "a 503 between two steps",
                 interval_s=0.02,
             )
-            assert stalled["busy"] and stalled["seconds_since_progress"] > 0.1
+            assert stalled["busy"] and stalled["seconds_since_progress"] > 0.05
             assert wait_status(client, job_id, {"done", "failed"}, 120)["status"] == "done"
         wait_until(lambda: httpx.get(health, timeout=5).status_code == 200, 10, "liveness back to 200")
         # 4 steps, one or two UNet passes each.
