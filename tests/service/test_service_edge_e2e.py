@@ -117,3 +117,14 @@ def test_a_running_job_past_its_deadline_finishes_and_is_fetched_by_id(service: 
         wait_until(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "done", 60, "the job to finish")
         result = client.get(f"/jobs/{job_id}").json()["result"]
         assert image(result["images"][0]).size == (512, 512)
+
+
+def test_a_repeated_request_answers_with_the_stored_job(service: Api, photos_b64) -> None:
+    """Same Idempotency-Key and body: the job accepted first, its image labelled with its format."""
+    first_body = request(photos_b64, output_format="webp", seed=5)
+    key = {"Idempotency-Key": "stored-format"}
+    with service.client() as client:
+        job_id = client.post("/jobs", json=first_body, headers=key).json()["id"]
+        again = client.post("/customize", json=first_body, headers={**key, "accept": "image/*"})
+        assert again.status_code == 200 and again.headers["x-job-id"] == job_id
+        assert again.headers["content-type"] == "image/webp" and image(again.content).format == "WEBP"
