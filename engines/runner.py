@@ -23,6 +23,7 @@ from realcustom.denoise import Conditioning, LoopSettings
 from realcustom.loading import load_pipeline
 from realcustom.pipeline import RealCustomPipeline, mask_to_image
 from realcustom.settings_check import check_generation
+from realcustom.tokenizer import CLIP_CONTEXT_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,17 @@ def _pad_subjects(rows: list[torch.Tensor], count: int) -> torch.Tensor:
     """[S_j, ...] per job -> [jobs, count, ...], zero rows for missing subjects (they get zero masks)."""
     padded = [F.pad(row, (0, 0) * (row.ndim - 1) + (0, count - row.shape[0])) for row in rows]
     return torch.stack(padded)
+
+
+def _target_rows(pipeline: RealCustomPipeline, job: GenerationJob) -> torch.Tensor:
+    """τ rows [S, 77]: the token indices located at the edge (the job spec carries them), else
+    located here (library callers, warm-up)."""
+    if not all(subject.token_indices for subject in job.subjects):
+        return pipeline.target_tokens(job.prompt, [subject.target for subject in job.subjects])
+    rows = torch.zeros(len(job.subjects), CLIP_CONTEXT_LENGTH, dtype=pipeline.dtype, device=pipeline.device)
+    for row, subject in zip(rows, job.subjects, strict=True):
+        row[list(subject.token_indices)] = 1
+    return rows
 
 
 class Runner:
@@ -61,10 +73,7 @@ class Runner:
 
         text = pipeline.encode_prompt([job.prompt for job in jobs])
         negative = pipeline.negative_embeddings(len(jobs), jobs[0].negative_prompt)
-        targets = _pad_subjects(
-            [pipeline.target_tokens(job.prompt, [s.target for s in job.subjects]) for job in jobs],
-            num_subjects,
-        )
+        targets = _pad_subjects([_target_rows(pipeline, job) for job in jobs], num_subjects)
         # Every distinct reference is encoded once (a photo may serve several phrases or jobs).
         encoded = iter(pipeline.reference_tokens([s.image for job in jobs for s in job.subjects]))
         tokens = _pad_subjects(

@@ -186,3 +186,27 @@ def test_batched_mask_keeps_the_official_pixel_count_with_float64_scope(tiny_pip
     result = backend.denoise(tiny_pipeline, cond, latents, LoopSettings(2, "dpm", ("max_norm",), 1))
     assert backend.stats["graph_replays"] == 2
     assert [int((mask > 0).sum()) for mask in result.masks[:, 0, 0]] == [14, 14]
+
+
+def test_batched_runner_uses_the_token_indices_the_job_carries(tiny_pipeline):
+    """The edge locates each target once and the job carries the indices: the runner's τ rows are
+    exactly those indices (equal to locating them again when they agree)."""
+    red = Image.new("RGB", (64, 64), (200, 20, 20))
+    runner = Runner(tiny_pipeline, EagerBackend(tiny_pipeline), "tiny")
+
+    def tau(indices: tuple[int, ...]) -> torch.Tensor:
+        job = GenerationJob(
+            id="t",
+            prompt="a red dog on grass",
+            subjects=(SubjectInput(red, "dog", indices),),
+            width=64,
+            height=64,
+            num_inference_steps=2,
+            mask_reused_step=1,
+        )
+        return runner.conditioning([job]).target_tokens[0, 0]
+
+    located = tau(())  # no indices: located by the runner
+    assert located.nonzero().flatten().tolist() == [3]
+    assert torch.equal(tau((3,)), located)
+    assert tau((2, 3)).nonzero().flatten().tolist() == [2, 3]  # the carried indices win
