@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from service import metrics
@@ -186,6 +187,12 @@ class RedisStreamsQueue:
                 # Redis came back without its data (no AOF): recreate the group on the next call.
                 self._group_ready = False
             raise QueueUnavailableError(f"Redis error: {error}") from error
+        except MasterNotFoundError as error:
+            # Its text ends with every sentinel client's repr: keep the part that says what failed.
+            raise QueueUnavailableError(
+                f"Redis is unreachable: {str(error).split(' : ')[0]} (no sentinel of REDIS_URL answered with "
+                "a primary: check their addresses, the service name and REDIS_SENTINEL_PASSWORD)"
+            ) from error
         except (RedisError, OSError) as error:
             raise QueueUnavailableError(f"Redis is unreachable: {error}") from error
 

@@ -26,8 +26,8 @@ def _binary(name: str) -> str:
     return path
 
 
-def _answers(port: int) -> bool:
-    client = redis.Redis(port=port, socket_timeout=1)
+def _answers(port: int, password: str | None = None) -> bool:
+    client = redis.Redis(port=port, socket_timeout=1, password=password)
     try:
         with contextlib.suppress(redis.ConnectionError, redis.BusyLoadingError, redis.TimeoutError):
             return bool(client.ping())
@@ -37,8 +37,9 @@ def _answers(port: int) -> bool:
 
 
 class _Processes:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None) -> None:
         self.directory = directory
+        self.password = password
         self.processes: dict[int, subprocess.Popen] = {}
         self.arguments: dict[int, tuple[str, ...]] = {}
 
@@ -53,7 +54,10 @@ class _Processes:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_until(lambda: _answers(port), 10, f"redis on port {port}")
+        wait_until(lambda: _answers(port, self.password), 10, f"redis on port {port}")
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=1, decode_responses=True, password=self.password)
 
     def kill(self, port: int) -> None:
         process = self.processes.pop(port)
@@ -78,10 +82,11 @@ def _data_node_args(port: int, directory: Path, aof: bool = False) -> list[str]:
 
 
 class SentinelSetup(_Processes):
-    """Primary + replica + three sentinels; `url` is the service's `redis+sentinel://` REDIS_URL."""
+    """Primary + replica + three sentinels; `url` is the service's `redis+sentinel://` REDIS_URL.
+    With `password`, the data nodes and the sentinels all require it (AUTH)."""
 
-    def __init__(self, directory: Path, down_after_ms: int = 1000) -> None:
-        super().__init__(directory)
+    def __init__(self, directory: Path, down_after_ms: int = 1000, password: str | None = None) -> None:
+        super().__init__(directory, password)
         self.down_after_ms = down_after_ms
         self.primary_port, self.replica_port = free_port(), free_port()
         self.sentinel_ports = [free_port() for _ in range(3)]
@@ -91,12 +96,16 @@ class SentinelSetup(_Processes):
     def start(self) -> None:
         for port in (self.primary_port, self.replica_port):
             (self.directory / str(port)).mkdir(exist_ok=True)
+        auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
         self.spawn(
-            self.primary_port, *_data_node_args(self.primary_port, self.directory / str(self.primary_port))
+            self.primary_port,
+            *_data_node_args(self.primary_port, self.directory / str(self.primary_port)),
+            *auth,
         )
         self.spawn(
             self.replica_port,
             *_data_node_args(self.replica_port, self.directory / str(self.replica_port)),
+            *auth,
             "--replicaof",
             "127.0.0.1",
             str(self.primary_port),
@@ -109,13 +118,19 @@ class SentinelSetup(_Processes):
                 f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {SERVICE} 4000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
+                + (
+                    f"requirepass {self.password}\nsentinel sentinel-pass {self.password}\n"
+                    f"sentinel auth-pass {SERVICE} {self.password}\n"
+                    if self.password
+                    else ""
+                )
             )
             self.spawn(port, str(config), "--sentinel")
         wait_until(self._settled, 30, "the sentinels to see the replica and each other", interval_s=0.2)
 
     def _settled(self) -> bool:
         for port in self.sentinel_ports:
-            client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+            client = self.client(port)
             try:
                 state = client.sentinel_master(SERVICE)
             except redis.RedisError:
@@ -124,17 +139,17 @@ class SentinelSetup(_Processes):
                 client.close()
             if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
                 return False
-        replica = redis.Redis(port=self.replica_port, decode_responses=True)
+        replica = self.client(self.replica_port)
         try:
             return replica.info("replication").get("master_link_status") == "up"
         finally:
             replica.close()
 
     def primary(self) -> tuple[str, int]:
-        client = redis.Redis(port=self.sentinel_ports[0], socket_timeout=1)
+        client = self.client(self.sentinel_ports[0])
         try:
             host, port = client.sentinel_get_master_addr_by_name(SERVICE)
-            return host.decode() if isinstance(host, bytes) else host, int(port)
+            return host, int(port)
         finally:
             client.close()
 
@@ -148,7 +163,7 @@ class SentinelSetup(_Processes):
         return new
 
     def _role(self, port: int) -> str:
-        client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
+        client = self.client(port)
         try:
             return client.info("replication")["role"]
         except redis.RedisError:

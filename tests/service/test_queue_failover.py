@@ -130,3 +130,38 @@ def test_capacity_check_reads_the_node_of_the_queue_s_slot_on_a_cluster(redis_cl
     finally:
         node.config_set("maxmemory", 0)
         node.close()
+
+
+def test_sentinels_and_data_nodes_that_require_a_password(tmp_path: Path) -> None:
+    """REDIS_PASSWORD authenticates to the data nodes, REDIS_SENTINEL_PASSWORD to the sentinels;
+    without the latter the queue is unavailable (it cannot learn where the primary is)."""
+    setup = SentinelSetup(tmp_path, password="s3cret")
+    try:
+        setup.start()
+        config = Settings(
+            redis_url=setup.url,
+            redis_password="s3cret",
+            redis_sentinel_password="s3cret",
+            queue_name=f"auth-{uuid.uuid4().hex[:8]}",
+        )
+        _level, line = check_redis_capacity(config, config.redis_url)
+        assert "no maxmemory" in line  # read from the primary, through the sentinels
+
+        async def scenario(settings: Settings) -> JobState:
+            queue = create_queue(settings)
+            try:
+                spec = make_spec()
+                await queue.submit(spec)
+                [taken] = await queue.take("w1", 1, block_s=1.0)
+                assert await queue.start("w1", taken)
+                await queue.finish(taken, done_record(spec))
+                return (await queue.get(spec.id)).state
+            finally:
+                await queue.close()
+
+        assert asyncio.run(scenario(config)) == JobState.DONE
+        without = config.model_copy(update={"redis_sentinel_password": None})
+        with pytest.raises(QueueUnavailableError, match="no sentinel of REDIS_URL answered with a primary"):
+            asyncio.run(scenario(without))
+    finally:
+        setup.stop()
