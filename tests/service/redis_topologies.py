@@ -173,13 +173,15 @@ class SentinelSetup(_Processes):
 
 
 class ClusterSetup(_Processes):
-    """Three masters (no replicas) in one Redis Cluster; `url` is its `redis+cluster://` REDIS_URL.
-    With `aof`, a node killed and restarted comes back with its data (like a single Redis)."""
+    """Three masters in one Redis Cluster; `url` is its `redis+cluster://` REDIS_URL. With `aof`, a
+    node killed and restarted comes back with its data (like a single Redis); with `replicas`, each
+    master has that many replicas, one of which takes over when the master fails."""
 
-    def __init__(self, directory: Path, masters: int = 3, aof: bool = False) -> None:
+    def __init__(self, directory: Path, masters: int = 3, aof: bool = False, replicas: int = 0) -> None:
         super().__init__(directory)
         self.aof = aof
-        self.ports = [free_port() for _ in range(masters)]
+        self.replicas = replicas
+        self.ports = [free_port() for _ in range(masters * (1 + replicas))]
         self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
     def start(self) -> None:
@@ -206,7 +208,7 @@ class ClusterSetup(_Processes):
                 "create",
                 *addresses,
                 "--cluster-replicas",
-                "0",
+                str(self.replicas),
                 "--cluster-yes",
             ],
             check=True,
@@ -217,7 +219,7 @@ class ClusterSetup(_Processes):
 
     def port_of(self, key: str) -> int:
         """The port of the master serving `key`'s slot."""
-        client = redis.Redis(port=self.ports[0], decode_responses=True)
+        client = redis.Redis(port=next(iter(self.processes)), decode_responses=True)  # a live node
         try:
             slot = client.execute_command("CLUSTER", "KEYSLOT", key)
             for start, end, (_host, port, *_ids), *_replicas in client.execute_command("CLUSTER", "SLOTS"):
@@ -230,8 +232,36 @@ class ClusterSetup(_Processes):
     def wait_ok(self) -> None:
         wait_until(self._ok, 30, "the cluster to report ok on every node", interval_s=0.2)
 
+    def wait_replicated(self, port: int) -> None:
+        """Until every replica of the master on `port` has all of its writes."""
+
+        def caught_up() -> bool:
+            client = redis.Redis(port=port, decode_responses=True)
+            try:
+                info = client.info("replication")
+            finally:
+                client.close()
+            offsets = [info[f"slave{index}"]["offset"] for index in range(info["connected_slaves"])]
+            return bool(offsets) and all(offset == info["master_repl_offset"] for offset in offsets)
+
+        wait_until(caught_up, 10, f"the replicas of {port} to catch up", interval_s=0.05)
+
+    def kill_master_of(self, key: str, timeout_s: float = 30) -> int:
+        """SIGKILL the master serving `key`; returns the port of the replica promoted in its place."""
+        old = self.port_of(key)
+        self.kill(old)
+        wait_until(lambda: self._serving(key, old), timeout_s, "a replica to take over the slot", 0.2)
+        self.wait_ok()
+        return self.port_of(key)
+
+    def _serving(self, key: str, old: int) -> bool:
+        try:
+            return self.port_of(key) != old
+        except redis.RedisError:
+            return False
+
     def _ok(self) -> bool:
-        for port in self.ports:
+        for port in self.processes:  # the live nodes
             client = redis.Redis(port=port, socket_timeout=1, decode_responses=True)
             try:
                 if "cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):

@@ -1,7 +1,8 @@
-"""Sentinel failover under the queue: the primary is SIGKILLed with jobs queued and running. The
+"""Failover under the queue: the primary is SIGKILLed with jobs queued and running. On Sentinel the
 clients follow the sentinels to the promoted replica; no accepted job is lost (acceptance waits for
 the replica's acknowledgement, REDIS_ACK_REPLICAS=1) and none is run by two workers at once (the
-fencing token). Plus the URL errors of the HA schemes and the capacity check on a Cluster. No model
+fencing token). On Cluster (a replica per master) the client follows the slot to the promoted
+replica. Plus the URL errors of the HA schemes and the capacity check on a Cluster. No model
 needed."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from redis_topologies import SentinelSetup
+from redis_topologies import ClusterSetup, SentinelSetup
 from test_queue_contract import done_record, make_spec
 
 from service.queue import create_queue
@@ -50,6 +51,43 @@ async def retrying(call, timeout_s: float = 30):
             await asyncio.sleep(0.1)
 
 
+async def serve_through_a_failover(config: Settings, fail_over) -> None:
+    """8 jobs accepted, 2 of them running on w1; `fail_over()` (blocking) kills the primary; 2 more
+    accepted; w1 finishes its 2, w2 serves the rest. Every accepted job must end done, w1's by w1
+    (never delivered to w2 after it ran)."""
+    api, first, second = create_queue(config), create_queue(config), create_queue(config)
+    queues: list[JobQueue] = [api, first, second]
+    try:
+        accepted = [(await api.submit(make_spec(seed=seed))).id for seed in range(8)]
+        running = await first.take("w1", 2, block_s=1.0)
+        assert len(running) == 2 and all([await first.start("w1", job) for job in running])
+
+        await asyncio.to_thread(fail_over)
+        # Accepted during and after the failover (retried while it is unavailable).
+        accepted += [(await retrying(lambda: api.submit(make_spec(seed=99)))).id for _ in range(2)]
+
+        # The first worker finishes its running jobs on the new primary.
+        for job in running:
+            await retrying(lambda job=job: first.finish(job, done_record(job.spec, "w1")))
+        # The second serves everything else; its start must refuse nothing that w1 ran.
+        served = {job.spec.id for job in running}
+        deadline = time.monotonic() + 30
+        while len(served) < len(accepted) and time.monotonic() < deadline:
+            for job in await retrying(lambda: second.take("w2", 4, block_s=0.2)):
+                assert job.spec.id not in served, "a job was delivered again after it ran"
+                if await retrying(lambda job=job: second.start("w2", job)):
+                    await retrying(lambda job=job: second.finish(job, done_record(job.spec, "w2")))
+                    served.add(job.spec.id)
+        records = [await retrying(lambda job_id=job_id: api.get(job_id)) for job_id in accepted]
+        assert [record and record.state for record in records] == [JobState.DONE] * len(accepted)
+        by_id = {record.id: record for record in records}
+        assert all(by_id[job.spec.id].worker == "w1" for job in running)
+        assert await api.depth() == 0
+    finally:
+        for queue in queues:
+            await queue.close()
+
+
 def test_killing_the_primary_loses_no_accepted_job_and_runs_none_twice(sentinel: SentinelSetup) -> None:
     config = Settings(
         redis_url=sentinel.url,
@@ -60,41 +98,34 @@ def test_killing_the_primary_loses_no_accepted_job_and_runs_none_twice(sentinel:
         redis_ack_timeout_ms=1000,
     )
 
-    async def scenario() -> None:
-        api, first, second = create_queue(config), create_queue(config), create_queue(config)
-        queues: list[JobQueue] = [api, first, second]
-        try:
-            accepted = [(await api.submit(make_spec(seed=seed))).id for seed in range(8)]
-            running = await first.take("w1", 2, block_s=1.0)
-            assert len(running) == 2 and all([await first.start("w1", job) for job in running])
+    def fail_over() -> None:
+        assert sentinel.kill_primary() == sentinel.replica_port
 
-            new_port = await asyncio.to_thread(sentinel.kill_primary)
-            assert new_port == sentinel.replica_port
-            # Accepted during and after the failover (retried while it is unavailable).
-            accepted += [(await retrying(lambda: api.submit(make_spec(seed=99)))).id for _ in range(2)]
+    asyncio.run(serve_through_a_failover(config, fail_over))
 
-            # The first worker finishes its running jobs on the new primary.
-            for job in running:
-                await retrying(lambda job=job: first.finish(job, done_record(job.spec, "w1")))
-            # The second serves everything else; its start must refuse nothing that w1 ran.
-            served = {job.spec.id for job in running}
-            deadline = time.monotonic() + 30
-            while len(served) < len(accepted) and time.monotonic() < deadline:
-                for job in await retrying(lambda: second.take("w2", 4, block_s=0.2)):
-                    assert job.spec.id not in served, "a job was delivered again after it ran"
-                    if await retrying(lambda job=job: second.start("w2", job)):
-                        await retrying(lambda job=job: second.finish(job, done_record(job.spec, "w2")))
-                        served.add(job.spec.id)
-            records = [await retrying(lambda job_id=job_id: api.get(job_id)) for job_id in accepted]
-            assert [record.state for record in records] == [JobState.DONE] * len(accepted)
-            by_id = {record.id: record for record in records}
-            assert all(by_id[job.spec.id].worker == "w1" for job in running)
-            assert await api.depth() == 0
-        finally:
-            for queue in queues:
-                await queue.close()
 
-    asyncio.run(scenario())
+def test_a_cluster_master_failing_over_to_its_replica_loses_no_replicated_job(tmp_path: Path) -> None:
+    """Cluster has no acknowledged acceptance here (REDIS_ACK_REPLICAS is refused with it), so the
+    test waits for replication itself before the kill: what is on the replica survives."""
+    cluster = ClusterSetup(tmp_path, replicas=1)
+    try:
+        cluster.start()
+        config = Settings(
+            redis_url=cluster.url,
+            queue_name=f"failover-{uuid.uuid4().hex[:8]}",
+            heartbeat_s=0.2,
+            reclaim_idle_s=1.0,
+        )
+        stream = QueueKeys(config.queue_name).stream
+
+        def fail_over() -> None:
+            master = cluster.port_of(stream)
+            cluster.wait_replicated(master)
+            assert cluster.kill_master_of(stream) != master
+
+        asyncio.run(serve_through_a_failover(config, fail_over))
+    finally:
+        cluster.stop()
 
 
 @pytest.mark.parametrize(
