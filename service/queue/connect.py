@@ -48,6 +48,11 @@ class MultiHostUrl:
 
 def parse_multi_host(url: str) -> MultiHostUrl:
     scheme, _, rest = url.partition("://")
+    if "?" in rest or "#" in rest:
+        raise RedisUrlError(
+            f"REDIS_URL: {scheme}:// takes no query options; TLS is the scheme (rediss+...), passwords "
+            "are REDIS_PASSWORD and REDIS_SENTINEL_PASSWORD"
+        )
     netloc, _, path = rest.partition("/")
     credentials, _, addresses = netloc.rpartition("@")
     username, _, password = credentials.partition(":") if credentials else ("", "", "")

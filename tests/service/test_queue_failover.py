@@ -134,6 +134,7 @@ def test_a_cluster_master_failing_over_to_its_replica_loses_no_replicated_job(tm
         ("redis+sentinel://127.0.0.1:26379", "names the primary's service"),
         ("redis+sentinel://127.0.0.1/queue", "is not host:port"),
         ("redis+cluster://127.0.0.1:7000/0", "has no path"),
+        ("redis+sentinel://127.0.0.1:26379/queue?ssl_cert_reqs=none", "takes no query options"),
     ],
 )
 def test_ha_urls_that_cannot_work_say_what_to_change(url: str, message: str) -> None:
