@@ -194,6 +194,16 @@ class Settings(BaseSettings):
         16384, ge=1024, description="Largest request line + headers uvicorn buffers (h11)."
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value:
+            # Imported here: service.queue imports this module.
+            from service.queue.connect import check_redis_url
+
+            check_redis_url(value)
+        return value
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

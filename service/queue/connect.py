@@ -29,8 +29,21 @@ SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
+SINGLE_SCHEMES = ("redis", "rediss", "unix")
+
+
 class RedisUrlError(ValueError):
     """REDIS_URL cannot be used; the message says what to change."""
+
+
+def check_redis_url(url: str) -> None:
+    """Raise RedisUrlError unless `url` is one of the forms above (settings call it at start-up)."""
+    scheme = url.partition("://")[0]
+    if scheme in SENTINEL_SCHEMES or scheme in CLUSTER_SCHEMES:
+        parse_multi_host(url)
+    elif scheme not in SINGLE_SCHEMES or "://" not in url:
+        known = ", ".join(f"{name}://" for name in SINGLE_SCHEMES + SENTINEL_SCHEMES + CLUSTER_SCHEMES)
+        raise RedisUrlError(f"REDIS_URL {scheme!r}: the scheme must be one of {known}")
 
 
 @dataclass(frozen=True)

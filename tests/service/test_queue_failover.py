@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from pydantic import ValidationError
 from redis_topologies import ClusterSetup, SentinelSetup
 from test_queue_contract import done_record, make_spec
 
@@ -140,6 +141,14 @@ def test_a_cluster_master_failing_over_to_its_replica_loses_no_replicated_job(tm
 def test_ha_urls_that_cannot_work_say_what_to_change(url: str, message: str) -> None:
     with pytest.raises(RedisUrlError, match=message):
         parse_multi_host(url)
+
+
+def test_a_redis_url_that_cannot_work_stops_the_settings_with_the_reason() -> None:
+    with pytest.raises(ValidationError, match="the scheme must be one of redis://"):
+        Settings(redis_url="redis+sentinal://127.0.0.1:26379/queue")
+    with pytest.raises(ValidationError, match="names the primary's service"):
+        Settings(redis_url="redis+sentinel://127.0.0.1:26379")
+    assert Settings(redis_url="unix:///run/redis.sock").redis_url == "unix:///run/redis.sock"
 
 
 def test_ha_urls_parse_hosts_service_and_password() -> None:
