@@ -5,8 +5,11 @@ full queue, a missed deadline, and a graceful stop with work in flight."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -67,6 +70,16 @@ def submit_directly(env: dict[str, str], spec: JobSpec) -> None:
     asyncio.run(submit())
 
 
+def listening_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999): unlike `free_port`'s, no outgoing
+    connection of another process can take it between this check and a worker's bind."""
+    for port in random.sample(range(20000, 32768), 200):
+        with socket.socket() as sock, contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError("no free port between 20000 and 32767")
+
+
 def queue_env(redis_url: str, **settings: str) -> dict[str, str]:
     return {"REDIS_URL": redis_url, "QUEUE_NAME": f"fault-{uuid.uuid4().hex[:8]}", **settings}
 
@@ -77,7 +90,7 @@ def test_two_workers_on_one_host_a_killed_one_s_batch_completes_on_the_other_and
     env = queue_env(
         redis_server.url, HEARTBEAT_S="0.3", RECLAIM_IDLE_S="1.5", MAX_BATCH="2", BATCH_WINDOW_MS="300"
     )
-    shared_port = free_port()  # both ask for the same metrics port, as two workers of one image do
+    shared_port = listening_port()  # both ask for the same metrics port, as two workers of one image do
     workers = {
         worker_id: WorkerProcess(worker_id, env, tmp_path, metrics_port=shared_port)
         for worker_id in ("kill-a", "kill-b")
