@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,7 @@ class Accepted:
 
     record: JobRecord
     raw_media_type: str | None  # answer with the raw image of this type; None = JSON
+    arrived: float  # time.perf_counter() when the intake began (timings' `total` counts from it)
 
 
 class Intake:
@@ -61,6 +63,7 @@ class Intake:
     ) -> Accepted:
         """Read, validate and enqueue within one slot. `accept`: the Accept header of a route that
         may answer with a raw image."""
+        arrived = time.perf_counter()
         async with self._slots:
             try:
                 async with asyncio.timeout(self._settings.body_timeout_s):
@@ -73,7 +76,7 @@ class Intake:
                 ) from None
             spec, raw_media_type = await run_in_threadpool(self._validate, data, owner, accept)
             del data
-            return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type)
+            return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type, arrived)
 
     async def _read(self, request: Request) -> Any:
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()

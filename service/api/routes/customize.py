@@ -51,12 +51,11 @@ async def _wait_unless_gone(request: Request, queue: JobQueue, record: JobRecord
 async def customize(
     request: Request, accepted: AcceptedCustomize, queue: QueueDep, settings: SettingsDep
 ) -> CustomizeResponse | Response:
-    started = time.perf_counter()
     finished = await _wait_unless_gone(request, queue, accepted.record)
     if finished is None:
         return Response(status_code=CLIENT_GONE)
     results.raise_unless_done(finished, settings.job_timeout_s)
-    total_s = time.perf_counter() - started
+    total_s = time.perf_counter() - accepted.arrived  # from arrival: queue_wait <= total
     if accepted.raw_media_type is not None:
         return results.raw_image_response(finished, total_s)
     return results.to_response(finished, total_s)
