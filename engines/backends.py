@@ -10,6 +10,7 @@ and `stats` (a mapping of counters, e.g. `graph_misses`, that the worker exports
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -19,13 +20,22 @@ from realcustom.pipeline import RealCustomPipeline
 
 logger = logging.getLogger(__name__)
 
+StepCallback = Callable[[], None]
+
 
 class Backend(Protocol):
     name: str
 
     def denoise(
-        self, pipeline: RealCustomPipeline, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings
-    ) -> LoopResult: ...
+        self,
+        pipeline: RealCustomPipeline,
+        cond: Conditioning,
+        latents: torch.Tensor,
+        settings: LoopSettings,
+        on_step: StepCallback | None = None,
+    ) -> LoopResult:
+        """The loop; `on_step` is called on the host after each step is issued (progress)."""
+        ...
 
 
 class EagerBackend:
@@ -41,9 +51,14 @@ class EagerBackend:
         self.pipeline = pipeline
 
     def denoise(
-        self, pipeline: RealCustomPipeline, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings
+        self,
+        pipeline: RealCustomPipeline,
+        cond: Conditioning,
+        latents: torch.Tensor,
+        settings: LoopSettings,
+        on_step: StepCallback | None = None,
     ) -> LoopResult:
-        return denoise(pipeline.unet, cond, latents, settings)
+        return denoise(pipeline.unet, cond, latents, settings, on_step=on_step)
 
 
 def _registry() -> dict[str, type]:

@@ -181,11 +181,19 @@ class GraphLoop:
     # ---- the loop ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def denoise(self, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings) -> LoopResult:
+    def denoise(
+        self,
+        cond: Conditioning,
+        latents: torch.Tensor,
+        settings: LoopSettings,
+        on_step: Callable[[], None] | None = None,
+    ) -> LoopResult:
+        """One loop; `on_step` is called on the host after each step is issued (a replay is
+        asynchronous on a GPU: a hung kernel shows as the host blocking at the loop's end)."""
         graph_settings = GraphSettings.of(settings)
         if not graph_settings.capturable:
             self.stats["eager_loops"] += 1
-            return denoise(self.pipeline.unet, cond, latents, settings)
+            return denoise(self.pipeline.unet, cond, latents, settings, on_step=on_step)
         batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
         factor = 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
         height, width = latents.shape[-2] * factor, latents.shape[-1] * factor
@@ -211,6 +219,8 @@ class GraphLoop:
                 self.stats["graph_misses"] += 1
                 denoise_step(calls, state, kind, graph_settings.mask)
             history[k].copy_(state.masks)
+            if on_step is not None:
+                on_step()
         return LoopResult(state.x0[:batch].clone(), history[:, :batch, :subjects].clone())
 
 
@@ -242,9 +252,14 @@ class GraphBackend:
             self.prepared = True
 
     def denoise(
-        self, pipeline: RealCustomPipeline, cond: Conditioning, latents: torch.Tensor, settings: LoopSettings
+        self,
+        pipeline: RealCustomPipeline,
+        cond: Conditioning,
+        latents: torch.Tensor,
+        settings: LoopSettings,
+        on_step: Callable[[], None] | None = None,
     ) -> LoopResult:
-        return self.graphs.denoise(cond, latents, settings)
+        return self.graphs.denoise(cond, latents, settings, on_step)
 
 
 class CompiledBackend(GraphBackend):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,8 @@ class Runner:
         self.pipeline = pipeline
         self.backend = backend
         self.model_name = model_name
+        # Called on the host after every denoising step (the worker's progress-based liveness).
+        self.on_step: Callable[[], None] | None = None
 
     @property
     def backend_name(self) -> str:
@@ -120,7 +122,7 @@ class Runner:
         settings = LoopSettings(
             first.num_inference_steps, first.scheduler, first.mask_mode, first.mask_reused_step
         )
-        result = self.backend.denoise(self.pipeline, cond, latents, settings)
+        result = self.backend.denoise(self.pipeline, cond, latents, settings, self.on_step)
         images = self.pipeline.decode(result.latents)
         elapsed = time.perf_counter() - started
 

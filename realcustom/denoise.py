@@ -7,7 +7,7 @@ scheduler's x̂₀ of the last step is what gets decoded (the final sample for d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +60,7 @@ def denoise(
     latents: torch.Tensor,
     settings: LoopSettings,
     trace: LoopTrace | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> LoopResult:
     """Run the loop from initial noise `latents` [B, 4, h, w]: `denoise_step` on a state of this
     loop's exact shape, every step run eagerly (what every faster loop is checked against)."""
@@ -91,4 +92,6 @@ def denoise(
         used_masks.append(state.masks.clone())
         if record is not None:
             trace.steps.append(record)
+        if on_step is not None:
+            on_step()
     return LoopResult(schedule.final_latents(state).clone(), torch.stack(used_masks))

@@ -57,7 +57,7 @@ UNREPLICATED_ACCEPTS = Counter(
 WORKER_BUSY = Gauge("realcustom_worker_busy", "1 while this worker runs a batch.")
 WORKER_STEPS = Counter(
     "realcustom_worker_steps_total",
-    "UNet passes run by this worker (eager backend; the liveness probe's progress signal).",
+    "Denoising steps issued by this worker (every backend; the liveness probe's progress signal).",
 )
 BATCHES_ABANDONED = Counter(
     "realcustom_worker_batches_abandoned_total",

@@ -33,8 +33,7 @@ async def serve(settings: Settings, progress: Progress) -> None:
     )
     if settings.warmup:
         await asyncio.to_thread(runner.warmup)
-    if runner.backend_name == "eager":
-        progress.count_steps_of(runner.pipeline.unet.unet)
+    runner.on_step = progress.step  # every backend reports each denoising step
     if stopping.is_set():
         return
     queue = create_queue(settings)

@@ -2,9 +2,9 @@
 
 A TCP check on this port only proves that the server thread is alive. `/healthz` answers 503 when
 the worker stopped making progress: its asyncio loop has not ticked for `WORKER_STALL_S` while
-idle, or a batch made no progress for that long (per denoising step with the eager backend, whose
-UNet calls are counted; with compiled and TensorRT backends, whose steps run as captured graphs,
-the allowance is the batch's whole compute deadline). The worker abandons a batch past its
+idle, or a batch made no progress for that long (the runner reports every denoising step, with
+every backend, on the host once the step is issued; a hung GPU shows as the host blocking at the
+loop's end, after which no step arrives). The worker abandons a batch past its
 compute deadline by itself (service/worker/loop.py); the probe catches what that cannot: a stuck
 event loop, or an abandon that never completed.
 """
@@ -18,7 +18,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from torch import nn
 
 from service import metrics
 
@@ -52,11 +51,6 @@ class Progress:
             alive = now <= self._due
             since = now - self._last
         return {"alive": alive, "busy": self.busy, "seconds_since_progress": round(since, 3)}
-
-    def count_steps_of(self, module: nn.Module) -> None:
-        """Count every call of `module` (a UNet pass) as a step: the eager backend only, whose
-        modules run as Python calls (captured graphs never call the hook, and must not see one)."""
-        module.register_forward_pre_hook(lambda _module, _inputs: self.step())
 
 
 def serve_health(host: str, port: int, progress: Progress) -> None:

@@ -210,3 +210,18 @@ def test_batched_runner_uses_the_token_indices_the_job_carries(tiny_pipeline):
     assert located.nonzero().flatten().tolist() == [3]
     assert torch.equal(tau((3,)), located)
     assert tau((2, 3)).nonzero().flatten().tolist() == [2, 3]  # the carried indices win
+
+
+@pytest.mark.parametrize("backend_name", ["eager", "static"])
+def test_batched_runner_reports_every_step(tiny_pipeline, single_jobs, backend_name):
+    """The worker's liveness counts the steps the runner reports, whatever the backend."""
+    backend = (
+        EagerBackend(tiny_pipeline)
+        if backend_name == "eager"
+        else _static_backend(tiny_pipeline, [Bucket(2, 64, 64)])
+    )
+    runner = Runner(tiny_pipeline, backend, "tiny")
+    steps = []
+    runner.on_step = lambda: steps.append(len(steps))
+    runner.run(single_jobs)
+    assert len(steps) == single_jobs[0].num_inference_steps
