@@ -236,6 +236,22 @@ def test_gpu_rollouts_need_no_spare_gpu() -> None:
         assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1), target
 
 
+def test_worker_liveness_is_progress_based() -> None:
+    """A TCP check of the metrics port only proves its thread is alive; /healthz answers 503 when
+    the worker stopped making progress (service/worker/health.py)."""
+    workers = [
+        (target, container)
+        for target, doc in _rendered("Deployment")
+        for container in doc["spec"]["template"]["spec"]["containers"]
+        if container["name"] == "worker"
+    ]
+    assert workers
+    for target, container in workers:
+        probe = container["livenessProbe"]
+        assert probe["httpGet"] == {"path": "/healthz", "port": "metrics"}, target
+        assert any(port["name"] == "metrics" for port in container["ports"]), target
+
+
 def test_rollouts_are_not_declared_stuck_while_a_pod_may_still_start() -> None:
     """progressDeadlineSeconds must exceed a new pod's start-up allowance, plus the old pod's grace
     period where the new one waits for its resources (maxSurge 0)."""
