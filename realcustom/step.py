@@ -160,12 +160,10 @@ class HostSchedule:
         return state.latents
 
 
-def make_schedule(
-    name: str, rows: int, device: torch.device, num_steps: int, capacity: int | None = None
-) -> RowSchedule | HostSchedule:
-    """Device tables for the official samplers (capacity: `num_steps` unless given), else host."""
+def make_schedule(name: str, rows: int, device: torch.device, num_steps: int) -> RowSchedule | HostSchedule:
+    """Device tables of one `num_steps` loop for the official samplers, else a host schedule."""
     if name in TABLE_SCHEDULERS:
-        schedule = RowSchedule(name, rows, device, capacity or num_steps)
+        schedule = RowSchedule(name, rows, device, num_steps)
         schedule.load(num_steps)
         return schedule
     return HostSchedule(name, num_steps)
