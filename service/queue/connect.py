@@ -110,36 +110,44 @@ def _auth(parsed: MultiHostUrl, password: str | None) -> dict:
     return options
 
 
+@dataclass(frozen=True)
+class _ClientKind:
+    """The redis-py classes of one client flavour (asyncio or blocking)."""
+
+    single: type
+    sentinel: type
+    cluster: type
+    node: type
+
+
+_ASYNC = _ClientKind(aioredis.Redis, AsyncSentinel, AsyncRedisCluster, AsyncClusterNode)
+_SYNC = _ClientKind(redis.Redis, Sentinel, RedisCluster, ClusterNode)
+
+
+def _connect(kind: _ClientKind, url: str, password: str | None, sentinel_password: str | None, options):
+    scheme = url.partition("://")[0]
+    if scheme in SENTINEL_SCHEMES:
+        parsed = parse_multi_host(url)
+        sentinels = kind.sentinel(parsed.hosts, sentinel_kwargs=_sentinel_options(parsed, sentinel_password))
+        return sentinels.master_for(parsed.service, db=parsed.db, **_auth(parsed, password), **options)
+    if scheme in CLUSTER_SCHEMES:
+        parsed = parse_multi_host(url)
+        nodes = [kind.node(host, port) for host, port in parsed.hosts]
+        return kind.cluster(startup_nodes=nodes, **_auth(parsed, password), **options)
+    credentials = {"password": password} if password else {}
+    return kind.single.from_url(url, **credentials, **options)
+
+
 def connect_async(
     url: str, password: str | None, sentinel_password: str | None = None, **options
 ) -> aioredis.Redis | AsyncRedisCluster:
     """The asyncio client of `url` (see the module's docstring); `options` go to its connections."""
-    scheme = url.partition("://")[0]
-    if scheme in SENTINEL_SCHEMES:
-        parsed = parse_multi_host(url)
-        sentinels = AsyncSentinel(parsed.hosts, sentinel_kwargs=_sentinel_options(parsed, sentinel_password))
-        return sentinels.master_for(parsed.service, db=parsed.db, **_auth(parsed, password), **options)
-    if scheme in CLUSTER_SCHEMES:
-        parsed = parse_multi_host(url)
-        nodes = [AsyncClusterNode(host, port) for host, port in parsed.hosts]
-        return AsyncRedisCluster(startup_nodes=nodes, **_auth(parsed, password), **options)
-    credentials = {"password": password} if password else {}
-    return aioredis.Redis.from_url(url, **credentials, **options)
+    return _connect(_ASYNC, url, password, sentinel_password, options)
 
 
 def connect_sync(url: str, password: str | None, sentinel_password: str | None = None, **options):
     """The blocking client of `url`: `redis.Redis`, a Sentinel-managed one or `RedisCluster`."""
-    scheme = url.partition("://")[0]
-    if scheme in SENTINEL_SCHEMES:
-        parsed = parse_multi_host(url)
-        sentinels = Sentinel(parsed.hosts, sentinel_kwargs=_sentinel_options(parsed, sentinel_password))
-        return sentinels.master_for(parsed.service, db=parsed.db, **_auth(parsed, password), **options)
-    if scheme in CLUSTER_SCHEMES:
-        parsed = parse_multi_host(url)
-        nodes = [ClusterNode(host, port) for host, port in parsed.hosts]
-        return RedisCluster(startup_nodes=nodes, **_auth(parsed, password), **options)
-    credentials = {"password": password} if password else {}
-    return redis.Redis.from_url(url, **credentials, **options)
+    return _connect(_SYNC, url, password, sentinel_password, options)
 
 
 def _sentinel_options(parsed: MultiHostUrl, sentinel_password: str | None) -> dict:
