@@ -120,10 +120,12 @@ class RunningBatch:
         return False
 
     def _park(self, rows) -> None:
-        index = torch.tensor(list(rows), dtype=torch.long, device=self.state.latents.device)
-        if len(index):
-            self.state.latents.index_fill_(0, index, 0)
-            self.state.step.index_fill_(0, index, 0)
+        rows = list(rows)
+        if not rows:  # a full batch: no host-to-device copy at this step boundary
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.state.latents.device)
+        self.state.latents.index_fill_(0, index, 0)
+        self.state.step.index_fill_(0, index, 0)
 
     # ---- one step -------------------------------------------------------------------------------
 
