@@ -186,7 +186,7 @@ def summary(arrivals: list[Arrival], duration: float) -> dict:
 
 def measure_step_time(batch: RunningBatch, requests: list[RowRequest], repeats: int = 6) -> float:
     """Seconds per step with every row busy."""
-    for request in requests[: batch.bucket.batch]:
+    for request in requests[: batch.capacity]:
         batch.join(RowRequest(("capacity", request.key), request.cond, request.latents, repeats + 2, 2))
     batch.step()  # warm
     started = time.perf_counter()
@@ -215,11 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     pipeline = load_pipeline(args.model)
-    bucket, settings = Bucket(args.rows, args.size, args.size), GraphSettings()
+    settings = GraphSettings()
     graphs = GraphLoop(pipeline, EagerCapture())
-    # Request-level loops use the smallest bucket that holds them (as the compiled backend does).
-    graphs.prepare([Bucket(rows, args.size, args.size) for rows in range(1, args.rows + 1)], [settings])
-    batch = RunningBatch(graphs, bucket, settings)
+    # Both policies step the smallest bucket that holds their rows (as the compiled backend does).
+    family = [Bucket(rows, args.size, args.size) for rows in range(1, args.rows + 1)]
+    graphs.prepare(family, [settings])
+    batch = RunningBatch(graphs, family, settings)
 
     probe = prepared_requests(pipeline, args.rows, args.size, args.seed)
     step_s = measure_step_time(batch, probe)

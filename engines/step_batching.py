@@ -1,24 +1,30 @@
 """Step-level batching: requests join and leave one running batch at step boundaries.
 
-A `RunningBatch` owns the `LoopState` of one prepared (bucket, graph settings) of a `GraphLoop` and
-replays its captured steps. Between two steps, finished rows leave (their x̂₀ and final masks are
-handed back) and waiting requests join free rows: `LoopState.load_rows` writes a request's
-conditioning, noise and image K/V into its rows at step 0, and `RowSchedule.load` gives those rows
-the request's own schedule. Each row carries its own step index, step count, guidance scale, mask
-scope and `mask_reused_step`, so requests with different step counts and mask-reuse steps share
-one UNet batch; what changes the captured operations (scheduler family, mask mode, overlap, size,
-subject slots) selects the running batch.
+A `RunningBatch` serves one family of prepared buckets of a `GraphLoop`: same size, subject slots
+and graph settings, several row counts (e.g. 1, 2, 4, 8). Its active rows always fill rows
+[0, used) of the smallest bucket that holds them, and each step replays that bucket's captured
+step, so a lone request pays for one row, not for the largest batch. Between two steps:
 
+* finished rows leave (their x̂₀ and final masks are handed back) and cancelled rows are dropped;
+* the remaining rows are compacted, and moved to a smaller bucket's state when they fit one
+  (`LoopState.copy_rows`: step index, sampler state, masks, schedule rows, conditioning, image K/V);
+* waiting requests join at row `used` (moving everyone to a larger bucket first when needed):
+  `LoopState.load_rows` writes a request's conditioning, noise and image K/V at step 0, and
+  `RowSchedule.load` gives those rows the request's own schedule.
+
+Each row carries its own step index, step count, guidance scale, mask scope and mask-reuse step,
+so requests with different step counts and mask-reuse steps share one UNet batch; what changes the
+captured operations (scheduler family, mask mode, overlap, size, subject slots) selects the family.
 A step runs the MASK_UPDATE graph while any active row is in its mask-update phase (rows past
 theirs keep their masks: the step updates a row's mask only while it is in that phase), the
-MASK_REUSE graph otherwise. Free rows are parked at step 0 with zero latents, so their (discarded)
-computation stays finite. Rows do not interact: a request's result does not depend on its
-companions beyond floating-point reduction order.
+MASK_REUSE graph otherwise. Rows past `used` are parked at step 0 with zero latents, so their
+(discarded) computation stays finite. Rows do not interact: a request's result does not depend on
+its companions beyond floating-point reduction order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +48,10 @@ class RowRequest:
     def rows(self) -> int:
         return self.cond.batch_size
 
+    @property
+    def subjects(self) -> int:
+        return self.cond.image_tokens.shape[1]
+
 
 @dataclass
 class Finished:
@@ -55,77 +65,126 @@ class Finished:
 @dataclass
 class _Slot:
     request: RowRequest
-    rows: slice
+    start: int
     step: int = 0
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.start + self.request.rows)
 
     def updating(self) -> bool:
         return self.step < self.request.mask_reused_step or self.step == 0
 
 
 class RunningBatch:
-    """The running batch of one prepared (bucket, graph settings) of `graphs`."""
+    """The running batch of one family of prepared buckets (same size, subjects, settings)."""
 
-    def __init__(self, graphs: GraphLoop, bucket: Bucket, settings: GraphSettings):
-        state = graphs.states.get((bucket, settings))
-        if state is None:
-            raise ValueError(f"{bucket} with {settings} was not prepared: call graphs.prepare first")
-        self.graphs, self.bucket, self.settings = graphs, bucket, settings
-        self.state: LoopState = state
-        self.steps = {kind: graphs.steps[GraphKey.of(kind, bucket, settings)] for kind in StepKind}
+    def __init__(self, graphs: GraphLoop, buckets: Sequence[Bucket], settings: GraphSettings):
+        buckets = sorted(buckets, key=lambda bucket: bucket.batch)
+        if not buckets or len({(b.height, b.width, b.subjects) for b in buckets}) != 1:
+            raise ValueError("a running batch needs buckets of one size and subject count")
+        for bucket in buckets:
+            if (bucket, settings) not in graphs.states:
+                raise ValueError(f"{bucket} with {settings} was not prepared: call graphs.prepare first")
+        self.graphs, self.buckets, self.settings = graphs, buckets, settings
+        self.steps = {
+            (bucket, kind): graphs.steps[GraphKey.of(kind, bucket, settings)]
+            for bucket in buckets
+            for kind in StepKind
+        }
+        self.bucket = buckets[0]
         self.slots: list[_Slot] = []
-        self._park(range(bucket.batch))
+        self._park(self.state, 0)
 
-    # ---- membership (between steps) -------------------------------------------------------------
+    @property
+    def state(self) -> LoopState:
+        return self.graphs.states[self.bucket, self.settings]
+
+    @property
+    def subjects(self) -> int:
+        return self.bucket.subjects
+
+    @property
+    def capacity(self) -> int:
+        return self.buckets[-1].batch
+
+    @property
+    def used(self) -> int:
+        return sum(slot.request.rows for slot in self.slots)
 
     @property
     def free_rows(self) -> int:
-        return self.bucket.batch - sum(slot.request.rows for slot in self.slots)
+        return self.capacity - self.used
 
     @property
     def active(self) -> list[Hashable]:
         return [slot.request.key for slot in self.slots]
 
-    def _first_free(self, count: int) -> int | None:
-        taken = sorted((slot.rows.start, slot.rows.stop) for slot in self.slots)
-        start = 0
-        for begin, end in taken:
-            if begin - start >= count:
-                return start
-            start = end
-        return start if self.bucket.batch - start >= count else None
+    # ---- membership (between steps) -------------------------------------------------------------
 
     def join(self, request: RowRequest) -> bool:
-        """Load `request` into free rows at step 0; False when it does not fit now."""
-        subjects = request.cond.image_tokens.shape[1]
-        if subjects > self.bucket.subjects:
-            raise ValueError(f"{subjects} subjects exceed the bucket's {self.bucket.subjects} slots")
-        start = self._first_free(request.rows)
-        if start is None:
+        """Load `request` into rows at step 0; False when it does not fit now."""
+        if request.subjects > self.subjects:
+            raise ValueError(f"{request.subjects} subjects exceed the bucket's {self.subjects} slots")
+        if request.rows > self.free_rows:
             return False
+        start = self.used
+        self._settle(start + request.rows)
         state = self.state
         rows = state.load_rows(
             self.graphs.pipeline.unet, request.cond, request.latents, request.mask_reused_step, start
         )
         state.schedule.load(request.num_steps, rows)
-        self.slots.append(_Slot(request, rows))
+        self.slots.append(_Slot(request, start))
         return True
 
     def cancel(self, key: Hashable) -> bool:
-        """Free a request's rows now (between steps); False when it is not in the batch."""
+        """Drop a request's rows now (between steps); False when it is not in the batch."""
         for slot in self.slots:
             if slot.request.key == key:
                 self.slots.remove(slot)
-                self._park(range(slot.rows.start, slot.rows.stop))
+                self._settle(self.used)
                 return True
         return False
 
-    def _park(self, rows) -> None:
-        rows = list(rows)
-        if not rows:  # a full batch: no host-to-device copy at this step boundary
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.state.latents.device)
-        self.state.latents.index_fill_(0, index, 0)
-        self.state.step.index_fill_(0, index, 0)
+    def progress(self, key: Hashable) -> tuple[int, int] | None:
+        """(steps done, steps) of a request in the batch."""
+        for slot in self.slots:
+            if slot.request.key == key:
+                return slot.step, slot.request.num_steps
+        return None
+
+    def snapshot(self, key: Hashable) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A request's current x̂₀ [rows, C, h, w] and masks [rows, S, h, w] (copies; previews)."""
+        for slot in self.slots:
+            if slot.request.key == key:
+                state = self.state
+                return state.x0[slot.rows].clone(), state.masks[slot.rows, : slot.request.subjects].clone()
+        return None
+
+    def _settle(self, rows_needed: int) -> None:
+        """Compact the active rows to [0, used) of the smallest bucket holding `rows_needed` rows."""
+        target = next(bucket for bucket in self.buckets if bucket.batch >= rows_needed)
+        source, destination = self.state, self.graphs.states[target, self.settings]
+        moves: list[tuple[int, int]] = []
+        start = 0
+        for slot in self.slots:
+            moves += [(slot.start + i, start + i) for i in range(slot.request.rows)]
+            slot.start = start
+            start += slot.request.rows
+        moves = [(src, dst) for src, dst in moves if src != dst or target != self.bucket]
+        if moves:
+            destination.copy_rows(source, [src for src, _ in moves], [dst for _, dst in moves])
+        self.bucket = target
+        self._park(destination, start)
+
+    @staticmethod
+    def _park(state: LoopState, start: int) -> None:
+        """Rows from `start` on step inside the graph too: zero latents at step 0 keep them finite
+        (slices, so no host-to-device copy at a step boundary)."""
+        if start < state.rows:
+            state.latents[start:].zero_()
+            state.step[start:].zero_()
 
     # ---- one step -------------------------------------------------------------------------------
 
@@ -134,20 +193,16 @@ class RunningBatch:
         if not self.slots:
             return []
         updating = any(slot.updating() for slot in self.slots)
-        self.steps[StepKind.MASK_UPDATE if updating else StepKind.MASK_REUSE]()
+        self.steps[self.bucket, StepKind.MASK_UPDATE if updating else StepKind.MASK_REUSE]()
         self.graphs.stats["graph_replays"] += 1
         finished = []
+        state = self.state
         for slot in list(self.slots):
             slot.step += 1
             if slot.step == slot.request.num_steps:
-                subjects = slot.request.cond.image_tokens.shape[1]
-                latents = self.state.x0[slot.rows].clone()
-                masks = self.state.masks[slot.rows, :subjects].clone()
+                latents = state.x0[slot.rows].clone()
+                masks = state.masks[slot.rows, : slot.request.subjects].clone()
                 finished.append(Finished(slot.request.key, latents, masks))
                 self.slots.remove(slot)
-        self._park(self._free_row_indices())  # rows keep stepping in the graph: reset the free ones
+        self._settle(self.used)
         return finished
-
-    def _free_row_indices(self) -> list[int]:
-        taken = {row for slot in self.slots for row in range(slot.rows.start, slot.rows.stop)}
-        return [row for row in range(self.bucket.batch) if row not in taken]

@@ -334,6 +334,32 @@ class LoopState:
             both(value_buffer, value, negative_value)
         return own
 
+    def _row_tensors(self) -> list[torch.Tensor]:
+        """Tensors with one entry per row (dim 0 = rows), schedule tables included."""
+        tensors = [self.step, self.latents, self.x0, self.anchor, self.anchor_x0, self.masks]
+        tensors += [self.target_tokens, self.guidance_scale, self.mask_scope, self.mask_reused_step]
+        if isinstance(self.schedule, RowSchedule):
+            tensors += [*self.schedule.tables.values(), self.schedule.timesteps]
+        return tensors
+
+    def _paired_tensors(self) -> list[torch.Tensor]:
+        """Tensors stored [cond; uncond] (dim 0 = 2·rows)."""
+        tensors = [self.text] + [t for t in (self.pooled, self.time_ids) if t is not None]
+        return tensors + [buffer for pair in self.image_kv for buffer in pair]
+
+    def copy_rows(self, source: LoopState, src: list[int], dst: list[int]) -> None:
+        """Rows `dst` of this state become rows `src` of `source` mid-loop (step index, sampler
+        state, masks, schedule, conditioning, image K/V). `source` may be this state: the source
+        rows are gathered before any is written. Both states must share subject slots and shapes."""
+        device = self.latents.device
+        src_index = torch.tensor(src, dtype=torch.long, device=device)
+        dst_index = torch.tensor(dst, dtype=torch.long, device=device)
+        for mine, theirs in zip(self._row_tensors(), source._row_tensors(), strict=True):
+            mine[dst_index] = theirs[src_index]
+        for mine, theirs in zip(self._paired_tensors(), source._paired_tensors(), strict=True):
+            for half_mine, half_theirs in ((0, 0), (self.rows, source.rows)):
+                mine[dst_index + half_mine] = theirs[src_index + half_theirs]
+
 
 class UNetCalls(Protocol):
     """How a backend runs the UNet's two roles on a state's conditioning."""

@@ -16,7 +16,8 @@ from realcustom.denoise import LoopSettings, denoise
 
 RED = Image.new("RGB", (64, 64), (200, 20, 20))
 GREEN = Image.new("RGB", (64, 64), (20, 200, 20))
-BUCKET = Bucket(4, 64, 64, 2)
+# One family: the running batch moves between these as rows join and leave.
+FAMILY = [Bucket(rows, 64, 64, 2) for rows in (1, 2, 4)]
 
 
 def request(pipeline, key, prompt, subjects, seed, steps, reuse, images=1, scale=3.5):
@@ -45,8 +46,8 @@ def alone(pipeline, row: RowRequest):
 @pytest.fixture
 def batch(tiny_pipeline):
     graphs = GraphLoop(tiny_pipeline, EagerCapture())
-    graphs.prepare([BUCKET], [GraphSettings()])
-    return RunningBatch(graphs, BUCKET, GraphSettings())
+    graphs.prepare(FAMILY, [GraphSettings()])
+    return RunningBatch(graphs, FAMILY, GraphSettings())
 
 
 def run_until_done(batch, finished, limit=50):
@@ -79,16 +80,16 @@ def test_step_batching_joined_mid_flight_equals_alone(tiny_pipeline, batch):
         scale=5.0,
     )
     c = request(tiny_pipeline, "c", "a cat outside", [(GREEN, "cat")], seed=3, steps=3, reuse=9)
-    assert batch.join(a)
+    assert batch.join(a) and batch.bucket.batch == 1  # a lone request steps one row
     finished = {}
     for _ in range(2):
         finished.update({done.key: done for done in batch.step()})
-    assert batch.join(b) and batch.free_rows == 1
+    assert batch.join(b) and batch.free_rows == 1 and batch.bucket.batch == 4
     finished.update({done.key: done for done in batch.step()})
     assert batch.join(c) and batch.free_rows == 0
     assert not batch.join(request(tiny_pipeline, "d", "a dog", [(RED, "dog")], seed=4, steps=2, reuse=1))
     run_until_done(batch, finished)
-    assert set(finished) == {"a", "b", "c"} and batch.free_rows == 4
+    assert set(finished) == {"a", "b", "c"} and batch.free_rows == 4 and batch.bucket.batch == 1
     for row in (a, b, c):
         close(finished[row.key], alone(tiny_pipeline, row))
 
@@ -118,7 +119,7 @@ def test_step_batching_cancel_frees_the_rows_at_the_next_boundary(tiny_pipeline,
     assert batch.join(a) and batch.join(b) and batch.free_rows == 0
     finished = {done.key: done for done in batch.step()}
     assert batch.cancel("b") and not batch.cancel("b")
-    assert batch.free_rows == 3 and batch.active == ["a"]
+    assert batch.free_rows == 3 and batch.active == ["a"] and batch.bucket.batch == 1
     run_until_done(batch, finished)
     assert set(finished) == {"a"}
     close(finished["a"], alone(tiny_pipeline, a))
@@ -138,4 +139,22 @@ def test_step_batching_rejects_what_the_bucket_cannot_hold(tiny_pipeline, batch)
     with pytest.raises(ValueError, match="subjects"):
         batch.join(three)
     with pytest.raises(ValueError, match="not prepared"):
-        RunningBatch(batch.graphs, Bucket(2, 64, 64), GraphSettings())
+        RunningBatch(batch.graphs, [Bucket(2, 64, 64)], GraphSettings())
+
+
+def test_step_batching_compacts_rows_when_a_middle_request_leaves(tiny_pipeline, batch):
+    """a, b, c fill rows 0, 1, 2; b (middle) finishes first: c moves down to row 1 and then, after
+    a finishes, to row 0 of the one-row bucket, mid-loop, and still equals its loop run alone."""
+    a = request(tiny_pipeline, "a", "a dog on a sofa", [(RED, "dog")], seed=1, steps=4, reuse=2)
+    b = request(tiny_pipeline, "b", "a cat outside", [(GREEN, "cat")], seed=2, steps=2, reuse=1)
+    c = request(
+        tiny_pipeline, "c", "a dog and a cat", [(RED, "dog"), (GREEN, "cat")], seed=3, steps=7, reuse=5
+    )
+    assert batch.join(a) and batch.join(b) and batch.join(c) and batch.bucket.batch == 4
+    finished = {}
+    for _ in range(2):
+        finished.update({done.key: done for done in batch.step()})
+    assert set(finished) == {"b"} and batch.bucket.batch == 2 and batch.active == ["a", "c"]
+    run_until_done(batch, finished)
+    for row in (a, b, c):
+        close(finished[row.key], alone(tiny_pipeline, row))
