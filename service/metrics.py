@@ -70,6 +70,12 @@ ENGINE_EVENTS = Counter(
     "graph), eager_loops (loops that fell back to the reference), graphs_captured.",
     ["event"],
 )
+WEBHOOK_DELIVERIES = Counter(
+    "realcustom_webhook_deliveries_total",
+    "Webhook attempts by outcome: delivered, retried (failed, another attempt is due), failed (the last "
+    "attempt failed), expired (the job's record was gone before delivery).",
+    ["outcome"],
+)
 GPU_MEMORY_BYTES = Gauge(
     "realcustom_gpu_memory_bytes", "GPU memory of this worker's device, by kind.", ["kind"]
 )

@@ -6,10 +6,12 @@ import base64
 import binascii
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 
 from service.images import OutputFormat
-from service.queue.protocol import JobState
+from service.queue.protocol import JobState, WebhookTarget
+from service.webhooks.events import EVENTS, WebhookEvent
+from service.webhooks.outbox import WebhookStatus
 
 # Characters of base64 decoded per call (a multiple of 4, so chunks decode independently).
 BASE64_CHUNK = 1 << 20
@@ -109,6 +111,42 @@ class CustomizeRequest(BaseModel):
     return_masks: bool = Field(False, description="Also return the subject masks (PNG).")
 
 
+def _split_events(value: Any) -> Any:
+    """A multipart form sends the events as one comma-separated field."""
+    if isinstance(value, str):
+        return [event.strip() for event in value.split(",") if event.strip()]
+    return value
+
+
+class JobRequest(CustomizeRequest):
+    """A request of `POST /jobs`: a customisation, optionally announced by a webhook when it ends."""
+
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2000,
+        description="https URL POSTed a signed event (Standard Webhooks) when the job ends; it must "
+        "resolve to public addresses. Verify it with the secret of `GET /webhooks/secret`.",
+    )
+    webhook_events: Annotated[list[WebhookEvent] | None, BeforeValidator(_split_events)] = Field(
+        None,
+        min_length=1,
+        description="Events wanted among `job.completed`, `job.failed` (also sent when the job expired) "
+        "and `job.cancelled`; absent = all.",
+    )
+
+    @model_validator(mode="after")
+    def _events_need_url(self) -> JobRequest:
+        if self.webhook_events is not None and self.webhook_url is None:
+            raise ValueError("webhook_events is set without webhook_url; add the URL or drop the events")
+        return self
+
+    def webhook(self) -> WebhookTarget | None:
+        if self.webhook_url is None:
+            return None
+        return WebhookTarget(url=self.webhook_url, events=list(dict.fromkeys(self.webhook_events or EVENTS)))
+
+
 class Timings(BaseModel):
     """Where the time went, in seconds."""
 
@@ -151,6 +189,9 @@ class JobStatusResponse(BaseModel):
 
 class ErrorBody(BaseModel):
     code: str = Field(description="Machine-readable reason, e.g. `invalid_image`, `queue_full`.")
+    webhook: WebhookStatus | None = Field(
+        None, description="The job's webhook once it is due: its delivery state, attempts and last error."
+    )
     message: str = Field(description="What is wrong and what to change.")
     field: str | None = Field(None, description="The request field at fault, when there is one.")
 

@@ -194,6 +194,44 @@ class Settings(BaseSettings):
         16384, ge=1024, description="Largest request line + headers uvicorn buffers (h11)."
     )
 
+    # --- webhooks (service/webhooks) -----------------------------------------------------------
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Server secret each API key's webhook signing secret is derived from (GET "
+        "/webhooks/secret); at least 32 characters. Unset = `webhook_url` is refused (422). Changing it "
+        "changes every key's signing secret.",
+    )
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated host names or IP addresses webhooks may reach although they resolve "
+        "to private, loopback or link-local addresses, and over plain http (e.g. an in-cluster receiver; "
+        "tests use 127.0.0.1). Every other URL must be https to a public address.",
+    )
+    webhook_max_attempts: int = Field(8, ge=1, le=30, description="Delivery attempts of one webhook.")
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, description="Delay before the first retry; doubled per attempt (with jitter)."
+    )
+    webhook_backoff_max_s: float = Field(120.0, gt=0, description="Longest delay between two attempts.")
+    webhook_connect_timeout_s: float = Field(5.0, gt=0, description="Connect (and TLS) timeout.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Longest wait for the receiver's reply.")
+    webhook_concurrency: int = Field(8, ge=1, description="Webhooks one API process sends at once.")
+    webhook_poll_s: float = Field(
+        1.0, gt=0, description="How often the delivery loop looks for due webhooks."
+    )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/]+$",
+        description="Scheme and host of the API as clients reach it (e.g. `https://api.example.com`): the "
+        "result URLs of webhooks are absolute under it; unset = paths (`/jobs/<id>`).",
+    )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("WEBHOOK_SECRET must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
@@ -204,7 +242,7 @@ class Settings(BaseSettings):
             check_redis_url(value)
         return value
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "webhook_allow_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

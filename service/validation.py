@@ -28,7 +28,7 @@ from realcustom.phrases import PromptTooLongError, check_prompt_length, locate_p
 from realcustom.settings_check import Limits, SettingsError, check_generation
 from service.errors import ApiError
 from service.queue.protocol import JobSpec, SubjectSpec
-from service.schemas import CustomizeRequest
+from service.schemas import CustomizeRequest, JobRequest
 from service.settings import Settings
 
 # A 422 lists this many problems, then how many more there are: its size stays bounded.
@@ -88,13 +88,15 @@ def validation_error(error: ValidationError) -> ApiError:
     return _reject(first_field or None, "; ".join(parts))
 
 
-def parse_request(data: Any, settings: Settings) -> CustomizeRequest:
-    """The body as a `CustomizeRequest`; the subject count is checked before any subject is."""
+def parse_request(
+    data: Any, settings: Settings, model: type[CustomizeRequest] = CustomizeRequest
+) -> CustomizeRequest:
+    """The body as a `model` (`JobRequest` for /jobs); the subject count is checked before any subject is."""
     subjects = data.get("subjects") if isinstance(data, dict) else None
     if isinstance(subjects, list) and len(subjects) > settings.max_subjects:
         raise _reject("subjects", f"send at most {settings.max_subjects} subjects (got {len(subjects)})")
     try:
-        return CustomizeRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         raise validation_error(error) from None
 
@@ -208,4 +210,5 @@ def build_job_spec(
         deadline=now + settings.job_timeout_s,
         owner=owner,
         request_hash=request_hash(request),
+        webhook=request.webhook() if isinstance(request, JobRequest) else None,
     )

@@ -19,10 +19,12 @@ from service.api.intake import Intake
 from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.api.openapi import install_openapi
 from service.api.ratelimit import RateLimiter
-from service.api.routes import customize, demo, jobs, ops
+from service.api.routes import customize, demo, jobs, ops, webhooks
 from service.queue import create_queue
 from service.queue.protocol import JobQueue
 from service.settings import Settings
+from service.webhooks.dispatcher import delivering
+from service.webhooks.outbox import create_outbox
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +53,19 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
             RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
         )
         app.state.queue = create_queue(settings)
+        app.state.webhooks = create_outbox(settings, app.state.queue)
         # The all-in-one process can serve only once its own worker is warm; the API alone once
         # Redis answers (workers come and go behind the queue).
         app.state.ready_needs_worker = companion is not None
         logger.info("queue: %s", "Redis Streams" if settings.redis_url else "in-process")
         try:
             async with contextlib.AsyncExitStack() as stack:
+                await stack.enter_async_context(delivering(app.state.webhooks, app.state.queue, settings))
                 if companion is not None:
                     await stack.enter_async_context(companion(app.state.queue))
                 yield
         finally:
+            await app.state.webhooks.close()
             await app.state.queue.close()
 
     app = FastAPI(
@@ -75,6 +80,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
     app.include_router(jobs.router)
     app.include_router(ops.router)
     app.include_router(demo.router)
+    app.include_router(webhooks.router)
     install_docs(app)
     install_error_handlers(app)
     install_openapi(app)

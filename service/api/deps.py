@@ -12,7 +12,9 @@ from service.api.intake import Accepted, Intake
 from service.api.ratelimit import RateLimiter, retry_after_header
 from service.errors import ApiError
 from service.queue.protocol import JobQueue
+from service.schemas import JobRequest
 from service.settings import Settings
+from service.webhooks.outbox import Outbox
 
 
 def get_settings(request: Request) -> Settings:
@@ -23,8 +25,13 @@ def get_queue(request: Request) -> JobQueue:
     return request.app.state.queue
 
 
+def get_webhooks(request: Request) -> Outbox:
+    return request.app.state.webhooks
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
+WebhooksDep = Annotated[Outbox, Depends(get_webhooks)]
 
 
 def _key_matches(token: str, keys: list[str]) -> bool:
@@ -109,7 +116,7 @@ async def accept_job(
     request: Request, caller: RateLimitedCaller, queue: QueueDep, idempotency_key: IdempotencyKey = None
 ) -> Accepted:
     intake: Intake = request.app.state.intake
-    return await intake.enqueue(request, owner_of(caller), queue, idempotency_key)
+    return await intake.enqueue(request, owner_of(caller), queue, idempotency_key, model=JobRequest)
 
 
 # Auth and the rate limit are dependencies of these, so they run before the body is read.

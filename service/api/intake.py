@@ -28,6 +28,7 @@ from service.queue.protocol import JobQueue, JobRecord, JobSpec
 from service.schemas import CustomizeRequest
 from service.settings import Settings
 from service.validation import build_job_spec, parse_json, parse_request
+from service.webhooks.submission import check_webhook_url
 
 # Multipart field names: one file and one target per subject, paired in order.
 SUBJECT_IMAGE_FIELD = "subject_image"
@@ -60,9 +61,10 @@ class Intake:
         queue: JobQueue,
         idempotency_key: str | None,
         accept: str | None = None,
+        model: type[CustomizeRequest] = CustomizeRequest,
     ) -> Accepted:
-        """Read, validate and enqueue within one slot. `accept`: the Accept header of a route that
-        may answer with a raw image."""
+        """Read, validate (as a `model`) and enqueue within one slot. `accept`: the Accept header of
+        a route that may answer with a raw image."""
         arrived = time.perf_counter()
         async with self._slots:
             try:
@@ -74,8 +76,10 @@ class Intake:
                     "body_timeout",
                     f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
                 ) from None
-            spec, raw_media_type = await run_in_threadpool(self._validate, data, owner, accept)
+            spec, raw_media_type = await run_in_threadpool(self._validate, data, owner, accept, model)
             del data
+            if spec.webhook is not None:
+                await check_webhook_url(spec.webhook.url, self._settings)
             return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type, arrived)
 
     async def _read(self, request: Request) -> Any:
@@ -142,12 +146,14 @@ class Intake:
                 upload.file.close()
         data["subjects"] = subjects
 
-    def _validate(self, data: Any, owner: str, accept: str | None) -> tuple[JobSpec, str | None]:
+    def _validate(
+        self, data: Any, owner: str, accept: str | None, model: type[CustomizeRequest]
+    ) -> tuple[JobSpec, str | None]:
         if isinstance(data, bytes):
             data = parse_json(data)
         else:
             self._read_files(data)
-        request = parse_request(data, self._settings)
+        request = parse_request(data, self._settings, model)
         del data  # the parsed body: only the request model is needed from here on
         raw_media_type = negotiate(accept, request) if accept is not None else None
         if raw_media_type is not None:

@@ -48,6 +48,15 @@ class QueueKeys:
     def dead(self) -> str:
         return f"{self.tag}:dead"
 
+    @property
+    def webhooks_due(self) -> str:
+        """Sorted set: job id -> when its webhook's next attempt is due (or its lease ends)."""
+        return f"{self.tag}:webhooks"
+
+    def webhook(self, job_id: str) -> str:
+        """Hash: the delivery of one job's webhook (url, event, state, attempts, last_error)."""
+        return f"{self.tag}:webhook:{job_id}"
+
     def job(self, job_id: str) -> str:
         return f"{self.tag}:job:{job_id}"
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 
 from service.queue.blobs import stored_size
 from service.queue.protocol import JobRecord, JobSpec, JobState, QueueFullError, TakenJob
@@ -36,6 +37,11 @@ class InProcessQueue:
         self._finished_events: dict[str, asyncio.Event] = {}
         self._work_available = asyncio.Condition()
         self._workers: dict[str, float] = {}
+        self._finished_listeners: list[Callable[[JobRecord], None]] = []
+
+    def on_finished(self, listener: Callable[[JobRecord], None]) -> None:
+        """Call `listener` with every terminal record as it is stored (the webhook outbox)."""
+        self._finished_listeners.append(listener)
 
     def _purge(self) -> None:
         now = time.monotonic()
@@ -151,4 +157,6 @@ class InProcessQueue:
         event = self._finished_events.get(job_id)
         if event is not None:
             event.set()
+        for listener in self._finished_listeners:
+            listener(record)
         return record

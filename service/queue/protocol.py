@@ -60,6 +60,13 @@ class SubjectSpec(BaseModel):
         return Image.frombytes("RGB", (self.width, self.height), self.image)
 
 
+class WebhookTarget(BaseModel):
+    """Where a finished job is announced (service/webhooks), and for which events."""
+
+    url: str
+    events: list[str] = Field(description="`job.completed`, `job.failed`, `job.cancelled`: the ones wanted.")
+
+
 class JobSpec(BaseModel):
     """A validated job as it travels through the queue (no torch, JSON-serialisable)."""
 
@@ -83,6 +90,7 @@ class JobSpec(BaseModel):
     deadline: float = Field(description="Unix time after which the job is dropped, not computed.")
     owner: str = Field("", description="Hash of the caller's scope; only it may read or cancel the job.")
     request_hash: str = Field("", description="Hash of the canonical request (Idempotency-Key checks).")
+    webhook: WebhookTarget | None = None
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) > self.deadline
@@ -124,6 +132,8 @@ class JobMeta(BaseModel):
     owner: str = ""
     request_hash: str = ""
 
+    # In the record's meta so the terminal-state scripts schedule its delivery (redis_scripts.py).
+    webhook: WebhookTarget | None = None
 
 class JobRecord(JobMeta):
     """State of one job as the API reports it."""

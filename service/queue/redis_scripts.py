@@ -25,6 +25,25 @@ end
 local function owns(stream, group, msg, worker)
   return holder(stream, group, msg) == worker
 end
+-- The webhook of a job that just reached `state`, when its meta asks for that event (the events
+-- of service/webhooks/events.py): its outbox hash and due time are written by the script that
+-- stores the terminal state, so no finished job misses its webhook (service/webhooks/outbox.py).
+local WEBHOOK_EVENTS = {done = 'job.completed', failed = 'job.failed', expired = 'job.failed',
+  cancelled = 'job.cancelled'}
+local function schedule_webhook(job_key, due_key, hook_key, job_id, state, ttl)
+  local ok, meta = pcall(cjson.decode, redis.call('HGET', job_key, 'meta') or '')
+  if not ok or type(meta) ~= 'table' or type(meta.webhook) ~= 'table' then return end
+  for _, wanted in ipairs(meta.webhook.events) do
+    if wanted == WEBHOOK_EVENTS[state] and redis.call('EXISTS', hook_key) == 0 then
+      local now = redis.call('TIME')
+      redis.call('HSET', hook_key, 'url', meta.webhook.url, 'event', wanted, 'state', 'pending',
+        'attempts', 0)
+      redis.call('EXPIRE', hook_key, ttl)
+      redis.call('ZADD', due_key, now[1] + now[2] / 1000000, job_id)
+      return
+    end
+  end
+end
 """
 
 GROUP_CREATE = """#!lua flags=allow-oom
@@ -91,6 +110,7 @@ drop_entry(KEYS[2], ARGV[1], ARGV[2], KEYS[4])
 redis.call('HSET', KEYS[1], 'state', ARGV[5], 'worker', ARGV[3], 'error', ARGV[6], 'result', ARGV[7],
   unpack(ARGV, 12))
 redis.call('EXPIRE', KEYS[1], ARGV[8])
+schedule_webhook(KEYS[1], KEYS[6], KEYS[7], ARGV[9], ARGV[5], ARGV[8])
 if tonumber(ARGV[11]) > 0 then
   redis.call('INCRBY', KEYS[4], ARGV[11])
   redis.call('ZADD', KEYS[5], ARGV[10], ARGV[11] .. ':' .. ARGV[9])
@@ -109,6 +129,7 @@ if state ~= 'queued' then return state end
 local msg = redis.call('HGET', KEYS[1], 'msg')
 redis.call('HSET', KEYS[1], 'state', 'cancelled')
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+schedule_webhook(KEYS[1], KEYS[5], KEYS[6], ARGV[3], 'cancelled', ARGV[2])
 drop_entry(KEYS[2], ARGV[1], msg, KEYS[4])
 redis.call('PUBLISH', KEYS[3], ARGV[3])
 return 'cancelled'
@@ -161,8 +182,8 @@ return lost
 """
 )
 
-# Moves an unreadable message to the dead-letter stream and fails its job (KEYS[5], passed only when
-# the message names one).
+# Moves an unreadable message to the dead-letter stream and fails its job (KEYS[5], with its webhook
+# keys KEYS[6] and KEYS[7], passed only when the message names one).
 DEAD_LETTER = (
     "#!lua flags=allow-oom\n"
     + _HELPERS
@@ -170,11 +191,12 @@ DEAD_LETTER = (
 if not owns(KEYS[1], ARGV[1], ARGV[2], ARGV[7]) then return 0 end
 drop_entry(KEYS[1], ARGV[1], ARGV[2], KEYS[3])
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '*', unpack(ARGV, 8))
-if #KEYS == 5 then
+if #KEYS == 7 then
   local state = redis.call('HGET', KEYS[5], 'state')
   if state == 'queued' or state == 'running' then
     redis.call('HSET', KEYS[5], 'state', 'failed', 'error', ARGV[4])
     redis.call('EXPIRE', KEYS[5], ARGV[6])
+    schedule_webhook(KEYS[5], KEYS[6], KEYS[7], ARGV[5], 'failed', ARGV[6])
     redis.call('PUBLISH', KEYS[4], ARGV[5])
   end
 end

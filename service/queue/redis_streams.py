@@ -334,7 +334,14 @@ class RedisStreamsQueue:
     async def cancel(self, job_id: str) -> JobRecord | None:
         async with self._redis() as client:
             await self._scripts["cancel"](
-                keys=[self._job_key(job_id), self._stream, self._channel, self._bytes_key],
+                keys=[
+                    self._job_key(job_id),
+                    self._stream,
+                    self._channel,
+                    self._bytes_key,
+                    self._keys.webhooks_due,
+                    self._keys.webhook(job_id),
+                ],
                 args=[GROUP, self._result_ttl_s, job_id],
                 client=client,
             )
@@ -422,7 +429,11 @@ class RedisStreamsQueue:
                         self._dead_key,
                         self._bytes_key,
                         self._channel,
-                        *([self._job_key(job_id)] if job_id else []),
+                        *(
+                            [self._job_key(job_id), self._keys.webhooks_due, self._keys.webhook(job_id)]
+                            if job_id
+                            else []
+                        ),
                     ],
                     args=[
                         GROUP,
@@ -481,6 +492,8 @@ class RedisStreamsQueue:
                     self._channel,
                     self._bytes_key,
                     self._results_key,
+                    self._keys.webhooks_due,
+                    self._keys.webhook(job.spec.id),
                 ],
                 args=[
                     GROUP,

@@ -1,4 +1,5 @@
-"""Asynchronous jobs: `POST /jobs`, `GET /jobs/{id}`, `DELETE /jobs/{id}`.
+"""Asynchronous jobs: `POST /jobs`, `GET /jobs/{id}`, `DELETE /jobs/{id}`, and each result image
+at `GET /jobs/{id}/images/{n}` (`/masks/{n}`), the URLs a webhook carries.
 
 A job belongs to the caller that created it (its API key; its address when the API is open):
 for any other caller it does not exist (404).
@@ -9,9 +10,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from service.api import results
-from service.api.deps import AcceptedJob, Caller, QueueDep, owner_of
+from service.api.deps import AcceptedJob, Caller, QueueDep, WebhooksDep, owner_of
 from service.api.openapi import ERROR_RESPONSES
 from service.errors import ApiError
+from service.images import MEDIA_TYPES
 from service.queue.protocol import JobQueue, JobRecord, JobState
 from service.schemas import JobAccepted, JobStatusResponse
 
@@ -44,8 +46,44 @@ async def create_job(accepted: AcceptedJob, response: Response) -> JobAccepted:
 
 
 @router.get("/{job_id}", response_model=JobStatusResponse, responses=ERROR_RESPONSES, summary="Job status")
-async def get_job(caller: Caller, job_id: str, queue: QueueDep) -> JobStatusResponse:
-    return results.status_response(await _find(queue, job_id, caller))
+async def get_job(caller: Caller, job_id: str, queue: QueueDep, webhooks: WebhooksDep) -> JobStatusResponse:
+    response = results.status_response(await _find(queue, job_id, caller))
+    if response.status.finished:
+        response.webhook = await webhooks.status(job_id)
+    return response
+
+
+async def _result_file(queue: JobQueue, job_id: str, caller: str, kind: str, index: int) -> Response:
+    record = await _find(queue, job_id, caller)
+    if record.state != JobState.DONE or record.result is None:
+        raise ApiError(
+            409, "not_done", f"job {job_id} is {results.effective_state(record)}; it has no images"
+        )
+    files = record.result.images if kind == "images" else record.result.masks or []
+    if not 0 <= index < len(files):
+        raise ApiError(404, "not_found", f"job {job_id} has {len(files)} {kind}; indices start at 0")
+    media_type = MEDIA_TYPES[record.output_format] if kind == "images" else MEDIA_TYPES["png"]
+    return Response(content=files[index], media_type=media_type)
+
+
+@router.get(
+    "/{job_id}/images/{index}",
+    response_class=Response,
+    responses={**ERROR_RESPONSES, 200: {"content": {media: {} for media in MEDIA_TYPES.values()}}},
+    summary="One image of a done job, as raw bytes",
+)
+async def get_job_image(caller: Caller, job_id: str, index: int, queue: QueueDep) -> Response:
+    return await _result_file(queue, job_id, caller, "images", index)
+
+
+@router.get(
+    "/{job_id}/masks/{index}",
+    response_class=Response,
+    responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}}}},
+    summary="One subject mask of a done job (return_masks), as PNG",
+)
+async def get_job_mask(caller: Caller, job_id: str, index: int, queue: QueueDep) -> Response:
+    return await _result_file(queue, job_id, caller, "masks", index)
 
 
 @router.delete(

@@ -1,0 +1,169 @@
+"""Webhooks without model processes: URL rules, the Redis outbox (scheduled by the queue's own
+terminal-state scripts, leased claims), and the in-process queue's delivery loop against a real
+local receiver, signatures checked with the `standardwebhooks` verifier."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from standardwebhooks import Webhook
+from test_queue_contract import make_spec
+from webhook_receiver import Receiver
+
+from service.queue import create_queue
+from service.queue.memory import InProcessQueue
+from service.queue.protocol import JobState, WebhookTarget
+from service.queue.redis_streams import RedisStreamsQueue
+from service.settings import Settings
+from service.webhooks.addresses import WebhookUrlError, parse_target, resolve
+from service.webhooks.dispatcher import delivering
+from service.webhooks.events import EVENTS
+from service.webhooks.outbox import MemoryOutbox, RedisOutbox, create_outbox
+from service.webhooks.signing import signing_secret
+
+SECRET = "test-server-secret-" + "x" * 32
+FAST = {
+    "webhook_secret": SECRET,
+    "webhook_allow_hosts": ["127.0.0.1"],
+    "webhook_backoff_s": 0.05,
+    "webhook_backoff_max_s": 0.1,
+    "webhook_poll_s": 0.05,
+    "webhook_connect_timeout_s": 1.0,
+    "webhook_timeout_s": 2.0,
+}
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver()
+    server.start()
+    yield server
+    server.stop()
+
+
+def with_webhook(url: str, events: tuple[str, ...] = EVENTS, owner: str = "owner-a"):
+    return make_spec().model_copy(
+        update={"webhook": WebhookTarget(url=url, events=list(events)), "owner": owner}
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://example.com/hook", "scheme must be https"),
+        ("ftp://example.com/hook", "scheme must be https"),
+        ("https://user:pw@example.com/hook", "credentials"),
+        ("https:///hook", "no host"),
+        ("https://10.0.0.7/hook", "private"),
+        ("https://169.254.169.254/latest", "private"),
+        ("https://[::1]:8443/hook", "private"),
+        ("https://[::ffff:192.168.1.1]/hook", "private"),
+        ("https://224.0.0.1/hook", "private"),
+        ("https://localhost/hook", "resolves to"),
+    ],
+)
+def test_urls_refused(url: str, reason: str) -> None:
+    with pytest.raises(WebhookUrlError, match=reason):
+        run(resolve(parse_target(url, [])))
+
+
+def test_allow_listed_host_may_use_http_and_a_loopback_address() -> None:
+    destination = run(resolve(parse_target("http://127.0.0.1:9/x?y=1", ["127.0.0.1"])))
+    assert str(destination.address) == "127.0.0.1" and destination.target.path == "/x?y=1"
+    public = run(resolve(parse_target("https://8.8.8.8/hook", [])))
+    assert str(public.address) == "8.8.8.8" and public.target.host_header == "8.8.8.8"
+
+
+def test_terminal_scripts_schedule_the_webhook_and_claims_are_leased(redis_server) -> None:
+    async def scenario() -> None:
+        config = Settings(redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}")
+        queue, outbox = create_queue(config), RedisOutbox(config)
+        assert isinstance(queue, RedisStreamsQueue)
+        cancelled = with_webhook("https://8.8.8.8/hook")
+        ignored = with_webhook("https://8.8.8.8/hook", events=("job.completed",))
+        plain = make_spec()
+        for spec in (cancelled, ignored, plain):
+            await queue.submit(spec)
+            await queue.cancel(spec.id)
+        # Only the job that asked for job.cancelled has a delivery, written with its cancel.
+        [delivery] = await outbox.claim(10, lease_s=30)
+        assert (delivery.job_id, delivery.event, delivery.attempts) == (cancelled.id, "job.cancelled", 0)
+        assert await outbox.claim(10, lease_s=30) == []  # leased: no other process gets it
+        assert (await outbox.status(ignored.id), await outbox.status(plain.id)) == (None, None)
+
+        assert await outbox.settle(delivery, "retry", 1, "HTTP 503", retry_in_s=0.0)
+        assert not await outbox.settle(delivery, "delivered", 1, None, 0.0)  # that claim is over
+        [again] = await outbox.claim(10, lease_s=0.05)
+        assert again.attempts == 1
+        await asyncio.sleep(0.1)  # the lease runs out (its claimer died): another claim takes it over
+        [taken_over] = await outbox.claim(10, lease_s=30)
+        assert not await outbox.settle(again, "delivered", 2, None, 0.0)
+        assert await outbox.settle(taken_over, "delivered", 2, None, 0.0)
+        status = await outbox.status(cancelled.id)
+        assert (status.state, status.attempts, status.last_error) == ("delivered", 2, None)
+        assert await outbox.claim(10, lease_s=30) == []
+        await outbox.close()
+        await queue.close()
+
+    run(scenario())
+
+
+def test_in_process_queue_sends_a_signed_cancelled_event(receiver: Receiver) -> None:
+    async def scenario() -> None:
+        config = Settings(**FAST)
+        queue = create_queue(config)
+        assert isinstance(queue, InProcessQueue)
+        outbox = create_outbox(config, queue)
+        spec = with_webhook(receiver.url)
+        async with delivering(outbox, queue, config):
+            await queue.submit(spec)
+            await queue.cancel(spec.id)
+            for _ in range(100):
+                status = await outbox.status(spec.id)
+                if status.state != "pending":
+                    break
+                await asyncio.sleep(0.05)
+        assert (status.state, status.attempts) == ("delivered", 1)
+        await queue.close()
+        return spec
+
+    spec = run(scenario())
+    [(headers, body)] = receiver.deliveries(spec.id)
+    event = Webhook(signing_secret(SECRET, "owner-a")).verify(body, headers)
+    assert event["type"] == "job.cancelled" and event["data"]["status"] == JobState.CANCELLED
+    assert event["timestamp"].endswith("Z") and event["data"]["url"] == f"/jobs/{spec.id}"
+    assert headers["webhook-id"] == f"msg_{spec.id}"
+    with pytest.raises(Exception, match="signature"):  # another key's secret does not verify it
+        Webhook(signing_secret(SECRET, "owner-b")).verify(body, headers)
+
+
+def test_the_address_is_checked_again_at_connect_time(receiver: Receiver) -> None:
+    """A URL that passed at submission but resolves to a loopback address now is not contacted."""
+
+    async def scenario():
+        config = Settings(**(FAST | {"webhook_max_attempts": 2}))
+        outbox = MemoryOutbox(ttl_s=60)
+        queue = create_queue(config)
+        spec = with_webhook(f"https://localhost:{receiver.port}/hook")
+        await queue.submit(spec)
+        await queue.cancel(spec.id)
+        outbox.on_finished(await queue.get(spec.id))
+        async with delivering(outbox, queue, config):
+            for _ in range(100):
+                status = await outbox.status(spec.id)
+                if status.state != "pending":
+                    break
+                await asyncio.sleep(0.05)
+        return status
+
+    status = run(scenario())
+    assert (status.state, status.attempts) == ("failed", 2)
+    assert "resolves to" in status.last_error and "private, loopback" in status.last_error
+    assert receiver.requests == []
