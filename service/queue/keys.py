@@ -62,3 +62,16 @@ class QueueKeys:
 
     def idem(self, idempotency_key: str) -> str:
         return f"{self.tag}:idem:{idempotency_key}"
+
+    @property
+    def waiting(self) -> str:
+        """Sorted set: job id -> acceptance time, of jobs not started yet (queue positions)."""
+        return f"{self.tag}:waiting"
+
+    def events(self, job_id: str) -> str:
+        """Stream: the newest progress events of one job (expires after its last event)."""
+        return f"{self.tag}:events:{job_id}"
+
+    def watch(self, job_id: str) -> str:
+        """Present while a client watches the job with previews (expires unless refreshed)."""
+        return f"{self.tag}:watch:{job_id}"

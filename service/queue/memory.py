@@ -13,7 +13,21 @@ from collections import deque
 from collections.abc import Callable
 
 from service.queue.blobs import stored_size
-from service.queue.protocol import JobRecord, JobSpec, JobState, QueueFullError, TakenJob
+from service.queue.protocol import (
+    PROGRESS_EVENTS_KEPT,
+    JobProgress,
+    JobRecord,
+    JobSpec,
+    JobState,
+    QueueFullError,
+    StepSignals,
+    TakenJob,
+)
+
+
+def _event_key(event_id: str) -> tuple[int, int]:
+    first, _, second = event_id.partition("-")
+    return int(first), int(second)
 
 
 class InProcessQueue:
@@ -34,6 +48,17 @@ class InProcessQueue:
         self._sizes: dict[str, int] = {}
         self._idempotency: dict[str, str] = {}
         self._pending: deque[str] = deque()
+        # Acceptance order of unfinished jobs (queue positions).
+        self._order: dict[str, int] = {}
+        self._accepted = 0
+        # Running jobs whose cancellation was requested (their worker ends them at a step boundary).
+        self._cancel_requested: set[str] = set()
+        # Jobs watched with previews -> when that watch lapses (monotonic).
+        self._watched: dict[str, float] = {}
+        # Each job's newest progress events, and an event set (then replaced) at every new one.
+        self._events: dict[str, deque[tuple[str, JobProgress]]] = {}
+        self._event_posted: dict[str, asyncio.Event] = {}
+        self._event_seq = 0
         self._finished_events: dict[str, asyncio.Event] = {}
         self._work_available = asyncio.Condition()
         self._workers: dict[str, float] = {}
@@ -46,7 +71,8 @@ class InProcessQueue:
     def _purge(self) -> None:
         now = time.monotonic()
         for job_id in [job_id for job_id, expires in self._expires.items() if expires < now]:
-            for store in (self._records, self._specs, self._expires, self._finished_events, self._sizes):
+            stores = (self._records, self._specs, self._expires, self._finished_events, self._sizes)
+            for store in (*stores, self._events, self._event_posted):
                 store.pop(job_id, None)
         for key in [key for key, job_id in self._idempotency.items() if job_id not in self._records]:
             del self._idempotency[key]
@@ -69,6 +95,8 @@ class InProcessQueue:
         if idempotency_key:
             self._idempotency[idempotency_key] = spec.id
         self._pending.append(spec.id)
+        self._order[spec.id] = self._accepted
+        self._accepted += 1
         async with self._work_available:
             self._work_available.notify()
         return record
@@ -86,11 +114,48 @@ class InProcessQueue:
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         record = self._records.get(job_id)
+        if record is not None and record.state == JobState.RUNNING:
+            self._cancel_requested.add(job_id)
         if record is None or record.state != JobState.QUEUED:
             return record
         if job_id in self._pending:  # else a worker holds it and will skip it at start
             self._pending.remove(job_id)
         return self._store(job_id, record.model_copy(update={"state": JobState.CANCELLED}))
+
+    async def events(self, job_id: str, after: str | None, block_s: float) -> list[tuple[str, JobProgress]]:
+        if job_id not in self._records:
+            return []
+        newer = self._events_after(job_id, after)
+        if newer or block_s <= 0:
+            return newer
+        posted = self._event_posted.setdefault(job_id, asyncio.Event())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(posted.wait(), block_s)
+        return self._events_after(job_id, after)
+
+    def _events_after(self, job_id: str, after: str | None) -> list[tuple[str, JobProgress]]:
+        kept = self._events.get(job_id, ())
+        if after is None:
+            return list(kept)
+        return [(event_id, event) for event_id, event in kept if _event_key(event_id) > _event_key(after)]
+
+    async def position(self, job_id: str) -> int | None:
+        record = self._records.get(job_id)
+        if record is None or record.state != JobState.QUEUED:
+            return None
+        mine = self._order[job_id]
+        return sum(
+            order < mine and self._records[other].state == JobState.QUEUED
+            for other, order in self._order.items()
+        )
+
+    async def watch(self, job_id: str, previews: bool, ttl_s: float) -> None:
+        if not previews:
+            return
+        now = time.monotonic()
+        for lapsed in [other for other, until in self._watched.items() if until <= now]:
+            del self._watched[lapsed]
+        self._watched[job_id] = now + ttl_s
 
     async def depth(self) -> int:
         return sum(not record.state.finished for record in self._records.values())
@@ -132,6 +197,24 @@ class InProcessQueue:
     async def finish(self, job: TakenJob, record: JobRecord) -> None:
         self._store(job.spec.id, record)
 
+    async def step_signals(self, job_ids: list[str]) -> StepSignals:
+        now = time.monotonic()
+        return StepSignals(
+            cancelled={job_id for job_id in job_ids if job_id in self._cancel_requested},
+            watched={job_id for job_id in job_ids if self._watched.get(job_id, 0.0) > now},
+        )
+
+    async def publish_progress(self, job_id: str, progress: JobProgress) -> None:
+        record = self._records.get(job_id)
+        if record is None or record.state != JobState.RUNNING:
+            return
+        self._event_seq += 1
+        kept = self._events.setdefault(job_id, deque(maxlen=PROGRESS_EVENTS_KEPT))
+        kept.append((f"{self._event_seq}-0", progress))
+        posted = self._event_posted.pop(job_id, None)
+        if posted is not None:
+            posted.set()
+
     async def release(self, job: TakenJob) -> None:
         record = self._records.get(job.spec.id)
         if record is not None and not record.state.finished:
@@ -151,6 +234,8 @@ class InProcessQueue:
 
     def _store(self, job_id: str, record: JobRecord) -> JobRecord:
         self._records[job_id] = record
+        self._order.pop(job_id, None)
+        self._cancel_requested.discard(job_id)
         self._expires[job_id] = time.monotonic() + self._result_ttl_s
         self._sizes[job_id] = stored_size(record.result) if record.result is not None else 0
         self._specs.pop(job_id, None)

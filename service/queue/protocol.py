@@ -135,6 +135,7 @@ class JobMeta(BaseModel):
     # In the record's meta so the terminal-state scripts schedule its delivery (redis_scripts.py).
     webhook: WebhookTarget | None = None
 
+
 class JobRecord(JobMeta):
     """State of one job as the API reports it."""
 
@@ -155,6 +156,36 @@ class JobRecord(JobMeta):
         result: JobResult | None = None,
     ) -> JobRecord:
         return cls(id=job_id, state=state, worker=worker, error=error, result=result, **meta.model_dump())
+
+
+# Ids of progress events: "<int>-<int>" (Redis stream ids), ordered as pairs of integers. The API
+# checks a client's Last-Event-ID against this before handing it to the queue.
+EVENT_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"
+# Progress events kept per job (the newest): a client that reconnects resumes from these.
+PROGRESS_EVENTS_KEPT = 16
+
+
+class JobProgress(BaseModel):
+    """One progress event of a running job, published by its worker at a step boundary."""
+
+    model_config = BYTES_AS_BASE64
+
+    step: int = Field(ge=0, description="Denoising steps done.")
+    steps: int = Field(ge=1, description="Denoising steps of the job.")
+    eta_s: float | None = Field(None, description="Estimated seconds until the last step.")
+    preview: bytes | None = Field(None, description="Small PNG of the current x0 estimate (watched jobs).")
+    masks: list[bytes] | None = Field(
+        None, description="One PNG per subject: its current mask (watched jobs)."
+    )
+
+
+class StepSignals(BaseModel):
+    """What a worker learns about its running jobs at a step boundary."""
+
+    cancelled: set[str] = Field(
+        default_factory=set, description="Running jobs whose cancellation was requested."
+    )
+    watched: set[str] = Field(default_factory=set, description="Jobs a client watches with previews.")
 
 
 class TakenJob(BaseModel):
@@ -199,7 +230,23 @@ class JobQueue(Protocol):
         ...
 
     async def cancel(self, job_id: str) -> JobRecord | None:
-        """Cancel a queued job; a job in any other state is returned unchanged."""
+        """Cancel a queued job at once; for a running job record a cancellation request (its worker
+        ends it `cancelled` at the next step boundary, see `step_signals`) and return it running;
+        a finished job is returned unchanged."""
+        ...
+
+    async def events(self, job_id: str, after: str | None, block_s: float) -> list[tuple[str, JobProgress]]:
+        """The job's progress events with ids after `after` (every kept one when None), oldest
+        first, waiting up to `block_s` for the first. Only the newest `PROGRESS_EVENTS_KEPT` are kept."""
+        ...
+
+    async def position(self, job_id: str) -> int | None:
+        """Queued jobs accepted before this one and not started yet; None when it is not queued."""
+        ...
+
+    async def watch(self, job_id: str, previews: bool, ttl_s: float) -> None:
+        """A client watches the job; with `previews` it is in `StepSignals.watched` for `ttl_s`
+        (watchers refresh this while they watch)."""
         ...
 
     async def depth(self) -> int:
@@ -229,6 +276,14 @@ class JobQueue(Protocol):
 
     async def finish(self, job: TakenJob, record: JobRecord) -> None:
         """Store the terminal record (with its TTL), wake waiters, then acknowledge the delivery."""
+        ...
+
+    async def step_signals(self, job_ids: list[str]) -> StepSignals:
+        """Cancellation requests and preview watchers of running jobs, in one round trip."""
+        ...
+
+    async def publish_progress(self, job_id: str, progress: JobProgress) -> None:
+        """Append to the job's bounded event log; ignored once the job is no longer running."""
         ...
 
     async def release(self, job: TakenJob) -> None:

@@ -52,11 +52,13 @@ if type(reply) == 'table' and reply.err and not string.find(reply.err, 'BUSYGROU
 return 1
 """
 
-# No allow-oom: at maxmemory Redis refuses it before any write. KEYS[5], the idempotency key, only
-# when the request has one (an empty key name would hash to another slot on Redis Cluster).
+# No allow-oom: at maxmemory Redis refuses it before any write. KEYS[5]: the jobs waiting (queue
+# positions; members older than a record's TTL are surely not waiting any more). KEYS[6], the
+# idempotency key, only when the request has one (an empty key name would hash to another slot on
+# Redis Cluster).
 SUBMIT = """#!lua
-if #KEYS == 5 then
-  local existing = redis.call('GET', KEYS[5])
+if #KEYS == 6 then
+  local existing = redis.call('GET', KEYS[6])
   if existing then return {'existing', existing} end
 end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
@@ -74,12 +76,15 @@ local msg = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 8))
 redis.call('INCRBY', KEYS[3], ARGV[7])
 redis.call('HSET', KEYS[2], 'state', 'queued', 'meta', ARGV[4], 'msg', msg)
 redis.call('EXPIRE', KEYS[2], ARGV[5])
-if #KEYS == 5 then redis.call('SET', KEYS[5], ARGV[3], 'EX', ARGV[5]) end
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[6]) - tonumber(ARGV[5]))
+if #KEYS == 6 then redis.call('SET', KEYS[6], ARGV[3], 'EX', ARGV[5]) end
 return {'new', msg}
 """
 
 # Returns the new fencing token, 0 when the job ended (cancelled, finished: delivery dropped), -1
-# when another worker holds the delivery now (it was reclaimed from us).
+# when another worker holds the delivery now (it was reclaimed from us). Either way it no longer
+# waits (KEYS[4]).
 START = (
     "#!lua flags=allow-oom\n"
     + _HELPERS
@@ -87,6 +92,7 @@ START = (
 local held_by = holder(KEYS[2], ARGV[1], ARGV[2])
 if not held_by then return 0 end
 if held_by ~= ARGV[3] then return -1 end
+redis.call('ZREM', KEYS[4], ARGV[4])
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'queued' or state == 'running' then
   local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
@@ -136,8 +142,8 @@ return 'cancelled'
 """
 )
 
-# Re-queues our delivery of an unfinished job as a new message (same fields); a finished job's
-# delivery is only dropped.
+# Re-queues our delivery of an unfinished job as a new message (same fields), waiting again in its
+# place of acceptance (KEYS[4]); a finished job's delivery is only dropped.
 RELEASE = (
     "#!lua flags=allow-oom\n"
     + _HELPERS
@@ -154,6 +160,7 @@ if #entry == 0 then return 0 end
 local msg = redis.call('XADD', KEYS[2], '*', unpack(entry[1][2]))
 redis.call('XDEL', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'msg', msg)
+redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
 return 1
 """
 )
@@ -203,3 +210,49 @@ end
 return 1
 """
 )
+
+# A cancellation request: a running job's worker ends it at its next step boundary (SIGNALS). Set
+# on queued jobs too, so a job that starts between this and CANCEL is still ended.
+REQUEST_CANCEL = """#!lua flags=allow-oom
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'queued' or state == 'running' then redis.call('HSET', KEYS[1], 'cancel', '1') end
+return state
+"""
+
+# KEYS: n job hashes, then their n watch keys. Returns the (1-based) indices of the jobs whose
+# cancellation was requested, and of those watched with previews.
+SIGNALS = """#!lua flags=no-writes,allow-oom
+local n = #KEYS / 2
+local cancelled, watched = {}, {}
+for i = 1, n do
+  if redis.call('HEXISTS', KEYS[i], 'cancel') == 1 then table.insert(cancelled, i) end
+  if redis.call('EXISTS', KEYS[n + i]) == 1 then table.insert(watched, i) end
+end
+return {cancelled, watched}
+"""
+
+# Appends a progress event to the job's capped stream, only while the job runs (a late event never
+# recreates the log of a finished job). No allow-oom: at maxmemory progress is dropped.
+PROGRESS = """#!lua
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return false end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return id
+"""
+
+# Jobs waiting ahead of ARGV[1] (-1 when it is not queued). Members that no longer wait (cancelled,
+# expired, dead-lettered while queued) are dropped on the way, at most ARGV[3] per call; their job
+# hashes share the queue's slot (ARGV[2] is the job key prefix).
+POSITION = """#!lua flags=allow-oom
+if redis.call('HGET', KEYS[2], 'state') ~= 'queued' then return -1 end
+local rank = redis.call('ZRANK', KEYS[1], ARGV[1])
+if not rank then return -1 end
+local stale = {}
+if rank > 0 then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, math.min(rank, tonumber(ARGV[3])) - 1)) do
+    if redis.call('HGET', ARGV[2] .. id, 'state') ~= 'queued' then table.insert(stale, id) end
+  end
+end
+if #stale > 0 then redis.call('ZREM', KEYS[1], unpack(stale)) end
+return rank - #stale
+"""

@@ -15,6 +15,10 @@ one Redis Cluster slot (`keys.py`):
 - `{p}:idem:<key>`: idempotency key -> job id.
 - `{p}:workers`: sorted set worker -> last heartbeat (readiness).
 - `{p}:done`: pub/sub channel carrying the ids of finished jobs, so waiting requests wake at once.
+- `{p}:waiting`: sorted set job id -> acceptance time of the jobs not started yet (queue positions).
+- `{p}:events:<id>`: stream of a running job's newest progress events (capped, expires after its last
+  event); `{p}:watch:<id>`: present while a client watches the job with previews (expires). A
+  cancellation request of a running job is the field `cancel` of its hash.
 
 Every state change that must be atomic is one Lua script (`redis_scripts.py`).
 """
@@ -37,13 +41,16 @@ from service.queue.blobs import join_blobs, payload_size, split_blobs
 from service.queue.connect import connect_async
 from service.queue.keys import QueueKeys
 from service.queue.protocol import (
+    PROGRESS_EVENTS_KEPT,
     JobMeta,
+    JobProgress,
     JobRecord,
     JobResult,
     JobSpec,
     JobState,
     QueueFullError,
     QueueUnavailableError,
+    StepSignals,
     TakenJob,
 )
 from service.queue.redis_scripts import (
@@ -52,7 +59,11 @@ from service.queue.redis_scripts import (
     FINISH,
     GROUP_CREATE,
     HEARTBEAT,
+    POSITION,
+    PROGRESS,
     RELEASE,
+    REQUEST_CANCEL,
+    SIGNALS,
     START,
     SUBMIT,
 )
@@ -69,6 +80,10 @@ DEAD_LETTER_MAX = 200
 DEAD_LETTER_FIELD_MAX = 16 * 1024
 # Workers silent this long are dropped from the presence set.
 FORGET_WORKER_S = 3600
+# A job's progress log lives this long after its last event (a late client still replays it).
+PROGRESS_EVENTS_TTL_S = 60
+# Most members `position` checks per call (those that no longer wait are dropped as it goes).
+POSITION_SCAN_MAX = 100
 
 
 def encode_job(spec: JobSpec) -> tuple[list[bytes | str | int], int]:
@@ -93,6 +108,20 @@ def decode_job(fields: dict[bytes, bytes]) -> JobSpec:
         )
     blobs = [fields[b"blob:%d" % index] for index in range(int(fields[b"blobs"]))]
     return join_blobs(JobSpec, fields[b"spec"], blobs)
+
+
+def encode_progress(progress: JobProgress) -> list[bytes | str | int]:
+    """The stream fields of a progress event: its JSON without images, and each image raw."""
+    document, blobs = split_blobs(progress)
+    fields: list[bytes | str | int] = ["p", document, "blobs", len(blobs)]
+    for index, blob in enumerate(blobs):
+        fields += [f"blob:{index}", blob]
+    return fields
+
+
+def decode_progress(fields: dict[bytes, bytes]) -> JobProgress:
+    blobs = [fields[b"blob:%d" % index] for index in range(int(fields[b"blobs"]))]
+    return join_blobs(JobProgress, fields[b"p"], blobs)
 
 
 def dead_letter_fields(reason: str, message_id: bytes, worker: str, fields: dict[bytes, bytes]) -> list:
@@ -157,6 +186,10 @@ class RedisStreamsQueue:
                 ("release", RELEASE),
                 ("heartbeat", HEARTBEAT),
                 ("dead_letter", DEAD_LETTER),
+                ("request_cancel", REQUEST_CANCEL),
+                ("signals", SIGNALS),
+                ("progress", PROGRESS),
+                ("position", POSITION),
             )
         }
         self._group_ready = False
@@ -201,7 +234,8 @@ class RedisStreamsQueue:
         meta = spec.meta().model_dump_json()
         fields, size = encode_job(spec)
         idem_keys = [self._keys.idem(idempotency_key)] if idempotency_key else []
-        keys = [self._stream, self._job_key(spec.id), self._bytes_key, self._results_key, *idem_keys]
+        keys = [self._stream, self._job_key(spec.id), self._bytes_key, self._results_key, self._keys.waiting]
+        keys += idem_keys
         args = [
             self._max_depth,
             self._max_bytes,
@@ -333,6 +367,8 @@ class RedisStreamsQueue:
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         async with self._redis() as client:
+            # Requested first: a job that starts before CANCEL runs is still ended by its worker.
+            await self._scripts["request_cancel"](keys=[self._job_key(job_id)], client=client)
             await self._scripts["cancel"](
                 keys=[
                     self._job_key(job_id),
@@ -366,6 +402,33 @@ class RedisStreamsQueue:
                 return bool(await client.ping())
         except QueueUnavailableError:
             return False
+
+    async def events(self, job_id: str, after: str | None, block_s: float) -> list[tuple[str, JobProgress]]:
+        async with self._redis() as client:
+            replies = await client.xread(
+                {self._keys.events(job_id): after or "0-0"},
+                count=PROGRESS_EVENTS_KEPT,
+                block=max(int(block_s * 1000), 1) if block_s > 0 else None,
+            )
+        return [
+            (event_id.decode(), decode_progress(fields))
+            for _stream, entries in replies or []
+            for event_id, fields in entries
+        ]
+
+    async def position(self, job_id: str) -> int | None:
+        async with self._redis() as client:
+            ahead = await self._scripts["position"](
+                keys=[self._keys.waiting, self._job_key(job_id)],
+                args=[job_id, self._job_key(""), POSITION_SCAN_MAX],
+                client=client,
+            )
+        return None if int(ahead) < 0 else int(ahead)
+
+    async def watch(self, job_id: str, previews: bool, ttl_s: float) -> None:
+        if previews:
+            async with self._redis() as client:
+                await client.set(self._keys.watch(job_id), b"1", px=max(int(ttl_s * 1000), 1))
 
     # --- worker side ---------------------------------------------------------------------------
     async def take(self, worker: str, max_jobs: int, block_s: float) -> list[TakenJob]:
@@ -465,8 +528,8 @@ class RedisStreamsQueue:
         async with self._redis() as client:
             fence = int(
                 await self._scripts["start"](
-                    keys=[self._job_key(job.spec.id), self._stream, self._bytes_key],
-                    args=[GROUP, job.token, worker],
+                    keys=[self._job_key(job.spec.id), self._stream, self._bytes_key, self._keys.waiting],
+                    args=[GROUP, job.token, worker, job.spec.id],
                     client=client,
                 )
             )
@@ -517,12 +580,33 @@ class RedisStreamsQueue:
                 "job %s: result not stored, the job was taken over by another worker or ended", job.spec.id
             )
 
+    async def step_signals(self, job_ids: list[str]) -> StepSignals:
+        if not job_ids:
+            return StepSignals()
+        keys = [self._job_key(job_id) for job_id in job_ids] + [
+            self._keys.watch(job_id) for job_id in job_ids
+        ]
+        async with self._redis() as client:
+            cancelled, watched = await self._scripts["signals"](keys=keys, client=client)
+        return StepSignals(
+            cancelled={job_ids[int(index) - 1] for index in cancelled},
+            watched={job_ids[int(index) - 1] for index in watched},
+        )
+
+    async def publish_progress(self, job_id: str, progress: JobProgress) -> None:
+        async with self._redis() as client:
+            await self._scripts["progress"](
+                keys=[self._job_key(job_id), self._keys.events(job_id)],
+                args=[PROGRESS_EVENTS_KEPT, PROGRESS_EVENTS_TTL_S * 1000, *encode_progress(progress)],
+                client=client,
+            )
+
     async def release(self, job: TakenJob) -> None:
         worker = self._taken_by.get(job.token, "")
         async with self._redis() as client:
             await self._scripts["release"](
-                keys=[self._job_key(job.spec.id), self._stream, self._bytes_key],
-                args=[GROUP, job.token, worker],
+                keys=[self._job_key(job.spec.id), self._stream, self._bytes_key, self._keys.waiting],
+                args=[GROUP, job.token, worker, job.spec.enqueued_at, job.spec.id],
                 client=client,
             )
         self._forget(worker, job)
