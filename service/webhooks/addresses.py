@@ -1,8 +1,8 @@
 """Where a webhook may go: https to public addresses, unless the operator allows a host.
 
 Checked twice: when the job is submitted (a clear 422) and again right before every attempt,
-whose connection then goes to the address just checked (`Destination.address`), so a DNS answer
-that changes in between (DNS rebinding) cannot turn a checked name into an internal address.
+whose connection then goes to the addresses just checked (`Destination.addresses`), so a DNS
+answer that changes in between (DNS rebinding) cannot turn a checked name into an internal address.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Target:
 @dataclass(frozen=True)
 class Destination:
     target: Target
-    address: IPAddress  # the one address the connection goes to
+    addresses: list[IPAddress]  # the only addresses the connection may go to, tried in order
 
 
 def parse_target(url: str, allow_hosts: list[str]) -> Target:
@@ -78,7 +78,7 @@ def public(address: IPAddress) -> bool:
 
 
 async def resolve(target: Target) -> Destination:
-    """The target's addresses, every one public unless the host is allow-listed; the first one."""
+    """The target's addresses, every one public unless the host is allow-listed."""
     try:
         literal: IPAddress | None = ipaddress.ip_address(target.host)
     except ValueError:
@@ -105,4 +105,4 @@ async def resolve(target: Target) -> Destination:
                     f"the host {target.host} resolves to {address}, a private, loopback, link-local or "
                     "reserved address; webhooks only go to public addresses"
                 )
-    return Destination(target, addresses[0])
+    return Destination(target, list(dict.fromkeys(addresses)))

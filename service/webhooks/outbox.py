@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from service.queue.connect import connect_async
 from service.queue.keys import QueueKeys
 from service.queue.memory import InProcessQueue
-from service.queue.protocol import JobQueue, JobRecord
+from service.queue.protocol import JobQueue, JobRecord, QueueUnavailableError
 from service.settings import Settings
 from service.webhooks.events import EVENT_OF_STATE
 
@@ -153,7 +154,10 @@ class RedisOutbox:
         return bool(stored)
 
     async def status(self, job_id: str) -> WebhookStatus | None:
-        fields = await self._client.hgetall(self._keys.webhook(job_id))
+        try:
+            fields = await self._client.hgetall(self._keys.webhook(job_id))
+        except (RedisError, OSError) as error:
+            raise QueueUnavailableError(f"Redis is unreachable: {error}") from error
         if not fields:
             return None
         return WebhookStatus(

@@ -1,9 +1,10 @@
-"""One delivery attempt: a signed POST to the checked address, bounded in time and size.
+"""One delivery attempt: a signed POST to a checked address, bounded in time and size.
 
-The connection goes to `Destination.address` (the address `addresses.resolve` just checked); the
-URL's host name stays in the Host header and, for https, in TLS (SNI and certificate check), so
-the receiver sees an ordinary request. Redirects are not followed (a 3xx is a failed attempt);
-at most `MAX_RESPONSE_BYTES` of the reply are read, for the error message.
+The connection goes to one of `Destination.addresses` (those `addresses.resolve` just checked, in
+order, the next one when a connection is refused); the URL's host name stays in the Host header
+and, for https, in TLS (SNI and certificate check), so the receiver sees an ordinary request.
+Redirects are not followed (a 3xx is a failed attempt); at most `MAX_RESPONSE_BYTES` of the reply
+are read, for the error message.
 """
 
 from __future__ import annotations
@@ -31,36 +32,38 @@ async def post(
 ) -> None:
     """POST `body`; returns on a 2xx reply, raises DeliveryError otherwise."""
     target = destination.target
-    address = destination.address
-    host = f"[{address}]" if address.version == 6 else str(address)
-    url = f"{target.scheme}://{host}:{target.port}{target.path}"
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+    headers = {
+        **headers,
+        "Host": target.host_header,
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+    }
     try:
         # The whole attempt is bounded too: a receiver dripping bytes resets each read timeout.
         async with (
             asyncio.timeout(connect_timeout_s + timeout_s),
             httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client,
-            client.stream(
-                "POST",
-                url,
-                content=body,
-                headers={
-                    **headers,
-                    "Host": target.host_header,
-                    "Content-Type": "application/json",
-                    "User-Agent": USER_AGENT,
-                },
-                extensions=extensions,
-            ) as response,
         ):
-            if response.is_success:
-                return
-            excerpt = b""
-            async for chunk in response.aiter_raw():
-                excerpt += chunk
-                if len(excerpt) >= MAX_RESPONSE_BYTES:
-                    break
+            for index, address in enumerate(destination.addresses):
+                host = f"[{address}]" if address.version == 6 else str(address)
+                url = f"{target.scheme}://{host}:{target.port}{target.path}"
+                try:
+                    async with client.stream(
+                        "POST", url, content=body, headers=headers, extensions=extensions
+                    ) as response:
+                        if response.is_success:
+                            return
+                        excerpt = b""
+                        async for chunk in response.aiter_raw():
+                            excerpt += chunk
+                            if len(excerpt) >= MAX_RESPONSE_BYTES:
+                                break
+                        break
+                except httpx.ConnectError:
+                    if index == len(destination.addresses) - 1:
+                        raise
     except TimeoutError:
         raise DeliveryError(f"no reply within {connect_timeout_s + timeout_s:.0f} s") from None
     except httpx.HTTPError as error:

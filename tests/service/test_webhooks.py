@@ -5,6 +5,7 @@ local receiver, signatures checked with the `standardwebhooks` verifier."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ from service.webhooks.addresses import WebhookUrlError, parse_target, resolve
 from service.webhooks.dispatcher import delivering
 from service.webhooks.events import EVENTS
 from service.webhooks.outbox import MemoryOutbox, RedisOutbox, create_outbox
+from service.webhooks.sender import post
 from service.webhooks.signing import signing_secret
 
 SECRET = "test-server-secret-" + "x" * 32
@@ -76,9 +78,21 @@ def test_urls_refused(url: str, reason: str) -> None:
 
 def test_allow_listed_host_may_use_http_and_a_loopback_address() -> None:
     destination = run(resolve(parse_target("http://127.0.0.1:9/x?y=1", ["127.0.0.1"])))
-    assert str(destination.address) == "127.0.0.1" and destination.target.path == "/x?y=1"
+    assert list(map(str, destination.addresses)) == ["127.0.0.1"] and destination.target.path == "/x?y=1"
     public = run(resolve(parse_target("https://8.8.8.8/hook", [])))
-    assert str(public.address) == "8.8.8.8" and public.target.host_header == "8.8.8.8"
+    assert list(map(str, public.addresses)) == ["8.8.8.8"] and public.target.host_header == "8.8.8.8"
+
+
+def test_a_named_host_is_reached_at_its_checked_address_with_its_name_in_host(receiver: Receiver) -> None:
+    """The connection goes to the address resolved and checked for this attempt; the receiver
+    still sees the URL's host name (allow-listed `localhost`: ::1 and/or 127.0.0.1, the
+    receiver listens on the latter)."""
+    destination = run(resolve(parse_target(f"http://localhost:{receiver.port}/hook?a=1", ["localhost"])))
+    assert {str(address) for address in destination.addresses} <= {"127.0.0.1", "::1"}
+    body = json.dumps({"data": {"id": "job"}}).encode()
+    run(post(destination, body, {"webhook-id": "msg_job"}, connect_timeout_s=1, timeout_s=2))
+    [(headers, received)] = receiver.requests
+    assert headers["host"] == f"localhost:{receiver.port}" and received == body
 
 
 def test_terminal_scripts_schedule_the_webhook_and_claims_are_leased(redis_server) -> None:
