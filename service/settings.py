@@ -225,10 +225,13 @@ class Settings(BaseSettings):
         "result URLs of webhooks are absolute under it; unset = paths (`/jobs/<id>`).",
     )
 
-    @field_validator("webhook_secret")
+    @field_validator("webhook_secret", mode="before")
     @classmethod
-    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 32:
+    def _check_webhook_secret(cls, value: object) -> object:
+        if value is None or value == "":  # an empty variable (compose's `${WEBHOOK_SECRET:-}`) is unset
+            return None
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+        if len(secret) < 32:
             raise ValueError("WEBHOOK_SECRET must be at least 32 characters (e.g. `openssl rand -hex 32`)")
         return value
 

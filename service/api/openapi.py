@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.api.intake import SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD
-from service.schemas import CustomizeRequest, ErrorResponse
+from service.schemas import CustomizeRequest, ErrorResponse, JobRequest
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": description}
@@ -43,7 +43,8 @@ RAW_IMAGE_RESPONSE: dict[int | str, dict[str, Any]] = {
         },
     }
 }
-_BODY_PATHS = ("/customize", "/jobs")
+# Each generation route's body model (/jobs adds the webhook fields).
+_BODY_MODELS: dict[str, type[CustomizeRequest]] = {"/customize": CustomizeRequest, "/jobs": JobRequest}
 
 
 def _multipart_schema(request_schema: dict[str, Any]) -> dict[str, Any]:
@@ -74,19 +75,18 @@ def install_openapi(app: FastAPI) -> None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
-        request_schema = CustomizeRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(request_schema.pop("$defs", {}))
-        components["CustomizeRequest"] = request_schema
-        body = {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/CustomizeRequest"}},
-                "multipart/form-data": {"schema": _multipart_schema(request_schema)},
-            },
-        }
-        for path in _BODY_PATHS:
-            schema["paths"][path]["post"]["requestBody"] = body
+        for path, model in _BODY_MODELS.items():
+            request_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(request_schema.pop("$defs", {}))
+            components[model.__name__] = request_schema
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                    "multipart/form-data": {"schema": _multipart_schema(request_schema)},
+                },
+            }
         app.openapi_schema = schema
         return schema
 
