@@ -15,6 +15,8 @@ one Redis Cluster slot (`keys.py`):
 - `{p}:idem:<key>`: idempotency key -> job id.
 - `{p}:workers`: sorted set worker -> last heartbeat (readiness).
 - `{p}:done`: pub/sub channel carrying the ids of finished jobs, so waiting requests wake at once.
+- `{p}:webhook:<id>`, `{p}:webhooks`: a finished job's webhook delivery and the due times of all of
+  them, written by the scripts that store terminal states (`service/webhooks/outbox.py`).
 - `{p}:waiting`: sorted set job id -> acceptance time of the jobs not started yet (queue positions).
 - `{p}:events:<id>`: stream of a running job's newest progress events (capped, expires after its last
   event); `{p}:watch:<id>`: present while a client watches the job with previews (expires). A

@@ -10,17 +10,19 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 from standardwebhooks import Webhook
-from test_queue_contract import make_spec
+from test_queue_contract import done_record, make_spec
 from webhook_receiver import Receiver
 
 from service.queue import create_queue
+from service.queue.keys import QueueKeys
 from service.queue.memory import InProcessQueue
 from service.queue.protocol import JobState, WebhookTarget
 from service.queue.redis_streams import RedisStreamsQueue
 from service.settings import Settings
 from service.webhooks.addresses import WebhookUrlError, parse_target, resolve
-from service.webhooks.dispatcher import delivering
+from service.webhooks.dispatcher import delivering, payload
 from service.webhooks.events import EVENTS
 from service.webhooks.outbox import MemoryOutbox, RedisOutbox, create_outbox
 from service.webhooks.sender import post
@@ -95,9 +97,13 @@ def test_a_named_host_is_reached_at_its_checked_address_with_its_name_in_host(re
     assert headers["host"] == f"localhost:{receiver.port}" and received == body
 
 
-def test_terminal_scripts_schedule_the_webhook_and_claims_are_leased(redis_server) -> None:
+@pytest.mark.parametrize("topology", ["redis_server", "redis_cluster"])
+def test_terminal_scripts_schedule_the_webhook_and_claims_are_leased(topology, request) -> None:
+    """Also on Redis Cluster: every key of a delivery is under the queue's hash tag."""
+    server = request.getfixturevalue(topology)
+
     async def scenario() -> None:
-        config = Settings(redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}")
+        config = Settings(redis_url=server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}")
         queue, outbox = create_queue(config), RedisOutbox(config)
         assert isinstance(queue, RedisStreamsQueue)
         cancelled = with_webhook("https://8.8.8.8/hook")
@@ -123,6 +129,41 @@ def test_terminal_scripts_schedule_the_webhook_and_claims_are_leased(redis_serve
         status = await outbox.status(cancelled.id)
         assert (status.state, status.attempts, status.last_error) == ("delivered", 2, None)
         assert await outbox.claim(10, lease_s=30) == []
+        await outbox.close()
+        await queue.close()
+
+    run(scenario())
+
+
+def test_worker_and_dead_letter_terminal_states_schedule_their_events(redis_server) -> None:
+    async def scenario() -> None:
+        config = Settings(redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}")
+        queue, outbox = create_queue(config), RedisOutbox(config)
+        client = redis.Redis.from_url(redis_server.url)
+        done, expired = with_webhook("https://8.8.8.8/a"), with_webhook("https://8.8.8.8/b")
+        for spec in (done, expired):
+            await queue.submit(spec)
+        # A message this version cannot read, with a record asking for a webhook: dead-lettered.
+        unreadable = with_webhook("https://8.8.8.8/c")
+        keys = QueueKeys(config.queue_name)
+        message = client.xadd(keys.stream, {"id": unreadable.id, "v": "0"})
+        meta = unreadable.meta().model_dump_json()
+        client.hset(keys.job(unreadable.id), mapping={"state": "queued", "meta": meta, "msg": message})
+
+        taken = {job.spec.id: job for job in await queue.take("w1", 8, block_s=1.0)}
+        assert set(taken) == {done.id, expired.id}
+        for job in taken.values():
+            assert await queue.start("w1", job)
+        await queue.finish(taken[done.id], done_record(done))
+        await queue.finish(taken[expired.id], expired.record(JobState.EXPIRED, "w1", "the deadline passed"))
+
+        claimed = {delivery.job_id: delivery.event for delivery in await outbox.claim(10, lease_s=30)}
+        assert claimed == {done.id: "job.completed", expired.id: "job.failed", unreadable.id: "job.failed"}
+        event = json.loads(payload(await queue.get(expired.id), "job.failed", "https://api.example.com"))
+        assert event["data"]["status"] == "expired" and event["data"]["error"] == "the deadline passed"
+        completed = json.loads(payload(await queue.get(done.id), "job.completed", "https://api.example.com"))
+        assert completed["data"]["images"] == [f"https://api.example.com/jobs/{done.id}/images/0"]
+        client.close()
         await outbox.close()
         await queue.close()
 
