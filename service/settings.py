@@ -218,6 +218,11 @@ class Settings(BaseSettings):
     webhook_poll_s: float = Field(
         1.0, gt=0, description="How often the delivery loop looks for due webhooks."
     )
+    webhook_ca_file: str | None = Field(
+        None,
+        description="PEM file of CA certificates trusted for https receivers besides the public CAs "
+        "(e.g. an internal CA of in-cluster receivers).",
+    )
     public_url: str | None = Field(
         None,
         pattern=r"^https?://[^/]+$",

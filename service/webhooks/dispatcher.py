@@ -27,7 +27,7 @@ from service.queue.protocol import JobQueue, JobRecord, JobState, QueueUnavailab
 from service.settings import Settings
 from service.webhooks.addresses import RESOLVE_TIMEOUT_S, WebhookUrlError, parse_target, resolve
 from service.webhooks.outbox import Delivery, Outbox
-from service.webhooks.sender import DeliveryError, post
+from service.webhooks.sender import DeliveryError, post, tls_context
 from service.webhooks.signing import signed_headers, signing_secret
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class WebhookDispatcher:
         attempt_s = RESOLVE_TIMEOUT_S + settings.webhook_connect_timeout_s + settings.webhook_timeout_s
         self._lease_s = attempt_s + LEASE_MARGIN_S
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tls = tls_context(settings.webhook_ca_file)
 
     async def run(self) -> None:
         try:
@@ -136,7 +137,14 @@ class WebhookDispatcher:
         body = payload(record, delivery.event, settings.public_url or "")
         secret = signing_secret(settings.webhook_secret.get_secret_value(), record.owner)
         headers = signed_headers(secret, message_id(record.id), body)
-        await post(destination, body, headers, settings.webhook_connect_timeout_s, settings.webhook_timeout_s)
+        await post(
+            destination,
+            body,
+            headers,
+            settings.webhook_connect_timeout_s,
+            settings.webhook_timeout_s,
+            self._tls,
+        )
 
     async def _settle(
         self, delivery: Delivery, outcome: str, attempts: int, error: str | None, retry_in_s: float = 0.0

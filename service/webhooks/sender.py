@@ -10,13 +10,23 @@ are read, for the error message.
 from __future__ import annotations
 
 import asyncio
+import ssl
 
+import certifi
 import httpx
 
 from service.webhooks.addresses import Destination
 
 MAX_RESPONSE_BYTES = 4096
 USER_AGENT = "realcustom-webhooks/1"
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Certificates checked against the public CAs (certifi) plus `ca_file` (an internal CA)."""
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
 
 
 class DeliveryError(Exception):
@@ -29,6 +39,7 @@ async def post(
     headers: dict[str, str],
     connect_timeout_s: float,
     timeout_s: float,
+    tls: ssl.SSLContext,
 ) -> None:
     """POST `body`; returns on a 2xx reply, raises DeliveryError otherwise."""
     target = destination.target
@@ -44,7 +55,7 @@ async def post(
         # The whole attempt is bounded too: a receiver dripping bytes resets each read timeout.
         async with (
             asyncio.timeout(connect_timeout_s + timeout_s),
-            httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as client,
+            httpx.AsyncClient(verify=tls, timeout=timeout, follow_redirects=False, trust_env=False) as client,
         ):
             for index, address in enumerate(destination.addresses):
                 host = f"[{address}]" if address.version == 6 else str(address)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -25,7 +27,7 @@ from service.webhooks.addresses import WebhookUrlError, parse_target, resolve
 from service.webhooks.dispatcher import delivering, payload
 from service.webhooks.events import EVENTS
 from service.webhooks.outbox import MemoryOutbox, RedisOutbox, create_outbox
-from service.webhooks.sender import post
+from service.webhooks.sender import DeliveryError, post, tls_context
 from service.webhooks.signing import signing_secret
 
 SECRET = "test-server-secret-" + "x" * 32
@@ -92,7 +94,7 @@ def test_a_named_host_is_reached_at_its_checked_address_with_its_name_in_host(re
     destination = run(resolve(parse_target(f"http://localhost:{receiver.port}/hook?a=1", ["localhost"])))
     assert {str(address) for address in destination.addresses} <= {"127.0.0.1", "::1"}
     body = json.dumps({"data": {"id": "job"}}).encode()
-    run(post(destination, body, {"webhook-id": "msg_job"}, connect_timeout_s=1, timeout_s=2))
+    run(post(destination, body, {"webhook-id": "msg_job"}, 1, 2, tls_context(None)))
     [(headers, received)] = receiver.requests
     assert headers["host"] == f"localhost:{receiver.port}" and received == body
 
@@ -222,3 +224,35 @@ def test_the_address_is_checked_again_at_connect_time(receiver: Receiver) -> Non
     assert (status.state, status.attempts) == ("failed", 2)
     assert "resolves to" in status.last_error and "private, loopback" in status.last_error
     assert receiver.requests == []
+
+
+def test_https_goes_to_the_checked_address_with_the_certificate_checked_against_the_name(
+    tmp_path: Path,
+) -> None:
+    """The connection is pinned to an address, yet TLS sends the URL's name (SNI) and checks the
+    receiver's certificate against it: a certificate for `localhost` passes for
+    https://localhost (its CA trusted through WEBHOOK_CA_FILE), not for https://127.0.0.1, and
+    not at all without its CA."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    receiver = Receiver(tls=(cert, key))
+    receiver.start()
+    try:
+        allowed = ["localhost", "127.0.0.1"]
+        by_name = run(resolve(parse_target(f"https://localhost:{receiver.port}/hook", allowed)))
+        by_address = run(resolve(parse_target(f"https://127.0.0.1:{receiver.port}/hook", allowed)))
+        body = json.dumps({"data": {"id": "tls"}}).encode()
+        run(post(by_name, body, {"webhook-id": "msg_tls"}, 1, 2, tls_context(str(cert))))
+        assert len(receiver.requests) == 1 and receiver.requests[0][0]["host"] == f"localhost:{receiver.port}"
+        with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED"):
+            run(post(by_address, body, {"webhook-id": "msg_tls"}, 1, 2, tls_context(str(cert))))
+        with pytest.raises(DeliveryError, match="CERTIFICATE_VERIFY_FAILED"):
+            run(post(by_name, body, {"webhook-id": "msg_tls"}, 1, 2, tls_context(None)))
+        assert len(receiver.requests) == 1
+    finally:
+        receiver.stop()

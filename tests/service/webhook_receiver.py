@@ -4,17 +4,22 @@ request and can be stopped and started again on the same port (receiver down, th
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from service_processes import free_port, wait_until
 
 
 class Receiver:
-    def __init__(self) -> None:
+    """`tls`: (certificate, key) PEM files: the receiver speaks https."""
+
+    def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.tls = tls
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -35,6 +40,10 @@ class Receiver:
 
         ThreadingHTTPServer.allow_reuse_address = True
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
