@@ -80,22 +80,33 @@ class WebhookDispatcher:
         self._lease_s = attempt_s + LEASE_MARGIN_S
         self._tasks: set[asyncio.Task[None]] = set()
         self._tls = tls_context(settings.webhook_ca_file)
+        self._freed = asyncio.Event()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._freed.set()
 
     async def run(self) -> None:
         try:
             while True:
                 room = self._settings.webhook_concurrency - len(self._tasks)
+                claimed: list[Delivery] = []
                 if room > 0:
                     try:
                         claimed = await self._outbox.claim(room, self._lease_s)
                     except (RedisError, OSError) as error:
                         logger.warning("webhook outbox unreachable (%s); retrying", error)
-                        claimed = []
                     for delivery in claimed:
                         task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery.job_id}")
                         self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
-                await asyncio.sleep(self._settings.webhook_poll_s)
+                        task.add_done_callback(self._task_done)
+                self._freed.clear()
+                if room <= 0 or len(claimed) == room:
+                    # Every slot busy and maybe more due: claim again as soon as one frees.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._freed.wait(), self._settings.webhook_poll_s)
+                else:
+                    await asyncio.sleep(self._settings.webhook_poll_s)
         finally:
             # Interrupted attempts are sent again once their lease runs out.
             for task in list(self._tasks):
@@ -116,8 +127,12 @@ class WebhookDispatcher:
         attempt = delivery.attempts + 1
         try:
             await self._attempt(delivery, record)
-        except (WebhookUrlError, DeliveryError) as error:
-            message = str(error)[:500]
+        except Exception as error:  # whatever went wrong is one failed attempt, never a stuck delivery
+            if isinstance(error, WebhookUrlError | DeliveryError):
+                message = str(error)[:500]
+            else:
+                logger.exception("webhook of job %s: unexpected error", record.id)
+                message = f"{type(error).__name__}: {error}"[:500]
             if attempt >= self._settings.webhook_max_attempts:
                 logger.warning("webhook of job %s failed after %d attempts: %s", record.id, attempt, message)
                 await self._settle(delivery, "failed", attempt, message)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,3 +257,26 @@ def test_https_goes_to_the_checked_address_with_the_certificate_checked_against_
         assert len(receiver.requests) == 1
     finally:
         receiver.stop()
+
+
+def test_a_burst_is_sent_as_fast_as_slots_free_not_one_batch_per_poll(receiver: Receiver) -> None:
+    """40 webhooks due at once, 4 at a time, a 1 s poll: claims follow freed slots, so the
+    burst takes far less than the 10 polls it would otherwise wait for."""
+
+    async def scenario() -> float:
+        config = Settings(**(FAST | {"webhook_concurrency": 4, "webhook_poll_s": 1.0}))
+        queue = create_queue(config)
+        outbox = create_outbox(config, queue)
+        specs = [with_webhook(receiver.url) for _ in range(40)]
+        for spec in specs:
+            await queue.submit(spec)
+            await queue.cancel(spec.id)
+        started = time.monotonic()
+        async with delivering(outbox, queue, config):
+            while len(receiver.requests) < len(specs) and time.monotonic() - started < 20:
+                await asyncio.sleep(0.02)
+            return time.monotonic() - started
+
+    elapsed_s = run(scenario())
+    assert len(receiver.distinct()) == 40 and len(receiver.requests) == 40
+    assert elapsed_s < 3.0, elapsed_s
