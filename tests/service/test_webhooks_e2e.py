@@ -210,3 +210,22 @@ def test_all_in_one_process_sends_webhooks_from_memory(tmp_path: Path, receiver:
             )
     finally:
         api.process.stop()
+
+
+def test_two_api_processes_send_each_webhook_once(stack: Stack, receiver: Receiver, cat_b64) -> None:
+    """Both API processes run the delivery loop over the same Redis; leased claims keep them from
+    sending one webhook twice."""
+    second = Api("service.api", stack.env, stack.log_dir)
+    try:
+        ids = [submit(stack, job_body(cat_b64, webhook_url=receiver.url, seed=seed)) for seed in range(6)]
+        for job_id in ids:
+            receiver.wait_for(job_id, 90)
+        wait_until(
+            lambda: all(webhook_status(stack, job_id)["state"] == "delivered" for job_id in ids),
+            10,
+            "outcomes",
+        )
+        assert receiver.distinct() == {f"msg_{job_id}": 1 for job_id in ids}
+        assert len(receiver.requests) == len(ids)
+    finally:
+        second.process.stop()
