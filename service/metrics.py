@@ -36,13 +36,37 @@ QUEUE_BYTES = Gauge(
     "Bytes held against QUEUE_MAX_BYTES: payloads of unfinished jobs and kept results (read at scrape time).",
 )
 QUEUE_WAIT_SECONDS = Histogram(
-    "realcustom_queue_wait_seconds", "Acceptance until the job's batch starts.", buckets=LATENCY_BUCKETS
+    "realcustom_queue_wait_seconds", "Acceptance until a worker takes the job.", buckets=LATENCY_BUCKETS
 )
 INFERENCE_SECONDS = Histogram(
-    "realcustom_inference_seconds", "Runner time of one batch.", buckets=LATENCY_BUCKETS
+    "realcustom_inference_seconds",
+    "Compute time of one job: its first step until its images are decoded.",
+    buckets=LATENCY_BUCKETS,
 )
-BATCH_SIZE = Histogram(
-    "realcustom_batch_size", "Jobs per batch run by a worker.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32)
+ROWS_IN_FLIGHT = Gauge("realcustom_rows_in_flight", "Rows (images) in this worker's running batches.")
+JOINS_PER_STEP = Histogram(
+    "realcustom_joins_per_step",
+    "Jobs that joined a running batch at one step boundary.",
+    buckets=(0, 1, 2, 4, 8, 16),
+)
+STEP_SECONDS = Histogram(
+    "realcustom_step_seconds",
+    "Wall time of one scheduler step (every running batch once), by rows stepped.",
+    ["rows"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PREPARE_SECONDS = Histogram(
+    "realcustom_prepare_seconds",
+    "Preparing one job to join (text and reference encoding, projector, noise), off the stepping thread.",
+    buckets=LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_STEP_SECONDS = Histogram(
+    "realcustom_time_to_first_step_seconds",
+    "Acceptance until the job's rows join a running batch.",
+    buckets=LATENCY_BUCKETS,
+)
+CANCELLED_RUNNING = Counter(
+    "realcustom_cancelled_running_total", "Running jobs whose rows were dropped at a step boundary on cancel."
 )
 DEAD_LETTERS = Counter(
     "realcustom_queue_dead_letters_total",

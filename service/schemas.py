@@ -192,6 +192,9 @@ class ErrorBody(BaseModel):
     webhook: WebhookStatus | None = Field(
         None, description="The job's webhook once it is due: its delivery state, attempts and last error."
     )
+    message: str | None = Field(
+        None, description="What happens next, when that is not plain from `status` (e.g. a cancelling job)."
+    )
     message: str = Field(description="What is wrong and what to change.")
     field: str | None = Field(None, description="The request field at fault, when there is one.")
 

@@ -112,16 +112,19 @@ class Settings(BaseSettings):
 
     # --- worker --------------------------------------------------------------------------------
     worker_id: str = Field("", description="Name of this worker in the consumer group; unset = host-pid.")
-    max_batch: int = Field(4, ge=1, description="Most jobs a worker runs as one batch.")
-    batch_window_ms: int = Field(
-        10, ge=0, description="How long a worker waits for more compatible jobs before running a batch."
+    max_batch: int = Field(
+        4,
+        ge=1,
+        description="Most rows (images) one running batch of a worker holds; jobs join and leave it at "
+        "step boundaries, and a worker holds up to twice this many jobs (running + prepared).",
     )
     compute_deadline_s: float = Field(
         120.0,
         gt=0,
-        description="Fixed part of a batch's compute deadline. A batch still computing after "
-        "`COMPUTE_DEADLINE_S + COMPUTE_S_PER_IMAGE_STEP x (steps x images of its jobs)` is abandoned: its "
-        "jobs go back to the queue for another worker and this worker exits (code 3) to be restarted.",
+        description="Fixed part of a step's compute deadline. A scheduler step still computing after "
+        "`COMPUTE_DEADLINE_S + COMPUTE_S_PER_IMAGE_STEP x rows it steps` (a job run alone: x its steps x "
+        "images) is abandoned: the running jobs go back to the queue for another worker and this worker "
+        "exits (code 3) to be restarted.",
     )
     compute_s_per_image_step: float = Field(
         0.5,
@@ -192,6 +195,26 @@ class Settings(BaseSettings):
     http_keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
     http_max_header_bytes: int = Field(
         16384, ge=1024, description="Largest request line + headers uvicorn buffers (h11)."
+    )
+    cancel_wait_s: float = Field(
+        2.5,
+        ge=0,
+        description="How long `DELETE /jobs/{id}` of a running job waits for its worker to stop it at the "
+        "next step before answering 202.",
+    )
+    events_max_duration_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest time one `GET /jobs/{id}/events` stream stays open; clients reconnect with "
+        "Last-Event-ID (EventSource does so by itself).",
+    )
+    events_max_streams: int = Field(
+        200, ge=1, description="Event streams one API process serves at once; beyond it 429."
+    )
+    events_max_streams_per_caller: int = Field(
+        8,
+        ge=1,
+        description="Event streams one API key (or client address when open) holds at once; beyond it 429.",
     )
 
     # --- webhooks (service/webhooks) -----------------------------------------------------------

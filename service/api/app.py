@@ -19,7 +19,7 @@ from service.api.intake import Intake
 from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.api.openapi import install_openapi
 from service.api.ratelimit import RateLimiter
-from service.api.routes import customize, demo, jobs, ops, webhooks
+from service.api.routes import customize, demo, events, jobs, ops, webhooks
 from service.queue import create_queue
 from service.queue.protocol import JobQueue
 from service.settings import Settings
@@ -49,6 +49,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
         app.state.settings = settings
         tokenizer = await run_in_threadpool(load_clip_tokenizer, settings.tokenizer_path)
         app.state.intake = Intake(settings, tokenizer)
+        app.state.event_streams = events.stream_slots(settings)
         app.state.rate_limiter = (
             RateLimiter(settings.rate_limit_per_minute) if settings.rate_limit_per_minute else None
         )
@@ -78,6 +79,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
     )
     app.include_router(customize.router)
     app.include_router(jobs.router)
+    app.include_router(events.router)
     app.include_router(ops.router)
     app.include_router(demo.router)
     app.include_router(webhooks.router)

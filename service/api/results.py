@@ -64,7 +64,10 @@ def to_response(record: JobRecord, total_s: float) -> CustomizeResponse:
         seed=record.seed,
         output_format=record.output_format,
         timings=Timings(
-            queue_wait=result.queue_wait_seconds, inference=result.inference_seconds, total=total_s
+            queue_wait=result.queue_wait_seconds,
+            prepare=result.prepare_seconds,
+            inference=result.inference_seconds,
+            total=total_s,
         ),
     )
 
@@ -84,7 +87,7 @@ def raise_unless_done(record: JobRecord, timeout_s: float) -> None:
             headers=job,
         )
     if state == JobState.CANCELLED:
-        raise ApiError(409, "cancelled", "the job was cancelled before it ran", headers=job)
+        raise ApiError(409, "cancelled", "the job was cancelled", headers=job)
     if state == JobState.RUNNING:
         outcome = f"it is running and will finish: fetch the result with GET /jobs/{record.id}"
     else:

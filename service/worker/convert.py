@@ -34,13 +34,16 @@ def to_generation_job(spec: JobSpec) -> GenerationJob:
     )
 
 
-def to_result(spec: JobSpec, output: GenerationOutput, queue_wait_s: float, worker: str) -> JobResult:
+def to_result(
+    spec: JobSpec, output: GenerationOutput, queue_wait_s: float, worker: str, prepare_s: float = 0.0
+) -> JobResult:
     """Encode the images in the requested format (masks as PNG)."""
     return JobResult(
         images=[encode_image(image, spec.output_format) for image in output.images],
         masks=[encode_image(mask, "png") for mask in output.masks] if output.masks is not None else None,
         queue_wait_seconds=queue_wait_s,
         inference_seconds=output.inference_seconds,
+        prepare_seconds=prepare_s,
         finished_at=time.time(),
         worker=worker,
     )

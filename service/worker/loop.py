@@ -1,31 +1,44 @@
-"""The worker loop: take jobs, batch compatible ones, run them, store results, acknowledge.
+"""The worker loop: step-level continuous batching over the queue.
 
-Runs on an asyncio loop; the runner itself runs in a thread, so while a batch computes the loop
-keeps heart-beating (which keeps this worker's jobs from being reclaimed) and takes and decodes
-the next jobs. Heartbeats alone would keep a hung batch's jobs claimed forever, so each batch has
-a compute deadline: past it the jobs are released to other workers and the worker stops with
-ComputeDeadlineExceeded (a thread cannot be interrupted; the process exits and is restarted).
+Three activities overlap on one asyncio loop:
+
+* intake: take jobs (up to 2 x MAX_BATCH held), decode them and prepare their loop inputs (text,
+  reference encoding, projector, noise) on the preparation thread, while the batch steps;
+* stepping: one step of every running batch on the stepping thread; meanwhile the loop fetches
+  the running jobs' signals (cancellations, watchers) in one round trip;
+* at each step boundary: finished rows leave (decoded on the stepping thread, stored by a task),
+  cancelled and expired rows are dropped, prepared jobs join free rows (marked running first), and
+  every running job's progress is published (previews only for watched jobs; never waited on).
+
+Heartbeats keep held jobs claimed; each step has a compute deadline: past it the running jobs are
+released to other workers and the worker stops with ComputeDeadlineExceeded (a thread cannot be
+interrupted; the process exits and is restarted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-from engines.jobs import GenerationJob
+from engines.jobs import GenerationJob, GenerationOutput
 from engines.runner import Runner
+from engines.step_scheduler import Prepared, StepScheduler
 from service import metrics
 from service.queue.protocol import (
+    JobProgress,
     JobQueue,
     JobResult,
     JobState,
     QueueUnavailableError,
+    StepSignals,
     TakenJob,
 )
 from service.settings import Settings
-from service.worker.batcher import PendingJob, next_batch
 from service.worker.convert import to_generation_job, to_result
 from service.worker.gpu import record_gpu_memory
 from service.worker.health import Progress
@@ -36,17 +49,52 @@ logger = logging.getLogger(__name__)
 TAKE_BLOCK_S = 0.5
 # Back-off while the queue is unreachable (Redis restarting).
 RETRY_DELAY_S = 0.5
+# Weight of the newest step in the step-time average behind the ETA.
+ETA_SMOOTHING = 0.3
 
 
 class ComputeDeadlineExceeded(Exception):
-    """A batch ran past its compute deadline; its jobs were released. The process must exit: the
-    thread running the batch cannot be stopped, and the device may be wedged."""
+    """A step (or a loop run alone) ran past its compute deadline; its jobs were released. The
+    process must exit: the thread running it cannot be stopped, and the device may be wedged."""
 
 
-def compute_deadline_s(settings: Settings, jobs: list[GenerationJob]) -> float:
-    """The compute deadline of one batch: a fixed part plus an allowance per image step."""
-    image_steps = sum(job.num_inference_steps * job.num_images for job in jobs)
+def compute_deadline_s(settings: Settings, image_steps: int) -> float:
+    """The compute deadline of `image_steps` image-steps: a fixed part plus an allowance each."""
     return settings.compute_deadline_s + settings.compute_s_per_image_step * image_steps
+
+
+@dataclass
+class Held:
+    """A job this worker holds, from its delivery to its terminal record."""
+
+    taken: TakenJob
+    prepared: Prepared | None = None
+    joined_at: float = 0.0  # perf_counter at its first step
+    watched: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.taken.spec.id
+
+    @property
+    def job(self) -> GenerationJob:
+        return self.prepared.job
+
+
+@dataclass
+class StepOutcome:
+    """What one scheduler step produced, computed on the stepping thread."""
+
+    seconds: float
+    finished: list[tuple[str, GenerationOutput]] = field(default_factory=list)
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
+    previews: dict[str, tuple[bytes, list[bytes]]] = field(default_factory=dict)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class Worker:
@@ -59,23 +107,40 @@ class Worker:
         self._runner = runner
         self._settings = settings
         self._name = name
-        self._backlog: list[PendingJob] = []
+        self._scheduler = StepScheduler(runner, settings.max_batch)
         self._engine_stats = metrics.EngineStatsExporter()
+        # One thread steps (the device's owner); another prepares joining jobs meanwhile.
+        self._stepper = ThreadPoolExecutor(1, thread_name_prefix="worker-step")
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="worker-prepare")
         # Every delivery taken and not yet finished or returned, by token: kept claimed by heartbeats.
         self._held: dict[str, TakenJob] = {}
+        self._ready: list[Held] = []  # prepared, not started, in arrival order
+        self._running: dict[str, Held] = {}
+        self._room = asyncio.Event()  # intake may take more
+        self._wake = asyncio.Event()  # a job became ready
+        self._stores: set[asyncio.Task] = set()
+        self._publishing: asyncio.Task | None = None
+        self._step_s: float | None = None
+        self._joins = 0  # since the last step
         self._stopping = asyncio.Event()
         self._drain = False
         self.progress = progress or Progress(settings.worker_stall_s)
 
     def stop(self, drain: bool = False) -> None:
-        """Stop after the current batch; with `drain`, only once the queue is empty too."""
+        """Stop taking jobs and finish the running ones; with `drain`, only once the queue is empty."""
         self._drain = drain
         self._stopping.set()
+        self._wake.set()
         metrics.WORKER_READY.set(0)  # probes see the stop at once, not after the batch
+
+    @property
+    def _accepting(self) -> bool:
+        return not self._stopping.is_set() or self._drain
 
     async def run(self) -> None:
         self.progress.beat()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
+        intake = asyncio.create_task(self._intake_loop(), name="worker-intake")
         metrics.WORKER_READY.set(1)
         logger.info(
             "worker %s ready (model=%s, backend=%s)",
@@ -86,22 +151,23 @@ class Worker:
         try:
             while not await self._should_exit():
                 try:
-                    batch, self._backlog = next_batch(self._backlog, self._settings.max_batch)
-                    if not batch:
-                        await self._fill_backlog()
-                        continue
-                    # Take and decode the next jobs while this batch computes.
-                    prefetch = asyncio.create_task(self._fill_backlog())
-                    try:
-                        await self._run_batch(batch)
-                    finally:
-                        await prefetch
+                    await self._join_ready()
+                    if self._running:
+                        await self._step()
+                    else:
+                        self._wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), TAKE_BLOCK_S)
                 except QueueUnavailableError as error:
                     logger.warning("queue unavailable (%s); retrying", error)
                     await asyncio.sleep(RETRY_DELAY_S)
         finally:
             metrics.WORKER_READY.set(0)
-            await self._return_backlog()
+            intake.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await intake
+            await asyncio.gather(*self._stores, return_exceptions=True)
+            await self._return_ready()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -110,11 +176,12 @@ class Worker:
             logger.info("worker %s stopped", self._name)
 
     async def _should_exit(self) -> bool:
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() or self._running:
             return False
         if self._drain:
             with contextlib.suppress(QueueUnavailableError):
-                return not self._backlog and await self._queue.depth() == 0
+                return not self._held and await self._queue.depth() == 0
+            return False
         return True
 
     async def _heartbeat_loop(self) -> None:
@@ -122,131 +189,318 @@ class Worker:
             if not self.progress.busy:  # the loop ticks; a running batch shows progress itself
                 self.progress.beat(self.progress.stall_s + self._settings.heartbeat_s)
             try:
-                in_flight = list(self._held.values())
                 await self._queue.heartbeat(
-                    self._name, ready=not self._stopping.is_set(), in_flight=in_flight
+                    self._name, ready=not self._stopping.is_set(), in_flight=list(self._held.values())
                 )
             except QueueUnavailableError as error:
                 logger.warning("heartbeat failed: %s", error)
             await asyncio.sleep(self._settings.heartbeat_s)
 
-    async def _fill_backlog(self) -> None:
-        room = self._settings.max_batch - len(self._backlog)
-        if room <= 0 or (self._stopping.is_set() and not self._drain):
-            return
-        taken = await self._queue.take(self._name, room, block_s=0.0 if self._backlog else TAKE_BLOCK_S)
-        window_s = self._settings.batch_window_ms / 1000
-        if taken and len(taken) < room and window_s > 0:
-            # Concurrent requests arrive a few milliseconds apart: wait briefly to batch them.
-            await asyncio.sleep(window_s)
-            with contextlib.suppress(QueueUnavailableError):  # what was taken is held either way
-                taken += await self._queue.take(self._name, room - len(taken), block_s=0.0)
-        for job in taken:
-            self._held[job.token] = job
-            await self._accept(job)
+    # ---- intake ---------------------------------------------------------------------------------
+
+    async def _intake_loop(self) -> None:
+        """Take and prepare jobs while the batch steps: at most 2 x MAX_BATCH held at once."""
+        limit = 2 * self._settings.max_batch
+        while self._accepting:
+            room = limit - len(self._held)
+            if room <= 0:
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), TAKE_BLOCK_S)
+                continue
+            try:
+                taken = await self._queue.take(self._name, room, block_s=TAKE_BLOCK_S)
+            except QueueUnavailableError as error:
+                logger.warning("queue unavailable (%s); retrying", error)
+                await asyncio.sleep(RETRY_DELAY_S)
+                continue
+            for job in taken:
+                self._held[job.token] = job
+            for job in taken:
+                await self._accept(job)
 
     async def _accept(self, taken: TakenJob) -> None:
-        """Decode a delivery into the backlog, or finish it at once (expired, undecodable)."""
+        """Prepare a delivery (off the stepping thread), or finish it at once (expired, bad)."""
         if taken.spec.expired():
             await self._finish(taken, JobState.EXPIRED, error="the deadline passed before a worker was free")
             return
+        loop = asyncio.get_running_loop()
         try:
-            job = await asyncio.to_thread(to_generation_job, taken.spec)
+            job = await loop.run_in_executor(self._preparer, to_generation_job, taken.spec)
+            prepared = await loop.run_in_executor(self._preparer, self._scheduler.prepare, job)
         except Exception as error:  # one bad job must fail alone, never stop the worker
             logger.warning("job %s could not be prepared: %s", taken.spec.id, error)
             message = f"the job could not be prepared: {type(error).__name__}: {error}"
             await self._finish(taken, JobState.FAILED, error=message)
             return
-        self._backlog.append(PendingJob(taken=taken, job=job))
+        metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - taken.spec.enqueued_at))
+        metrics.PREPARE_SECONDS.observe(prepared.prepare_s)
+        self._ready.append(Held(taken, prepared))
+        self._wake.set()
 
-    async def _run_batch(self, batch: list[PendingJob]) -> None:
-        runnable: list[PendingJob] = []
-        for index, pending in enumerate(batch):
-            if pending.taken.spec.expired():
-                await self._finish(pending.taken, JobState.EXPIRED, error="the deadline passed while queued")
+    async def _return_ready(self) -> None:
+        """Give jobs taken but not started back to the queue for another worker (if the queue is
+        unreachable they stay with this consumer and are reclaimed once it stops heart-beating)."""
+        for held in self._ready:
+            with contextlib.suppress(QueueUnavailableError):
+                await self._queue.release(held.taken)
+                self._held.pop(held.taken.token, None)
+                logger.info("returned job %s to the queue", held.id)
+        self._ready = []
+        self._room.set()
+
+    # ---- step boundary: joins --------------------------------------------------------------------
+
+    async def _join_ready(self) -> None:
+        """Prepared jobs join free rows in arrival order; a job that does not fit holds back the
+        later jobs of its family (no starvation), not the others."""
+        if not self._ready or not self._accepting:
+            return
+        loop = asyncio.get_running_loop()
+        candidates = await loop.run_in_executor(self._stepper, self._fitting, list(self._ready))
+        for held in candidates:
+            if held.taken.spec.expired():
+                self._ready.remove(held)
+                await self._finish(held.taken, JobState.EXPIRED, error="the deadline passed while queued")
                 continue
-            try:
-                started = await self._queue.start(self._name, pending.taken)
-            except QueueUnavailableError:
-                # Back to the front of the backlog (starting again is harmless), never stranded.
-                self._backlog[:0] = runnable + batch[index:]
-                raise
-            if started:
-                runnable.append(pending)
-            else:  # cancelled, finished or taken over: `start` dropped our delivery
-                self._held.pop(pending.taken.token, None)
-                logger.info("skipping job %s: cancelled or finished elsewhere", pending.taken.spec.id)
-        if runnable:
-            await self._compute_and_store(runnable)
+            # A queue error leaves the job ready: the next boundary starts it again (harmless).
+            started = await self._queue.start(self._name, held.taken)
+            self._ready.remove(held)
+            if not started:
+                # cancelled, finished or taken over: `start` dropped our delivery
+                self._forget(held.taken)
+                logger.info("skipping job %s: cancelled or finished elsewhere", held.id)
+                continue
+            if held.prepared.request is None:
+                await self._run_alone(held)
+                continue
+            await loop.run_in_executor(self._stepper, self._scheduler.join, held.prepared)
+            held.joined_at = time.perf_counter()
+            metrics.TIME_TO_FIRST_STEP_SECONDS.observe(max(0.0, time.time() - held.taken.spec.enqueued_at))
+            self._running[held.id] = held
+            self._joins += 1
+        metrics.ROWS_IN_FLIGHT.set(self._scheduler.rows_in_flight)
 
-    async def _compute_and_store(self, runnable: list[PendingJob]) -> None:
-        started_at = time.time()
-        metrics.WORKER_BUSY.set(1)
-        metrics.BATCH_SIZE.observe(len(runnable))
-        for pending in runnable:
-            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, started_at - pending.taken.spec.enqueued_at))
-        deadline_s = compute_deadline_s(self._settings, [pending.job for pending in runnable])
-        self.progress.busy = True
-        self.progress.beat(deadline_s + self.progress.stall_s)
-        compute = asyncio.ensure_future(asyncio.to_thread(self._compute, runnable, started_at))
-        failure: Exception | None = None
+    def _fitting(self, ready: list[Held]) -> list[Held]:
+        """The ready jobs that fit now (stepping thread: may prepare a family's states)."""
+        rows: dict = {}
+        blocked: set = set()
+        chosen = []
+        for held in ready:
+            family = held.prepared.family
+            if family in blocked:
+                continue
+            if held.prepared.request is None:
+                chosen.append(held)
+                continue
+            if family not in rows:
+                rows[family] = self._scheduler.batch_for(family).free_rows
+            if held.prepared.request.rows <= rows[family]:
+                rows[family] -= held.prepared.request.rows
+                chosen.append(held)
+            else:
+                blocked.add(family)
+        return chosen
+
+    # ---- one step --------------------------------------------------------------------------------
+
+    async def _step(self) -> None:
+        ids = list(self._running)
+        signals = asyncio.create_task(self._signals(ids))
+        rows = self._scheduler.rows_by_batch()
+        deadline_s = compute_deadline_s(self._settings, sum(rows))
+        watched = [job_id for job_id in ids if self._running[job_id].watched]
+        if not self.progress.busy:
+            # The first step after idle may take its deadline; after it, every step shows progress
+            # within WORKER_STALL_S or /healthz reports the worker stalled.
+            metrics.WORKER_BUSY.set(1)
+            self.progress.busy = True
+            self.progress.beat(deadline_s + self.progress.stall_s)
+        loop = asyncio.get_running_loop()
+        compute = loop.run_in_executor(self._stepper, self._compute_step, watched)
         try:
             # shield: at the deadline only the waiting stops; the thread cannot be cancelled.
-            results = await asyncio.wait_for(asyncio.shield(compute), deadline_s)
+            outcome = await asyncio.wait_for(asyncio.shield(compute), deadline_s)
         except TimeoutError:
-            await self._abandon(runnable, deadline_s)
-        except Exception as error:  # a failing batch must still end every job it holds
-            failure = error
-        finally:
-            metrics.WORKER_BUSY.set(0)
+            signals.cancel()
+            raise await self._abandon(deadline_s) from None
+        except Exception as error:  # a failing step must still end every job it holds
+            signals.cancel()
+            self._idle()
+            await self._step_failed(error)
+            return
+        self.progress.step()
+        self._engine_stats.record(self._runner.stats)
+        metrics.STEP_SECONDS.labels(rows=str(sum(rows))).observe(outcome.seconds)
+        metrics.JOINS_PER_STEP.observe(self._joins)
+        self._joins = 0
+        self._step_s = (
+            outcome.seconds
+            if self._step_s is None
+            else (1 - ETA_SMOOTHING) * self._step_s + ETA_SMOOTHING * outcome.seconds
+        )
+        for job_id, output in outcome.finished:
+            held = self._running.pop(job_id)
+            self._store(held, output)
+        self._publish(outcome)
+        await self._apply(await signals)
+        metrics.ROWS_IN_FLIGHT.set(self._scheduler.rows_in_flight)
+        if not self._running:
+            self._idle()
+
+    def _idle(self) -> None:
+        metrics.WORKER_BUSY.set(0)
         self.progress.busy = False
         self.progress.beat()
-        record_gpu_memory()
-        self._engine_stats.record(self._runner.stats)
-        if failure is not None:
-            logger.error("batch of %d jobs failed", len(runnable), exc_info=failure)
-            if len(runnable) > 1:
-                # One bad job (or a batch too large for the device) must not fail the others.
-                for pending in runnable:
-                    await self._compute_and_store([pending])
-                return
-            message = f"{type(failure).__name__}: {failure}"
-            await self._finish(runnable[0].taken, JobState.FAILED, error=message)
-            return
-        metrics.INFERENCE_SECONDS.observe(results[0].inference_seconds)
-        for pending, result in zip(runnable, results, strict=True):
-            await self._finish(pending.taken, JobState.DONE, result=result)
 
-    async def _abandon(self, runnable: list[PendingJob], deadline_s: float) -> None:
-        """Give a hung batch's jobs back to the queue (another worker runs them; a late result of
-        this one is refused by the fencing token) and stop this worker."""
+    def _compute_step(self, watched: list[str]) -> StepOutcome:
+        """Stepping thread: one step, then decode what finished and snapshot watched jobs."""
+        started = time.perf_counter()
+        finished = self._scheduler.step()
+        outcome = StepOutcome(time.perf_counter() - started)
+        for done in finished:
+            held = self._running[done.key]
+            inference_s = time.perf_counter() - held.joined_at
+            outcome.finished.append((done.key, self._scheduler.decode(done, held.job, inference_s)))
+        for job_id in self._running:
+            found = self._scheduler.progress(job_id)
+            if found is not None:
+                outcome.progress[job_id] = found
+        for job_id in watched:
+            preview = self._scheduler.preview(job_id)
+            if preview is not None:
+                image, masks = preview
+                outcome.previews[job_id] = (_png(image), [_png(mask) for mask in masks])
+        return outcome
+
+    async def _signals(self, ids: list[str]) -> StepSignals | None:
+        try:
+            return await self._queue.step_signals(ids)
+        except QueueUnavailableError as error:  # the next boundary asks again
+            logger.warning("could not read job signals: %s", error)
+            return None
+
+    async def _apply(self, signals: StepSignals | None) -> None:
+        """Drop cancelled and expired rows (they never compute past this boundary); note watchers."""
+        now = time.time()
+        for job_id, held in list(self._running.items()):
+            if signals is not None:
+                held.watched = job_id in signals.watched
+            cancelled = signals is not None and job_id in signals.cancelled
+            if not (cancelled or held.taken.spec.expired(now)):
+                continue
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._stepper, self._scheduler.cancel, job_id)
+            del self._running[job_id]
+            if cancelled:
+                metrics.CANCELLED_RUNNING.inc()
+                await self._finish(held.taken, JobState.CANCELLED, error="cancelled while running")
+            else:
+                await self._finish(held.taken, JobState.EXPIRED, error="the deadline passed while running")
+
+    def _publish(self, outcome: StepOutcome) -> None:
+        """Progress of every running job, fire and forget: a slow queue skips a step's events
+        rather than delaying the next step."""
+        if self._publishing is not None and not self._publishing.done():
+            return
+        events = []
+        for job_id, (done, steps) in outcome.progress.items():
+            eta = None if self._step_s is None else (steps - done) * self._step_s
+            preview, masks = outcome.previews.get(job_id, (None, None))
+            events.append(
+                (job_id, JobProgress(step=done, steps=steps, eta_s=eta, preview=preview, masks=masks))
+            )
+        if events:
+            self._publishing = asyncio.create_task(self._send(events))
+
+    async def _send(self, events: list[tuple[str, JobProgress]]) -> None:
+        results = await asyncio.gather(
+            *(self._queue.publish_progress(job_id, event) for job_id, event in events), return_exceptions=True
+        )
+        failures = [result for result in results if isinstance(result, Exception)]
+        if failures:
+            logger.warning("publishing progress failed for %d jobs: %s", len(failures), failures[0])
+
+    # ---- results ---------------------------------------------------------------------------------
+
+    def _store(self, held: Held, output: GenerationOutput) -> None:
+        """Encode and store a finished job in a task, so the next step does not wait for it."""
+        metrics.INFERENCE_SECONDS.observe(output.inference_seconds)
+        queue_wait = max(0.0, time.time() - output.inference_seconds - held.taken.spec.enqueued_at)
+
+        async def store() -> None:
+            prepare_s = held.prepared.prepare_s
+            result = await asyncio.to_thread(
+                to_result, held.taken.spec, output, queue_wait, self._name, prepare_s
+            )
+            await self._finish(held.taken, JobState.DONE, result=result)
+
+        task = asyncio.create_task(store())
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
+
+    async def _run_alone(self, held: Held) -> None:
+        """A job no running batch holds: its whole loop, alone, under the loop's compute deadline."""
+        job = held.job
+        deadline_s = compute_deadline_s(self._settings, job.num_inference_steps * job.num_images)
+        metrics.WORKER_BUSY.set(1)
+        self.progress.busy = True
+        self.progress.beat(deadline_s + self.progress.stall_s)
+        loop = asyncio.get_running_loop()
+        compute = loop.run_in_executor(self._stepper, self._scheduler.run_alone, job)
+        try:
+            output = await asyncio.wait_for(asyncio.shield(compute), deadline_s)
+        except TimeoutError:
+            raise await self._abandon(deadline_s, [held]) from None
+        except Exception as error:
+            logger.error("job %s failed", held.id, exc_info=error)
+            await self._finish(held.taken, JobState.FAILED, error=f"{type(error).__name__}: {error}")
+            return
+        finally:
+            if not self._running:
+                self._idle()
+        self._store(held, output)
+
+    async def _step_failed(self, failure: Exception) -> None:
+        """A step raised: its rows' state is suspect. Each running job runs again alone, so one bad
+        job (or a batch too large for the device) fails alone."""
+        logger.error("a step of %d jobs failed; running each alone", len(self._running), exc_info=failure)
+        record_gpu_memory()
+        loop = asyncio.get_running_loop()
+        jobs = list(self._running.values())
+        for held in jobs:
+            await loop.run_in_executor(self._stepper, self._scheduler.cancel, held.id)
+            del self._running[held.id]
+        for held in jobs:
+            await self._run_alone(held)
+
+    async def _abandon(self, deadline_s: float, alone: list[Held] | None = None) -> ComputeDeadlineExceeded:
+        """Give a hung step's jobs (and a hung job run `alone`) back to the queue (another worker
+        runs them; a late result of this one is refused by the fencing token) and stop this worker:
+        raise what it returns."""
         metrics.BATCHES_ABANDONED.inc()
         self.stop()
-        for pending in runnable:
+        running = list(self._running.values()) + (alone or [])
+        for held in running:
             try:
-                await self._queue.release(pending.taken)
-                self._held.pop(pending.taken.token, None)
+                await self._queue.release(held.taken)
+                self._forget(held.taken)
             except QueueUnavailableError as error:
                 # Still claimed by us: reclaimed by another worker once our heartbeats stop.
-                logger.warning("could not release job %s (%s)", pending.taken.spec.id, error)
-        ids = ", ".join(pending.taken.spec.id for pending in runnable)
+                logger.warning("could not release job %s (%s)", held.id, error)
+        ids = ", ".join(held.id for held in running)
         logger.error(
             "batch of %d jobs (%s) still computing after its compute deadline of %.1f s: released them "
             "to other workers; this worker exits to restart its engine",
-            len(runnable),
+            len(running),
             ids,
             deadline_s,
         )
-        raise ComputeDeadlineExceeded(f"batch of {len(runnable)} jobs passed its {deadline_s:.1f} s deadline")
+        return ComputeDeadlineExceeded(f"batch of {len(running)} jobs passed its {deadline_s:.1f} s deadline")
 
-    def _compute(self, batch: list[PendingJob], started_at: float) -> list[JobResult]:
-        outputs = self._runner.run([pending.job for pending in batch])
-        return [
-            to_result(
-                pending.taken.spec, output, max(0.0, started_at - pending.taken.spec.enqueued_at), self._name
-            )
-            for pending, output in zip(batch, outputs, strict=True)
-        ]
+    def _forget(self, taken: TakenJob) -> None:
+        self._held.pop(taken.token, None)
+        self._room.set()
 
     async def _finish(
         self, taken: TakenJob, state: JobState, error: str | None = None, result: JobResult | None = None
@@ -257,19 +511,9 @@ class Worker:
         while True:
             try:
                 await self._queue.finish(taken, record)
-                self._held.pop(taken.token, None)
+                self._forget(taken)
                 break
             except QueueUnavailableError as outage:
                 logger.warning("storing job %s failed (%s); retrying", spec.id, outage)
                 await asyncio.sleep(RETRY_DELAY_S)
         metrics.JOBS_FINISHED.labels(state.value).inc()
-
-    async def _return_backlog(self) -> None:
-        """Give jobs taken but not started back to the queue for another worker (if the queue is
-        unreachable they stay with this consumer and are reclaimed once it stops heart-beating)."""
-        for pending in self._backlog:
-            with contextlib.suppress(QueueUnavailableError):
-                await self._queue.release(pending.taken)
-                self._held.pop(pending.taken.token, None)
-                logger.info("returned job %s to the queue", pending.taken.spec.id)
-        self._backlog = []

@@ -118,7 +118,6 @@ def run(photo: Path, log_dir: Path, kind: str = "single") -> dict:
         "HEARTBEAT_S": "0.3",
         "RECLAIM_IDLE_S": "1.5",
         "MAX_BATCH": "2",
-        "BATCH_WINDOW_MS": "200",
         "JOB_TIMEOUT_S": "300",
     }
     workers = [WorkerProcess(f"fault-{index}", env, log_dir) for index in (1, 2)]

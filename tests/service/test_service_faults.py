@@ -88,7 +88,7 @@ def test_two_workers_on_one_host_a_killed_one_s_batch_completes_on_the_other_and
     redis_server, tmp_path: Path, cat_b64: str
 ) -> None:
     env = queue_env(
-        redis_server.url, HEARTBEAT_S="0.3", RECLAIM_IDLE_S="1.5", MAX_BATCH="2", BATCH_WINDOW_MS="300"
+        redis_server.url, HEARTBEAT_S="0.3", RECLAIM_IDLE_S="1.5", MAX_BATCH="2"
     )
     shared_port = listening_port()  # both ask for the same metrics port, as two workers of one image do
     workers = {
@@ -118,8 +118,9 @@ def test_two_workers_on_one_host_a_killed_one_s_batch_completes_on_the_other_and
                     assert done["worker"] == survivor.worker_id
             assert "reclaimed job" in survivor.log()
 
-            # Graceful stop: SIGTERM while a job runs and the next one is already taken (prefetched)
-            # -> the running job is finished and stored, the taken one returned to the queue.
+            # Graceful stop: SIGTERM while a job fills the running batch (2 images, MAX_BATCH=2) and
+            # the next one is already taken and prepared, waiting for rows -> the running job is
+            # finished and stored, the taken one returned to the queue.
             job_id = client.post("/jobs", json=cat_body(cat_b64, seed=13, **SLOW)).json()["id"]
             wait_status(client, job_id, {"running"}, 30)
             next_id = client.post("/jobs", json=cat_body(cat_b64, seed=14, **SLOW)).json()["id"]

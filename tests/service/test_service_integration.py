@@ -42,7 +42,6 @@ def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
         "QUEUE_NAME": f"it-{uuid.uuid4().hex[:8]}",
         "HEARTBEAT_S": "0.5",
         "MAX_BATCH": "4",
-        "BATCH_WINDOW_MS": "20",
     }
     workers = [WorkerProcess(f"it-worker-{index}", env, log_dir) for index in (1, 2)]
     api = Api("service.api", env, log_dir)
@@ -104,7 +103,9 @@ def test_concurrent_requests_are_all_answered_by_both_workers(stack: Stack, phot
     per_worker = [worker.metric('realcustom_jobs_finished_total{state="done"}') for worker in stack.workers]
     assert sum(per_worker) - done_before == len(bodies)
     assert all(count > 0 for count in per_worker), per_worker
-    assert sum(worker.metric("realcustom_batch_size_count") for worker in stack.workers) < sum(per_worker)
+    # Concurrent jobs shared steps: fewer scheduler steps than the jobs' steps added up.
+    steps = sum(worker.metric("realcustom_step_seconds_count") for worker in stack.workers)
+    assert steps < len(bodies) * SMALL["num_inference_steps"]
 
 
 def test_a_seed_reproduces_the_same_image(stack: Stack, photos_b64) -> None:
@@ -192,7 +193,9 @@ def test_readiness_and_metrics(stack: Stack) -> None:
     for name in (
         "realcustom_inference_seconds_count",
         "realcustom_queue_wait_seconds_count",
-        "realcustom_batch_size_count",
+        "realcustom_step_seconds_count",
+        "realcustom_time_to_first_step_seconds_count",
+        "realcustom_prepare_seconds_count",
     ):
         assert worker.metric(name) > 0, name
     assert worker.metric("realcustom_worker_busy") == 0

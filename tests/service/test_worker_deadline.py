@@ -1,6 +1,6 @@
 """Compute deadline and progress-based liveness of a worker, with real processes (Redis, the API,
-workers on the tiny model). A batch that outlasts its compute deadline is treated as hung: here a
-real batch made slower than a deliberately tiny deadline, which the worker cannot tell from a hang."""
+workers on the tiny model). A step that outlasts its compute deadline is treated as hung: here a
+real step made slower than a deliberately tiny deadline, which the worker cannot tell from a hang."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_a_batch_past_its_compute_deadline_is_released_and_completed_by_another_
         "HEARTBEAT_S": "0.3",
     }
     hung = WorkerProcess(
-        "hung", env | {"COMPUTE_DEADLINE_S": "0.5", "COMPUTE_S_PER_IMAGE_STEP": "0"}, tmp_path
+        "hung", env | {"COMPUTE_DEADLINE_S": "0.1", "COMPUTE_S_PER_IMAGE_STEP": "0"}, tmp_path
     )
     api = Api("service.api", env, tmp_path)
     rescuer = None
@@ -48,13 +48,13 @@ def test_a_batch_past_its_compute_deadline_is_released_and_completed_by_another_
             rescuer = WorkerProcess("rescuer", env, tmp_path)
             done = wait_status(client, job_id, {"done", "failed"}, 120)
         assert done["status"] == "done" and done["worker"] == "rescuer", done
-        # Abandoned at its 0.5 s deadline, well before the batch would have ended (the same job took
+        # Abandoned at its first step's 0.1 s deadline, well before the batch would have ended (the same job took
         # the rescuer this long to compute, on the same machine).
         assert exited_after_s < done["result"]["timings"]["inference"], (
             exited_after_s,
             done["result"]["timings"],
         )
-        assert "compute deadline of 0.5 s" in hung.log()
+        assert "compute deadline of 0.1 s" in hung.log()
     finally:
         for worker in (hung, rescuer):
             if worker is not None and worker.alive():

@@ -29,7 +29,7 @@ async def _disconnected(request: Request) -> None:
 
 async def _wait_unless_gone(request: Request, queue: JobQueue, record: JobRecord) -> JobRecord | None:
     """The finished (or deadline-time) record, or None when the client left: its job is then
-    cancelled if it is still queued (a running job finishes and stays readable by id)."""
+    cancelled (a running one stops at its next denoising step)."""
     waiting = asyncio.ensure_future(queue.wait(record.id, timeout_s=record.deadline - time.time()))
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)

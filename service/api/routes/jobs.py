@@ -1,4 +1,5 @@
-"""Asynchronous jobs: `POST /jobs`, `GET /jobs/{id}`, `DELETE /jobs/{id}`, and each result image
+"""Asynchronous jobs: `POST /jobs`, `GET /jobs/{id}`, `DELETE /jobs/{id}` (a queued job at once, a
+running one at its next denoising step), and each result image
 at `GET /jobs/{id}/images/{n}` (`/masks/{n}`), the URLs a webhook carries.
 
 A job belongs to the caller that created it (its API key; its address when the API is open):
@@ -10,7 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from service.api import results
-from service.api.deps import AcceptedJob, Caller, QueueDep, WebhooksDep, owner_of
+from service.api.deps import AcceptedJob, Caller, QueueDep, SettingsDep, WebhooksDep, owner_of
 from service.api.openapi import ERROR_RESPONSES
 from service.errors import ApiError
 from service.images import MEDIA_TYPES
@@ -87,17 +88,39 @@ async def get_job_mask(caller: Caller, job_id: str, index: int, queue: QueueDep)
 
 
 @router.delete(
-    "/{job_id}", response_model=JobStatusResponse, responses=ERROR_RESPONSES, summary="Cancel a queued job"
+    "/{job_id}",
+    response_model=JobStatusResponse,
+    responses={
+        **ERROR_RESPONSES,
+        202: {
+            "model": JobStatusResponse,
+            "description": "The job is running: it stops at its next denoising step (see `message`)",
+        },
+    },
+    summary="Cancel a job: a queued one at once, a running one at its next step",
 )
-async def cancel_job(caller: Caller, job_id: str, queue: QueueDep) -> JobStatusResponse:
+async def cancel_job(
+    caller: Caller, job_id: str, queue: QueueDep, settings: SettingsDep, response: Response
+) -> JobStatusResponse:
     await _find(queue, job_id, caller)
     record = await queue.cancel(job_id)
+    if record is not None and record.state == JobState.RUNNING:
+        # Its worker ends it at the next step boundary: usually well within the wait.
+        record = await queue.wait(job_id, timeout_s=settings.cancel_wait_s)
     if record is None:
         raise _not_found(job_id)
+    if record.state == JobState.RUNNING:
+        response.status_code = status.HTTP_202_ACCEPTED
+        reply = results.status_response(record)
+        reply.message = (
+            f"cancellation requested: job {job_id} stops at its next denoising step and then reads "
+            f"`cancelled` at GET /jobs/{job_id}"
+        )
+        return reply
     if record.state != JobState.CANCELLED:
         raise ApiError(
             409,
             "not_cancellable",
-            f"job {job_id} is {results.effective_state(record)}; only queued jobs cancel",
+            f"job {job_id} is {results.effective_state(record)}; only queued or running jobs cancel",
         )
     return results.status_response(record)
