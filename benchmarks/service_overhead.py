@@ -7,12 +7,15 @@ benchmarks/service_overhead.{json,md}.
 
     .venv/bin/python benchmarks/service_overhead.py [--redis-url redis://127.0.0.1:6379/0]
 
-Per request (client side): e2e = reply latency; inference = the runner's time for the batch that
-held the job; queue_wait = acceptance -> its batch starts on a worker. Reported:
+Per request (client side): e2e = reply latency; inference = the job's first denoising step until
+its images are decoded; queue_wait = acceptance -> its first step on a worker, of which prepare =
+the job's own preparation (text and reference encoding, projector, noise). Reported:
 - overhead = e2e - inference (everything that is not the pipeline: HTTP, validation, Redis,
-  image decode/encode, batching window, and waiting behind other jobs);
+  image decode/encode, preparation, and waiting behind other jobs);
 - service_cost = e2e - inference - queue_wait (HTTP, API validation, Redis, result encoding and
-  delivery).
+  delivery);
+- first_step_beyond_prepare = queue_wait - prepare: what acceptance-to-first-step costs beyond the
+  job's own encoder time (with one client the worker is idle: the scheduler's own latency).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def bodies() -> list[dict]:
 
 
 async def run_level(url: str, concurrency: int, requests: int, payloads: list[dict]) -> dict:
-    samples: list[tuple[float, float, float]] = []
+    samples: list[tuple[float, float, float, float]] = []
     counter = iter(range(requests))
 
     async def client_loop(client: httpx.AsyncClient) -> None:
@@ -97,14 +100,14 @@ async def run_level(url: str, concurrency: int, requests: int, payloads: list[di
             e2e = time.perf_counter() - started
             reply.raise_for_status()
             timings = reply.json()["timings"]
-            samples.append((e2e, timings["inference"], timings["queue_wait"]))
+            samples.append((e2e, timings["inference"], timings["queue_wait"], timings["prepare"]))
 
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    e2e, inference, queue_wait = (np.array(column) * 1000 for column in zip(*samples, strict=True))
+    e2e, inference, queue_wait, prepare = (np.array(column) * 1000 for column in zip(*samples, strict=True))
 
     def percentiles(values: np.ndarray) -> dict[str, float]:
         return {
@@ -119,6 +122,8 @@ async def run_level(url: str, concurrency: int, requests: int, payloads: list[di
         "e2e_ms": percentiles(e2e),
         "inference_ms": percentiles(inference),
         "queue_wait_ms": percentiles(queue_wait),
+        "prepare_ms": percentiles(prepare),
+        "first_step_beyond_prepare_ms": percentiles(queue_wait - prepare),
         "overhead_ms": percentiles(e2e - inference),
         "service_cost_ms": percentiles(e2e - inference - queue_wait),
         "overhead_share_p50": round(float(np.percentile((e2e - inference) / e2e, 50)), 3),
@@ -130,29 +135,38 @@ def write_markdown(report: dict, path: Path) -> None:
         "# Service overhead (CPU, tiny model)",
         "",
         f"Measured {report['date']} on {report['machine']} with `benchmarks/service_overhead.py`: "
-        f"one API process, one worker (MAX_BATCH={report['max_batch']}, "
-        f"BATCH_WINDOW_MS={report['batch_window_ms']}), Redis Streams, OMP_NUM_THREADS=1, "
+        f"one API process, one worker (step-level batching, MAX_BATCH={report['max_batch']}), "
+        "Redis Streams, OMP_NUM_THREADS=1, "
         f"{PARAMS['width']}x{PARAMS['height']} px, {PARAMS['num_inference_steps']} steps, DreamBench photos "
         "(767-1282 px JPEGs, decoded by the API and again by the worker). Client, API, worker and Redis "
         "share the "
         f"machine's cores; the 1-minute load average at the end was {report['load_average_1min_at_end']} "
         "(other jobs shared the machine).",
         "",
-        "- e2e: client-side latency of `POST /customize`; inference: the runner's time for the batch "
-        "holding the job.",
-        "- queue wait: acceptance until the job's batch starts (includes the worker's image decode and "
-        "batching window).",
+        "- e2e: client-side latency of `POST /customize`; inference: the job's first step until its "
+        "images are decoded.",
+        "- queue wait: acceptance until the job's first step (includes prepare: its text and reference "
+        "encoding, projector and noise); beyond prepare = queue wait - prepare.",
         "- overhead = e2e - inference (includes waiting behind other jobs); service cost = e2e - inference "
         "- queue_wait (HTTP, validation and decoding in the API, Redis, result encoding and delivery).",
         "",
         "| clients | requests | req/s | e2e p50 / p99 ms | inference p50 / p99 ms | queue wait p50 / p99 ms "
+        "| prepare p50 / p99 ms | beyond prepare p50 / p99 ms "
         "| overhead p50 / p99 ms | service cost p50 / p99 ms | overhead share of e2e (p50) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in report["levels"]:
         cells = [
             f"{level[key]['p50']} / {level[key]['p99']}"
-            for key in ("e2e_ms", "inference_ms", "queue_wait_ms", "overhead_ms", "service_cost_ms")
+            for key in (
+                "e2e_ms",
+                "inference_ms",
+                "queue_wait_ms",
+                "prepare_ms",
+                "first_step_beyond_prepare_ms",
+                "overhead_ms",
+                "service_cost_ms",
+            )
         ]
         lines.append(
             f"| {level['concurrency']} | {level['requests']} | {level['throughput_rps']} | "
@@ -175,7 +189,6 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=12)
     parser.add_argument("--min-requests", type=int, default=60)
     parser.add_argument("--max-batch", type=int, default=4)
-    parser.add_argument("--batch-window-ms", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "service_overhead")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -191,7 +204,6 @@ def main() -> None:
         "OMP_NUM_THREADS": "1",
         "LOG_LEVEL": "WARNING",
         "MAX_BATCH": str(args.max_batch),
-        "BATCH_WINDOW_MS": str(args.batch_window_ms),
         "QUEUE_MAX_DEPTH": "1000",
         "WORKER_METRICS_PORT": "0",
     }
@@ -224,7 +236,6 @@ def main() -> None:
         "load_average_1min_at_end": round(os.getloadavg()[0], 1),
         "model": "tiny",
         "max_batch": args.max_batch,
-        "batch_window_ms": args.batch_window_ms,
         "params": PARAMS,
         "levels": levels,
     }

@@ -151,10 +151,14 @@ class Timings(BaseModel):
     """Where the time went, in seconds."""
 
     queue_wait: float = Field(
-        description="From acceptance until the job's batch started on a worker (includes the worker's "
-        "image decoding and batching window)."
+        description="From acceptance until the job's first denoising step on a worker (includes `prepare`)."
     )
-    inference: float = Field(description="The pipeline's own time for the batch that held the job.")
+    prepare: float = Field(
+        0.0,
+        description="Preparing the job to join a running batch: text and reference encoding, projector, "
+        "noise (overlapping other jobs' steps).",
+    )
+    inference: float = Field(description="From the job's first denoising step until its images were decoded.")
     total: float = Field(description="From the request's arrival until the reply (synchronous calls).")
 
 
@@ -185,16 +189,16 @@ class JobStatusResponse(BaseModel):
     worker: str | None = Field(None, description="The worker that ran (or runs) the job.")
     error: str | None = None
     result: CustomizeResponse | None = None
-
-
-class ErrorBody(BaseModel):
-    code: str = Field(description="Machine-readable reason, e.g. `invalid_image`, `queue_full`.")
     webhook: WebhookStatus | None = Field(
         None, description="The job's webhook once it is due: its delivery state, attempts and last error."
     )
     message: str | None = Field(
         None, description="What happens next, when that is not plain from `status` (e.g. a cancelling job)."
     )
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable reason, e.g. `invalid_image`, `queue_full`.")
     message: str = Field(description="What is wrong and what to change.")
     field: str | None = Field(None, description="The request field at fault, when there is one.")
 

@@ -118,6 +118,7 @@ class JobResult(BaseModel):
     masks: list[bytes] | None = None
     queue_wait_seconds: float
     inference_seconds: float
+    prepare_seconds: float = Field(0.0, description="Part of the queue wait spent preparing the job to join.")
     finished_at: float = Field(description="Unix time the result was produced.")
     worker: str
 
