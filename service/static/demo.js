@@ -1,6 +1,7 @@
-// The demo page: collects the prompt, photos, targets and settings, sends them to
-// POST /customize and shows the images and masks, or the API's error message.
-// Plain browser JavaScript, no build step. The page validates nothing itself: the API does.
+// The demo page: collects the prompt, photos, targets and settings, queues them with POST /jobs,
+// follows the job's live progress (GET /jobs/{id}/events?previews=true: queue position, step k/N,
+// ETA, the current preview and subject masks) and shows the images and masks, or the API's error
+// message. Plain browser JavaScript, no build step. The page validates nothing itself: the API does.
 "use strict";
 
 const state = { subjects: [], selected: 0 };
@@ -146,25 +147,116 @@ function showResult(result, targets) {
   $("results").replaceChildren(meta, ...rows);
 }
 
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function errorMessage(reply) {
+  const data = await reply.json().catch(() => null);
+  return data && data.error ? data.error.message : `${reply.status} ${reply.statusText}`;
+}
+
+// One block of a text/event-stream: {name, data, id}, or null for a comment or `retry:` block.
+function parseEvent(block) {
+  const fields = {};
+  for (const line of block.split("\n")) {
+    if (line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    fields[line.slice(0, colon)] = line.slice(colon + 1).trimStart();
+  }
+  return fields.event ? { name: fields.event, data: JSON.parse(fields.data), id: fields.id } : null;
+}
+
+// Reads the job's event stream until its final event (onEvent returns true for it). fetch, not
+// EventSource: EventSource cannot send the API key. Like EventSource, it reconnects after a dropped
+// or time-limited stream and resumes after the last event seen (Last-Event-ID).
+async function followJob(id, onEvent) {
+  let lastId = null;
+  for (let quiet = 0; quiet < 5; quiet++) {
+    const headers = lastId ? { ...authHeaders(), "Last-Event-ID": lastId } : authHeaders();
+    const reply = await fetch(`/jobs/${id}/events?previews=true`, { headers });
+    if (!reply.ok) throw new Error(await errorMessage(reply));
+    const reader = reply.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      for (let end = buffer.indexOf("\n\n"); end >= 0; end = buffer.indexOf("\n\n")) {
+        const event = parseEvent(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        if (!event) continue;
+        quiet = 0;
+        if (event.id) lastId = event.id;
+        if (onEvent(event)) return;
+      }
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+  }
+  throw new Error("the progress stream closed repeatedly; see GET /jobs/" + id);
+}
+
+function showProgress(event, targets) {
+  const { data } = event;
+  $("progress").hidden = false;
+  if (event.name === "queued") {
+    $("progress-text").textContent = `queued: ${data.position} job(s) ahead`;
+    return;
+  }
+  $("progress-bar").value = data.step / data.steps;
+  const eta = data.eta_s === null ? "" : ` · ETA ${data.eta_s.toFixed(1)} s`;
+  $("progress-text").textContent = `step ${data.step}/${data.steps}${eta}`;
+  if (data.preview) $("live-preview").replaceChildren(figure(data.preview, "preview", "preview"));
+  if (data.masks) {
+    $("live-masks").replaceChildren(...data.masks.map((mask, s) => figure(mask, "mask", `mask: ${targets[s]}`)));
+  }
+}
+
 async function submit(event) {
   event.preventDefault();
   $("error").hidden = true;
+  $("progress").hidden = true;
   $("submit").disabled = true;
   $("status").textContent = "generating…";
   const body = requestBody();
-  const headers = { "Content-Type": "application/json" };
-  const key = $("api-key").value.trim();
-  if (key) headers.Authorization = `Bearer ${key}`;
+  const targets = body.subjects.map((s) => s.target);
+  const headers = { "Content-Type": "application/json", ...authHeaders() };
   try {
-    const reply = await fetch("/customize", { method: "POST", headers, body: JSON.stringify(body) });
-    const data = await reply.json().catch(() => null);
+    const reply = await fetch("/jobs", { method: "POST", headers, body: JSON.stringify(body) });
     if (!reply.ok) {
-      showError(data && data.error ? data.error.message : `${reply.status} ${reply.statusText}`);
+      showError(await errorMessage(reply));
       return;
     }
-    showResult(data, body.subjects.map((s) => s.target));
+    const { id } = await reply.json();
+    $("results").replaceChildren();
+    $("live-preview").replaceChildren();
+    $("live-masks").replaceChildren();
+    $("progress-bar").value = 0;
+    let final = null;
+    await followJob(id, (event) => {
+      if (event.name === "queued" || event.name === "progress") {
+        showProgress(event, targets);
+        return false;
+      }
+      final = event;
+      return true;
+    });
+    if (final.name !== "done") {
+      showError(final.data.error);
+      return;
+    }
+    $("progress-bar").value = 1;
+    $("progress-text").textContent = "done";
+    const job = await fetch(final.data.url, { headers: authHeaders() });
+    if (!job.ok) {
+      showError(await errorMessage(job));
+      return;
+    }
+    showResult((await job.json()).result, targets);
   } catch (error) {
-    showError(`the service could not be reached: ${error.message}`);
+    // fetch fails with a TypeError when the service cannot be reached; other errors carry its message.
+    showError(error instanceof TypeError ? `the service could not be reached: ${error.message}` : error.message);
   } finally {
     $("submit").disabled = false;
     $("status").textContent = "";

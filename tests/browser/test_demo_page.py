@@ -10,6 +10,15 @@ import httpx
 from playwright.sync_api import expect
 
 TIMEOUT_MS = 60_000
+# Notes, in order, what the page shows first: a step of the progress (`step k/N`), the final image.
+RECORD_ORDER = """() => {
+  window.shown = [];
+  const note = (what) => { if (!window.shown.includes(what)) window.shown.push(what); };
+  new MutationObserver(() => {
+    if (/^step \\d+\\/\\d+/.test(document.getElementById("progress-text").textContent)) note("progress");
+    if (document.querySelector("#results img.output")) note("image");
+  }).observe(document.body, { subtree: true, childList: true, characterData: true });
+}"""
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "test"
 
 
@@ -46,10 +55,14 @@ def test_upload_submit_and_see_the_image(browser_page, service_url: str, dreambe
     expect(page.locator(".subject select")).to_have_value("cat")
     expect(page.locator(".chip.target")).to_have_text("cat")
     fill_settings(page, 64, 2)
+    page.evaluate(RECORD_ORDER)
     page.click("#submit")
 
     output = page.locator("#results img.output")
     expect(output).to_have_count(1, timeout=TIMEOUT_MS)
+    # The job's live progress (GET /jobs/{id}/events) was on the page before its image.
+    assert page.evaluate("window.shown") == ["progress", "image"]
+    expect(page.locator("#progress-text")).to_have_text("done")
     expect(page.locator("#results img.mask")).to_have_count(1)
     expect(page.locator("#error")).to_be_hidden()
     # The browser decoded a real 64x64 image from the API's reply.

@@ -1,4 +1,5 @@
-"""`GET /`: the demo page (static HTML/JS/CSS, no build step) that calls `POST /customize`.
+"""`GET /`: the demo page (static HTML/JS/CSS, no build step) that queues jobs with `POST /jobs`
+and shows their live progress (`GET /jobs/{id}/events`).
 
 The page learns the request limits from `GET /demo/config.json`, so its controls match what the
 API accepts; everything else (validation, error messages) is the real API's.
