@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 from service_processes import Api
-from test_queue_contract import done_record
+from test_queue_contract import done_record, make_spec
 
+from service.api.routes.events import final_event
 from service.queue import create_queue
 from service.queue.protocol import JobProgress, JobQueue, JobState, TakenJob
 from service.settings import Settings
@@ -284,3 +285,11 @@ def test_cancelling_running_jobs(service: Service, cat_b64: str) -> None:
         await queue.close()
 
     run(scenario())
+
+
+def test_the_final_event_of_a_job_past_its_deadline_or_gone() -> None:
+    spec = make_spec(timeout_s=-1.0)  # queued, and its deadline has passed: no worker will run it
+    expired = final_event(spec.record(JobState.QUEUED), spec.id)
+    assert expired.startswith("event: expired\n") and "missed its deadline" in expired
+    gone = final_event(None, spec.id)
+    assert gone.startswith("event: expired\n") and "no longer kept" in gone
