@@ -115,6 +115,7 @@ class Worker:
         # Every delivery taken and not yet finished or returned, by token: kept claimed by heartbeats.
         self._held: dict[str, TakenJob] = {}
         self._ready: list[Held] = []  # prepared, not started, in arrival order
+        self._starting: list[Held] = []  # started in the queue, joining at the next boundary
         self._running: dict[str, Held] = {}
         self._room = asyncio.Event()  # intake may take more
         self._wake = asyncio.Event()  # a job became ready
@@ -176,7 +177,7 @@ class Worker:
             logger.info("worker %s stopped", self._name)
 
     async def _should_exit(self) -> bool:
-        if not self._stopping.is_set() or self._running:
+        if not self._stopping.is_set() or self._running or self._starting:
             return False
         if self._drain:
             with contextlib.suppress(QueueUnavailableError):
@@ -252,37 +253,60 @@ class Worker:
     # ---- step boundary: joins --------------------------------------------------------------------
 
     async def _join_ready(self) -> None:
-        """Prepared jobs join free rows in arrival order; a job that does not fit holds back the
-        later jobs of its family (no starvation), not the others."""
-        if not self._ready or not self._accepting:
-            return
-        loop = asyncio.get_running_loop()
-        candidates = await loop.run_in_executor(self._stepper, self._fitting, list(self._ready))
+        """At a step boundary: the jobs started during the last step join, then the other ready
+        jobs that fit (finding room may prepare a new family's states, on the stepping thread)."""
+        await self._join_started()
+        if self._ready and self._accepting:
+            loop = asyncio.get_running_loop()
+            candidates = await loop.run_in_executor(self._stepper, self._fitting, list(self._ready), True)
+            await self._start(candidates)
+            await self._join_started()
+        metrics.ROWS_IN_FLIGHT.set(self._scheduler.rows_in_flight)
+
+    async def _prestart(self) -> None:
+        """During a step: mark running the ready jobs that will fit at its end (rows only free up
+        during a step), so that at the boundary only their rows are loaded."""
+        if self._ready and self._accepting:
+            try:
+                await self._start(self._fitting(list(self._ready), False))
+            except QueueUnavailableError as error:  # they stay ready; the boundary tries again
+                logger.warning("queue unavailable while starting jobs (%s)", error)
+
+    async def _start(self, candidates: list[Held]) -> None:
+        """Mark candidates running in the queue, in order; each started one moves to `_starting`
+        at once (a queue error leaves the rest ready: starting again is harmless)."""
         for held in candidates:
             if held.taken.spec.expired():
                 self._ready.remove(held)
                 await self._finish(held.taken, JobState.EXPIRED, error="the deadline passed while queued")
                 continue
-            # A queue error leaves the job ready: the next boundary starts it again (harmless).
             started = await self._queue.start(self._name, held.taken)
             self._ready.remove(held)
-            if not started:
-                # cancelled, finished or taken over: `start` dropped our delivery
+            if started:
+                self._starting.append(held)
+            else:  # cancelled, finished or taken over: `start` dropped our delivery
                 self._forget(held.taken)
                 logger.info("skipping job %s: cancelled or finished elsewhere", held.id)
-                continue
+
+    async def _join_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._starting:
+            held = self._starting[0]
             if held.prepared.request is None:
+                self._starting.pop(0)
                 await self._run_alone(held)
                 continue
             await loop.run_in_executor(self._stepper, self._scheduler.join, held.prepared)
+            self._starting.pop(0)
             held.joined_at = time.perf_counter()
             metrics.TIME_TO_FIRST_STEP_SECONDS.observe(max(0.0, time.time() - held.taken.spec.enqueued_at))
             self._running[held.id] = held
             self._joins += 1
-        metrics.ROWS_IN_FLIGHT.set(self._scheduler.rows_in_flight)
 
-    def _fitting(self, ready: list[Held]) -> list[Held]:
-        """The ready jobs that fit now (stepping thread: may prepare a family's states)."""
+    def _fitting(self, ready: list[Held], new_families: bool) -> list[Held]:
+        """The ready jobs that fit now, in arrival order; a job that does not fit holds back the
+        later jobs of its family (no starvation), not the others. With `new_families` (stepping
+        thread only) a family without a running batch gets one; without, its jobs wait."""
         rows: dict = {}
         blocked: set = set()
         chosen = []
@@ -294,6 +318,9 @@ class Worker:
                 chosen.append(held)
                 continue
             if family not in rows:
+                if not new_families and family not in self._scheduler.batches:
+                    blocked.add(family)
+                    continue
                 rows[family] = self._scheduler.batch_for(family).free_rows
             if held.prepared.request.rows <= rows[family]:
                 rows[family] -= held.prepared.request.rows
@@ -307,6 +334,7 @@ class Worker:
     async def _step(self) -> None:
         ids = list(self._running)
         signals = asyncio.create_task(self._signals(ids))
+        starting = asyncio.create_task(self._prestart())
         rows = self._scheduler.rows_by_batch()
         deadline_s = compute_deadline_s(self._settings, sum(rows))
         watched = [job_id for job_id in ids if self._running[job_id].watched]
@@ -323,12 +351,15 @@ class Worker:
             outcome = await asyncio.wait_for(asyncio.shield(compute), deadline_s)
         except TimeoutError:
             signals.cancel()
+            await starting
             raise await self._abandon(deadline_s) from None
         except Exception as error:  # a failing step must still end every job it holds
             signals.cancel()
+            await starting
             self._idle()
             await self._step_failed(error)
             return
+        await starting
         self.progress.step()
         self._engine_stats.record(self._runner.stats)
         metrics.STEP_SECONDS.labels(rows=str(sum(rows))).observe(outcome.seconds)
@@ -480,7 +511,7 @@ class Worker:
         raise what it returns."""
         metrics.BATCHES_ABANDONED.inc()
         self.stop()
-        running = list(self._running.values()) + (alone or [])
+        running = list(self._running.values()) + self._starting + (alone or [])
         for held in running:
             try:
                 await self._queue.release(held.taken)
