@@ -216,9 +216,8 @@ async def job_stream(
                     last_sent = time.monotonic()
                 events = await queue.events(job_id, after, block_s=QUEUED_POLL_S)
             else:
-                events = await _events_or_end(
-                    queue, job_id, after, WATCH_RENEW_S if previews else KEEPALIVE_S
-                )
+                block_s = WATCH_RENEW_S if previews else RUNNING_BLOCK_S
+                events = await _events_or_end(queue, job_id, after, block_s)
             for event_id, progress in events:
                 yield sse("progress", progress_data(progress, previews), event_id)
                 after, last_sent = event_id, time.monotonic()
