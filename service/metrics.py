@@ -55,6 +55,13 @@ STEP_SECONDS = Histogram(
     ["rows"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+STEP_GAP_SECONDS = Histogram(
+    "realcustom_step_gap_seconds",
+    "Host time between two consecutive steps of a busy worker, beyond loading joining rows (the device "
+    "waits this long at a boundary), by whether jobs joined at it.",
+    ["joined"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
 PREPARE_SECONDS = Histogram(
     "realcustom_prepare_seconds",
     "Preparing one job to join (text and reference encoding, projector, noise), off the stepping thread.",

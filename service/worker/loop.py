@@ -86,6 +86,9 @@ class StepOutcome:
     """What one scheduler step produced, computed on the stepping thread."""
 
     seconds: float
+    # Host time between the previous step's end and this one's start, beyond loading joining rows
+    # (None after idle): what the device waited for at the boundary.
+    gap_s: float | None = None
     finished: list[tuple[str, GenerationOutput]] = field(default_factory=list)
     progress: dict[str, tuple[int, int]] = field(default_factory=dict)
     previews: dict[str, tuple[bytes, list[bytes]]] = field(default_factory=dict)
@@ -123,6 +126,8 @@ class Worker:
         self._publishing: asyncio.Task | None = None
         self._step_s: float | None = None
         self._joins = 0  # since the last step
+        self._join_s = 0.0  # stepping-thread time loading joining rows since the last step
+        self._last_step_end: float | None = None  # perf_counter, stepping thread
         self._stopping = asyncio.Event()
         self._drain = False
         self.progress = progress or Progress(settings.worker_stall_s)
@@ -296,7 +301,9 @@ class Worker:
                 self._starting.pop(0)
                 await self._run_alone(held)
                 continue
+            join_started = time.perf_counter()
             await loop.run_in_executor(self._stepper, self._scheduler.join, held.prepared)
+            self._join_s += time.perf_counter() - join_started
             self._starting.pop(0)
             held.joined_at = time.perf_counter()
             metrics.TIME_TO_FIRST_STEP_SECONDS.observe(max(0.0, time.time() - held.taken.spec.enqueued_at))
@@ -364,7 +371,9 @@ class Worker:
         self._engine_stats.record(self._runner.stats)
         metrics.STEP_SECONDS.labels(rows=str(sum(rows))).observe(outcome.seconds)
         metrics.JOINS_PER_STEP.observe(self._joins)
-        self._joins = 0
+        if outcome.gap_s is not None:
+            metrics.STEP_GAP_SECONDS.labels(joined="yes" if self._joins else "no").observe(outcome.gap_s)
+        self._joins, self._join_s = 0, 0.0
         self._step_s = (
             outcome.seconds
             if self._step_s is None
@@ -380,6 +389,7 @@ class Worker:
             self._idle()
 
     def _idle(self) -> None:
+        self._last_step_end = None
         metrics.WORKER_BUSY.set(0)
         self.progress.busy = False
         self.progress.beat()
@@ -389,6 +399,8 @@ class Worker:
         started = time.perf_counter()
         finished = self._scheduler.step()
         outcome = StepOutcome(time.perf_counter() - started)
+        if self._last_step_end is not None:
+            outcome.gap_s = max(0.0, started - self._last_step_end - self._join_s)
         for done in finished:
             held = self._running[done.key]
             inference_s = time.perf_counter() - held.joined_at
@@ -402,6 +414,7 @@ class Worker:
             if preview is not None:
                 image, masks = preview
                 outcome.previews[job_id] = (_png(image), [_png(mask) for mask in masks])
+        self._last_step_end = time.perf_counter()
         return outcome
 
     async def _signals(self, ids: list[str]) -> StepSignals | None:
