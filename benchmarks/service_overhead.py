@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -179,7 +180,41 @@ def write_markdown(report: dict, path: Path) -> None:
         "queue wait (jobs waiting for the worker, which more workers or a GPU remove); the service cost "
         "column is what each request pays for the service itself.",
     ]
+    gaps = report.get("step_gap_ms", {})
+    if gaps:
+        described = {"yes": "with jobs joining", "no": "without joins"}
+        parts = [
+            f"{gap['mean_ms']} ms mean over {gap['steps']} boundaries {described[joined]}"
+            for joined, gap in gaps.items()
+        ]
+        lines += [
+            "",
+            "Device idle at step boundaries (`realcustom_step_gap_seconds`, all levels together: host time "
+            "between two busy steps beyond loading the joining rows): " + "; ".join(parts) + ".",
+        ]
     path.write_text("\n".join(lines) + "\n")
+
+
+def step_gaps(worker_log: Path) -> dict[str, dict[str, float]]:
+    """Mean host gap between busy steps (realcustom_step_gap_seconds), with and without joins, from
+    the worker's own metrics endpoint (its port is in its log)."""
+    match = re.search(r"worker metrics on (http://\S+/metrics)", worker_log.read_text())
+    if match is None:
+        return {}
+    text = httpx.get(match.group(1), timeout=5).text
+    values: dict[tuple[str, str], float] = {}
+    for name, joined, value in re.findall(
+        r'^realcustom_step_gap_seconds_(sum|count)\{joined="(\w+)"\} (\S+)$', text, re.MULTILINE
+    ):
+        values[name, joined] = float(value)
+    return {
+        joined: {
+            "steps": int(values[("count", joined)]),
+            "mean_ms": round(1000 * values[("sum", joined)] / values[("count", joined)], 3),
+        }
+        for joined in ("yes", "no")
+        if values.get(("count", joined))
+    }
 
 
 def main() -> None:
@@ -208,8 +243,9 @@ def main() -> None:
         "WORKER_METRICS_PORT": "0",
     }
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
+    worker_log = log_dir / f"{prefix}-worker.log"
     processes = [
-        start("service.worker", env, log_dir / f"{prefix}-worker.log"),
+        start("service.worker", env | {"LOG_LEVEL": "INFO"}, worker_log),
         start("service.api", env, log_dir / f"{prefix}-api.log"),
     ]
     try:
@@ -222,6 +258,7 @@ def main() -> None:
             level = asyncio.run(run_level(url, concurrency, requests, payloads))
             logger.info(json.dumps(level))
             levels.append(level)
+        gaps = step_gaps(worker_log)
     finally:
         for process in processes:
             process.terminate()
@@ -238,6 +275,7 @@ def main() -> None:
         "max_batch": args.max_batch,
         "params": PARAMS,
         "levels": levels,
+        "step_gap_ms": gaps,
     }
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(report, args.out.with_suffix(".md"))

@@ -25,13 +25,13 @@ its companions beyond floating-point reduction order.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engines.compiled import GraphLoop
 from engines.static_loop import Bucket, GraphKey, GraphSettings
-from realcustom.step import Conditioning, LoopState, StepKind
+from realcustom.step import Conditioning, ImageKeyValues, LoopState, StepKind
 
 
 @dataclass
@@ -43,6 +43,8 @@ class RowRequest:
     latents: torch.Tensor
     num_steps: int
     mask_reused_step: int
+    # `LoopState.image_key_values(unet, cond, slots)` when computed ahead (off the stepping thread).
+    key_values: ImageKeyValues | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -132,7 +134,12 @@ class RunningBatch:
         self._settle(start + request.rows)
         state = self.state
         rows = state.load_rows(
-            self.graphs.pipeline.unet, request.cond, request.latents, request.mask_reused_step, start
+            self.graphs.pipeline.unet,
+            request.cond,
+            request.latents,
+            request.mask_reused_step,
+            start,
+            request.key_values,
         )
         state.schedule.load(request.num_steps, rows)
         self.slots.append(_Slot(request, start))

@@ -7,7 +7,8 @@ that fits none runs alone through `Runner.run` (the backend's own fallback). Wit
 families are made on demand: buckets of 1, 2, 4, ... up to `max_rows` rows, stepped eagerly
 (`EagerCapture`) with the very step function the graphs capture.
 
-Threads: `prepare` (text, reference encoding, projector, noise) runs on the preparation thread;
+Threads: `prepare` (text, reference encoding, projector, every layer's image K/V, noise) runs on
+the preparation thread;
 `join`, `step`, `cancel`, `snapshot` and `decode` run on the stepping thread, between steps.
 """
 
@@ -29,6 +30,7 @@ from realcustom.denoise import LoopSettings
 from realcustom.pipeline import mask_to_image
 from realcustom.preview import LatentPreview
 from realcustom.settings_check import check_generation
+from realcustom.step import LoopState
 
 FamilyKey = tuple[int, int, int, GraphSettings]  # height, width, subject slots, settings
 
@@ -76,7 +78,11 @@ class StepScheduler:
         if family is not None:
             cond = self.runner.conditioning([job])
             latents = self.pipeline.prepare_latents([job.seed], [job.num_images], job.height, job.width)
-            request = RowRequest(job.id, cond, latents, job.num_inference_steps, job.mask_reused_step)
+            # The image K/V too, so that joining only copies rows.
+            key_values = LoopState.image_key_values(self.pipeline.unet, cond, family[2])
+            request = RowRequest(
+                job.id, cond, latents, job.num_inference_steps, job.mask_reused_step, key_values
+            )
         return Prepared(job, request, family, time.perf_counter() - started)
 
     def _family_key(self, job: GenerationJob) -> FamilyKey | None:

@@ -169,6 +169,18 @@ def make_schedule(name: str, rows: int, device: torch.device, num_steps: int) ->
     return HostSchedule(name, num_steps)
 
 
+# Per layer (K, V) of the reference tokens, then of the black-image tokens.
+ImageKeyValues = tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _pad_slots(tensor: torch.Tensor, slots: int) -> torch.Tensor:
+    """[B, S, ...] -> [B, slots, ...] with zero rows for the missing subjects."""
+    extra = slots - tensor.shape[1]
+    if not extra:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], extra, *tensor.shape[2:])], dim=1)
+
+
 class LoopState:
     """Every tensor one loop reads or writes; a step changes only these (in place).
 
@@ -280,6 +292,15 @@ class LoopState:
         self.schedule = schedule
         self.load_rows(unet, padded, rows(latents), mask_reused_step, start=0)
 
+    @staticmethod
+    def image_key_values(unet: RealCustomUNet, cond: Conditioning, slots: int) -> ImageKeyValues:
+        """Every layer's image K/V of one loop's reference and black-image tokens, padded to `slots`
+        subject slots: what `load_rows` writes (computable ahead, e.g. while other rows step)."""
+        return (
+            unet.image_key_values(_pad_slots(cond.image_tokens, slots)),
+            unet.image_key_values(_pad_slots(cond.negative_image_tokens, slots)),
+        )
+
     def load_rows(
         self,
         unet: RealCustomUNet,
@@ -287,10 +308,12 @@ class LoopState:
         latents: torch.Tensor,
         mask_reused_step: int,
         start: int,
+        key_values: ImageKeyValues | None = None,
     ) -> slice:
         """Rows [start, start + B) take one loop's inputs, at step 0; other rows are untouched (a
         request joining a running batch). Subject slots beyond its subjects are zero (zero tokens ->
-        zero mask -> the slot adds exactly 0). Returns the rows. The schedule's table rows are the
+        zero mask -> the slot adds exactly 0). `key_values`: `image_key_values(unet, cond,
+        self.subjects)` when computed ahead. Returns the rows. The schedule's table rows are the
         caller's (`RowSchedule.load(steps, rows)`)."""
         batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
         if start < 0 or start + batch > self.rows or subjects > self.subjects:
@@ -298,14 +321,8 @@ class LoopState:
                 f"rows {start}..{start + batch} x {subjects} subjects exceed the state "
                 f"({self.rows} rows x {self.subjects} subjects)"
             )
-        extra = self.subjects - subjects
         own = slice(start, start + batch)
         uncond = slice(self.rows + start, self.rows + start + batch)
-
-        def slots(tensor: torch.Tensor) -> torch.Tensor:
-            if not extra:
-                return tensor
-            return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], extra, *tensor.shape[2:])], dim=1)
 
         def both(buffer: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> None:
             buffer[own] = first
@@ -320,13 +337,10 @@ class LoopState:
         if self.pooled is not None:
             both(self.pooled, cond.pooled, cond.negative_pooled)
             both(self.time_ids, cond.time_ids, cond.time_ids)
-        self.target_tokens[own] = slots(cond.target_tokens)
+        self.target_tokens[own] = _pad_slots(cond.target_tokens, self.subjects)
         self.guidance_scale[own] = cond.guidance_scale.float().view(-1, 1, 1, 1)
         self.mask_scope[own] = cond.mask_scope
-        positive, negative = (
-            unet.image_key_values(slots(cond.image_tokens)),
-            unet.image_key_values(slots(cond.negative_image_tokens)),
-        )
+        positive, negative = key_values or self.image_key_values(unet, cond, self.subjects)
         for (key_buffer, value_buffer), (key, value), (negative_key, negative_value) in zip(
             self.image_kv, positive, negative, strict=True
         ):
