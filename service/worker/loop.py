@@ -124,6 +124,7 @@ class Worker:
         self._wake = asyncio.Event()  # a job became ready
         self._stores: set[asyncio.Task] = set()
         self._publishing: asyncio.Task | None = None
+        self._unsent: dict[str, JobProgress] = {}  # newest progress per job, not yet published
         self._step_s: float | None = None
         self._joins = 0  # since the last step
         self._join_s = 0.0  # stepping-thread time loading joining rows since the last step
@@ -443,27 +444,27 @@ class Worker:
                 await self._finish(held.taken, JobState.EXPIRED, error="the deadline passed while running")
 
     def _publish(self, outcome: StepOutcome) -> None:
-        """Progress of every running job, fire and forget: a slow queue skips a step's events
-        rather than delaying the next step."""
-        if self._publishing is not None and not self._publishing.done():
-            return
-        events = []
+        """Progress of every running job, never waited on: while a publish is in flight the newest
+        events wait in its place (a slow queue coalesces steps, it never delays the next step)."""
+        events = {}
         for job_id, (done, steps) in outcome.progress.items():
             eta = None if self._step_s is None else (steps - done) * self._step_s
             preview, masks = outcome.previews.get(job_id, (None, None))
-            events.append(
-                (job_id, JobProgress(step=done, steps=steps, eta_s=eta, preview=preview, masks=masks))
-            )
-        if events:
-            self._publishing = asyncio.create_task(self._send(events))
+            events[job_id] = JobProgress(step=done, steps=steps, eta_s=eta, preview=preview, masks=masks)
+        self._unsent.update(events)
+        if self._unsent and (self._publishing is None or self._publishing.done()):
+            self._publishing = asyncio.create_task(self._send())
 
-    async def _send(self, events: list[tuple[str, JobProgress]]) -> None:
-        results = await asyncio.gather(
-            *(self._queue.publish_progress(job_id, event) for job_id, event in events), return_exceptions=True
-        )
-        failures = [result for result in results if isinstance(result, Exception)]
-        if failures:
-            logger.warning("publishing progress failed for %d jobs: %s", len(failures), failures[0])
+    async def _send(self) -> None:
+        while self._unsent:
+            events, self._unsent = self._unsent, {}
+            results = await asyncio.gather(
+                *(self._queue.publish_progress(job_id, event) for job_id, event in events.items()),
+                return_exceptions=True,
+            )
+            failures = [result for result in results if isinstance(result, Exception)]
+            if failures:
+                logger.warning("publishing progress failed for %d jobs: %s", len(failures), failures[0])
 
     # ---- results ---------------------------------------------------------------------------------
 
