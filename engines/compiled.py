@@ -129,8 +129,13 @@ class GraphLoop:
         compile_mode: str | None = None,
         calls_factory: CallsFactory | None = None,
         state_dtype: torch.dtype | None = None,
+        partial_guidance: bool = False,
     ):
         self.pipeline = pipeline
+        # Also capture MASK_UPDATE steps whose guidance pass covers only the first 1, 2, 4 ... rows
+        # (step-level batching keeps rows in their mask-update phase first). More graphs per
+        # bucket; the UNet calls must accept fewer guidance rows (torch modules do).
+        self.partial_guidance = partial_guidance
         self.state_dtype = state_dtype  # None: the model's dtype (TensorRT engines want fp32)
         self.capture_strategy = capture
         self.compile_backend = compile_backend
@@ -159,14 +164,16 @@ class GraphLoop:
                     state = bucket_state(self.pipeline, bucket, settings, self.state_dtype)
                     self.states[bucket, settings] = state
                 calls = self.calls_factory(state, bucket)
-                for kind in StepKind:
-                    key = GraphKey.of(kind, bucket, settings)
+                for kind, guidance_rows in self._variants(bucket):
+                    key = GraphKey.of(kind, bucket, settings, guidance_rows)
                     if key in self.steps:
                         continue
                     started = time.perf_counter()
 
-                    def step(calls=calls, state=state, kind=kind, mask=settings.mask) -> None:
-                        denoise_step(calls, state, kind, mask)
+                    def step(
+                        calls=calls, state=state, kind=kind, mask=settings.mask, rows=guidance_rows
+                    ) -> None:
+                        denoise_step(calls, state, kind, mask, guidance_rows=rows or None)
 
                     def reset(state: LoopState = state) -> None:
                         state.latents.normal_()
@@ -177,6 +184,16 @@ class GraphLoop:
                     self.steps[key] = self.capture_strategy.capture(fn, reset)
                     self.stats["graphs_captured"] += 1
                     logger.info("captured %s in %.1f s", key, time.perf_counter() - started)
+
+    def _variants(self, bucket: Bucket) -> list[tuple[StepKind, int]]:
+        """(kind, guidance rows; 0 = all) of every step captured for `bucket`."""
+        variants = [(kind, 0) for kind in StepKind]
+        if self.partial_guidance:
+            rows = 1
+            while rows < bucket.batch:
+                variants.append((StepKind.MASK_UPDATE, rows))
+                rows *= 2
+        return variants
 
     # ---- the loop ------------------------------------------------------------------------
 

@@ -99,10 +99,13 @@ class GraphKey:
     height: int
     width: int
     settings: GraphSettings = GraphSettings()
+    guidance_rows: int = 0  # MASK_UPDATE steps whose guidance pass runs on the first rows only; 0 = all
 
     @classmethod
-    def of(cls, kind: StepKind, bucket: Bucket, settings: GraphSettings) -> GraphKey:
-        return cls(kind.value, bucket.batch, bucket.subjects, bucket.height, bucket.width, settings)
+    def of(cls, kind: StepKind, bucket: Bucket, settings: GraphSettings, guidance_rows: int = 0) -> GraphKey:
+        return cls(
+            kind.value, bucket.batch, bucket.subjects, bucket.height, bucket.width, settings, guidance_rows
+        )
 
 
 def bucket_state(

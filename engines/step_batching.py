@@ -15,10 +15,12 @@ step, so a lone request pays for one row, not for the largest batch. Between two
 Each row carries its own step index, step count, guidance scale, mask scope and mask-reuse step,
 so requests with different step counts and mask-reuse steps share one UNet batch; what changes the
 captured operations (scheduler family, mask mode, overlap, size, subject slots) selects the family.
-A step runs the MASK_UPDATE graph while any active row is in its mask-update phase (rows past
-theirs keep their masks: the step updates a row's mask only while it is in that phase), the
-MASK_REUSE graph otherwise. Rows past `used` are parked at step 0 with zero latents, so their
-(discarded) computation stays finite. Rows do not interact: a request's result does not depend on
+Rows in their mask-update phase come first. A step runs a MASK_UPDATE graph while any active row
+is in that phase, the MASK_REUSE graph otherwise; when the graphs were prepared with
+`partial_guidance`, the guidance (text-only) pass covers only the smallest captured prefix (1, 2,
+4 ... rows) holding the updating rows, else every row (rows past their phase keep their masks
+either way: the step updates a row's mask only while it is in that phase). Rows past `used` are
+parked at step 0 with zero latents, so their (discarded) computation stays finite. Rows do not interact: a request's result does not depend on
 its companions beyond floating-point reduction order.
 """
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engines.compiled import GraphLoop
-from engines.static_loop import Bucket, GraphKey, GraphSettings
+from engines.static_loop import Bucket, GraphSettings
 from realcustom.step import Conditioning, ImageKeyValues, LoopState, StepKind
 
 
@@ -89,11 +91,12 @@ class RunningBatch:
             if (bucket, settings) not in graphs.states:
                 raise ValueError(f"{bucket} with {settings} was not prepared: call graphs.prepare first")
         self.graphs, self.buckets, self.settings = graphs, buckets, settings
-        self.steps = {
-            (bucket, kind): graphs.steps[GraphKey.of(kind, bucket, settings)]
-            for bucket in buckets
-            for kind in StepKind
-        }
+        # (bucket, kind, guidance rows) -> step; MASK_UPDATE with every row is (bucket, kind, batch).
+        self.steps = {}
+        for key, step in graphs.steps.items():
+            bucket = Bucket(key.batch, key.height, key.width, key.subjects)
+            if bucket in buckets and key.settings == settings:
+                self.steps[bucket, StepKind(key.kind), key.guidance_rows or bucket.batch] = step
         self.bucket = buckets[0]
         self.slots: list[_Slot] = []
         self._park(self.state, 0)
@@ -124,14 +127,14 @@ class RunningBatch:
 
     # ---- membership (between steps) -------------------------------------------------------------
 
+    @torch.no_grad()
     def join(self, request: RowRequest) -> bool:
         """Load `request` into rows at step 0; False when it does not fit now."""
         if request.subjects > self.subjects:
             raise ValueError(f"{request.subjects} subjects exceed the bucket's {self.subjects} slots")
         if request.rows > self.free_rows:
             return False
-        start = self.used
-        self._settle(start + request.rows)
+        start = self._settle(request)
         state = self.state
         rows = state.load_rows(
             self.graphs.pipeline.unet,
@@ -142,15 +145,15 @@ class RunningBatch:
             request.key_values,
         )
         state.schedule.load(request.num_steps, rows)
-        self.slots.append(_Slot(request, start))
         return True
 
+    @torch.no_grad()
     def cancel(self, key: Hashable) -> bool:
         """Drop a request's rows now (between steps); False when it is not in the batch."""
         for slot in self.slots:
             if slot.request.key == key:
                 self.slots.remove(slot)
-                self._settle(self.used)
+                self._settle()
                 return True
         return False
 
@@ -169,21 +172,29 @@ class RunningBatch:
                 return state.x0[slot.rows].clone(), state.masks[slot.rows, : slot.request.subjects].clone()
         return None
 
-    def _settle(self, rows_needed: int) -> None:
-        """Compact the active rows to [0, used) of the smallest bucket holding `rows_needed` rows."""
-        target = next(bucket for bucket in self.buckets if bucket.batch >= rows_needed)
-        source, destination = self.state, self.graphs.states[target, self.settings]
+    def _settle(self, joining: RowRequest | None = None) -> int:
+        """Lay the active rows (and `joining`'s) out in rows [0, used) of the smallest bucket that
+        holds them: rows in their mask-update phase first (the guidance pass covers a prefix), then
+        in arrival order. Moves rows (mid-loop) only where their place changes; returns where
+        `joining` goes (its rows are the caller's to load)."""
+        new = None if joining is None else _Slot(joining, -1)
+        slots = sorted(self.slots + ([new] if new else []), key=lambda slot: not slot.updating())
+        used = sum(slot.request.rows for slot in slots)
+        target = next(bucket for bucket in self.buckets if bucket.batch >= used)
         moves: list[tuple[int, int]] = []
         start = 0
-        for slot in self.slots:
-            moves += [(slot.start + i, start + i) for i in range(slot.request.rows)]
+        for slot in slots:
+            if slot is not new:
+                moves += [(slot.start + i, start + i) for i in range(slot.request.rows)]
             slot.start = start
             start += slot.request.rows
         moves = [(src, dst) for src, dst in moves if src != dst or target != self.bucket]
+        destination = self.graphs.states[target, self.settings]
         if moves:
-            destination.copy_rows(source, [src for src, _ in moves], [dst for _, dst in moves])
-        self.bucket = target
-        self._park(destination, start)
+            destination.copy_rows(self.state, [src for src, _ in moves], [dst for _, dst in moves])
+        self.slots, self.bucket = slots, target
+        self._park(destination, used)
+        return -1 if new is None else new.start
 
     @staticmethod
     def _park(state: LoopState, start: int) -> None:
@@ -195,12 +206,21 @@ class RunningBatch:
 
     # ---- one step -------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def step(self) -> list[Finished]:
         """Run one step for every active row; return the requests whose loop ended."""
         if not self.slots:
             return []
-        updating = any(slot.updating() for slot in self.slots)
-        self.steps[self.bucket, StepKind.MASK_UPDATE if updating else StepKind.MASK_REUSE]()
+        updating = sum(slot.request.rows for slot in self.slots if slot.updating())
+        if updating:  # the guidance pass on the smallest captured prefix holding those rows
+            rows = min(
+                rows
+                for bucket, kind, rows in self.steps
+                if bucket == self.bucket and kind is StepKind.MASK_UPDATE and rows >= updating
+            )
+            self.steps[self.bucket, StepKind.MASK_UPDATE, rows]()
+        else:
+            self.steps[self.bucket, StepKind.MASK_REUSE, self.bucket.batch]()
         self.graphs.stats["graph_replays"] += 1
         finished = []
         state = self.state
@@ -211,5 +231,5 @@ class RunningBatch:
                 masks = state.masks[slot.rows, : slot.request.subjects].clone()
                 finished.append(Finished(slot.request.key, latents, masks))
                 self.slots.remove(slot)
-        self._settle(self.used)
+        self._settle()
         return finished

@@ -62,7 +62,8 @@ class StepScheduler:
         self.max_rows = max_rows
         graphs = getattr(runner.backend, "graphs", None)
         self.on_demand = graphs is None  # eager: families are prepared when first needed
-        self.graphs: GraphLoop = graphs if graphs is not None else GraphLoop(self.pipeline, EagerCapture())
+        # Eager families also get steps whose guidance pass covers only the rows still updating masks.
+        self.graphs: GraphLoop = graphs or GraphLoop(self.pipeline, EagerCapture(), partial_guidance=True)
         self.batches: dict[FamilyKey, RunningBatch] = {}
         self.previews = LatentPreview.fit(self.pipeline)
 

@@ -264,9 +264,10 @@ class LoopState:
             dtype=dtype or parameter.dtype,
         )
 
-    def half(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
-        """The conditional half of a [cond; uncond] tensor (what the guidance pass reads)."""
-        return None if tensor is None else tensor[: self.rows]
+    def half(self, tensor: torch.Tensor | None, rows: int | None = None) -> torch.Tensor | None:
+        """The conditional half of a [cond; uncond] tensor (what the guidance pass reads), or its
+        first `rows` rows."""
+        return None if tensor is None else tensor[: self.rows if rows is None else rows]
 
     def load(
         self,
@@ -379,7 +380,8 @@ class UNetCalls(Protocol):
     """How a backend runs the UNet's two roles on a state's conditioning."""
 
     def guidance(self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor) -> list[torch.Tensor]:
-        """Text-only pass of `rows` samples -> per-layer target-token maps [B, S, h_l, w_l]."""
+        """Text-only pass of the state's first len(latents) rows -> per-layer target-token maps
+        [len(latents), S, h_l, w_l]."""
         ...
 
     def generation(
@@ -402,13 +404,14 @@ class TorchUNetCalls:
         self.record: dict[str, torch.Tensor] | None = None
 
     def guidance(self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor) -> list[torch.Tensor]:
+        rows = latents.shape[0]
         eps, maps, probs = self.unet.guidance(
             latents,
             timestep,
-            state.half(state.text),
-            state.half(state.pooled),
-            state.half(state.time_ids),
-            state.target_tokens,
+            state.half(state.text, rows),
+            state.half(state.pooled, rows),
+            state.half(state.time_ids, rows),
+            state.target_tokens[:rows],
             self.full_probability_layers,
         )
         if self.record is not None:
@@ -436,18 +439,23 @@ def denoise_step(
     kind: StepKind,
     mask: MaskSettings,
     record: dict[str, torch.Tensor] | None = None,
+    guidance_rows: int | None = None,
 ) -> None:
-    """One step on `state` (the function CUDA graphs capture). Writes latents, x̂₀, masks, step."""
+    """One step on `state` (the function CUDA graphs capture). Writes latents, x̂₀, masks, step.
+
+    `guidance_rows`: the guidance pass runs on the first rows only (a running batch keeps the rows
+    in their mask-update phase first); None = every row."""
     schedule = state.schedule
     timestep = schedule.timestep(state)
     model_input = schedule.model_input(state).to(state.dtype)
 
     # 1. Guidance branch: text only, target-word attention -> masks (rows in their update phase).
     if kind is StepKind.MASK_UPDATE:
-        maps = calls.guidance(state, model_input, timestep)
-        masks, score = generate_masks(maps, state.mask_size, mask.mode, state.mask_scope, mask.overlap)
-        updating = (state.step < state.mask_reused_step) | (state.step == 0)
-        state.masks.copy_(torch.where(updating.view(-1, 1, 1, 1), masks, state.masks))
+        rows = state.rows if guidance_rows is None else guidance_rows
+        maps = calls.guidance(state, model_input[:rows], timestep[:rows])
+        masks, score = generate_masks(maps, state.mask_size, mask.mode, state.mask_scope[:rows], mask.overlap)
+        updating = ((state.step < state.mask_reused_step) | (state.step == 0))[:rows]
+        state.masks[:rows].copy_(torch.where(updating.view(-1, 1, 1, 1), masks, state.masks[:rows]))
         if record is not None:
             record.update(mask_score=score)
             record.update({f"map_L{i:02d}": layer_map for i, layer_map in enumerate(maps)})

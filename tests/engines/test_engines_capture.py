@@ -13,12 +13,15 @@ import pytest
 import torch
 import torch._dynamo
 from diffusers import UNet2DConditionModel
+from PIL import Image
 from torch._dynamo.utils import counters
 
 from engines.backends import EagerBackend
-from engines.compiled import CompiledBackend, WarmupCapture
+from engines.compiled import CompiledBackend, GraphLoop, WarmupCapture
+from engines.jobs import GenerationJob, SubjectInput
 from engines.runner import Runner
 from engines.static_loop import Bucket, GraphSettings
+from engines.step_batching import RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings, denoise
 from realcustom.loading import load_pipeline
 from realcustom.models import TINY_UNET
@@ -98,3 +101,46 @@ def test_capture_compiles_each_step_kind_once_without_autograd(
     torch.testing.assert_close(result.latents, eager.latents, rtol=0, atol=atol * scale)
     torch.testing.assert_close(result.masks, eager.masks, rtol=0, atol=atol)
     torch.testing.assert_close(again.latents, result.latents, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_step_level_batch_replays_compiled_partial_guidance_steps_without_recompiles(capture_pipeline):
+    """The running batch's graphs (aot_eager, fullgraph) with partial guidance: one compiled graph
+    per (bucket, kind, guidance rows) at warm-up, none afterwards while requests join, leave, move
+    between buckets and run their guidance on a prefix; each equals its loop run alone."""
+    pipeline = capture_pipeline
+    torch._dynamo.reset()
+    counters.clear()
+    family = [Bucket(rows, 64, 64) for rows in (1, 2)]
+    graphs = GraphLoop(
+        pipeline, WarmupCapture(warmup_runs=1), compile_backend="aot_eager", partial_guidance=True
+    )
+    graphs.prepare(family, [GraphSettings()])
+    assert graphs.stats["graphs_captured"] == 5  # bucket 1: U, R; bucket 2: U, R, U on row 0 only
+    assert dict(counters["graph_break"]) == {}, counters["graph_break"]
+    batch = RunningBatch(graphs, family, GraphSettings())
+    runner = Runner(pipeline, EagerBackend(pipeline), "capture")
+    image = Image.new("RGB", (64, 64), (200, 20, 20))
+
+    def row(key: str, seed: int, steps: int, reuse: int) -> RowRequest:
+        job = GenerationJob(
+            key, "a dog on a sofa", (SubjectInput(image, "dog"),), 64, 64, steps, 3.5, 0.25, reuse, seed
+        )
+        cond = runner.conditioning([job])
+        return RowRequest(key, cond, pipeline.prepare_latents([seed], [1], 64, 64), steps, reuse)
+
+    first, second = row("first", 1, 5, 1), row("second", 2, 4, 3)
+    finished = {}
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert batch.join(first)
+        batch.step()
+        assert batch.join(second) and batch.bucket.batch == 2
+        while batch.slots:
+            finished.update({done.key: done for done in batch.step()})
+    assert counters["stats"]["unique_graphs"] == 5
+    for request in (first, second):
+        settings = LoopSettings(request.num_steps, "dpm", ("max_norm",), request.mask_reused_step)
+        eager = denoise(pipeline.unet, request.cond, request.latents, settings)
+        scale = max(1.0, float(eager.latents.abs().max()))
+        torch.testing.assert_close(finished[request.key].latents, eager.latents, rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(finished[request.key].masks, eager.masks[-1], rtol=0, atol=1e-5)

@@ -43,9 +43,9 @@ def alone(pipeline, row: RowRequest):
     return denoise(pipeline.unet, row.cond, row.latents, settings)
 
 
-@pytest.fixture
-def batch(tiny_pipeline):
-    graphs = GraphLoop(tiny_pipeline, EagerCapture())
+@pytest.fixture(params=[True, False], ids=["partial-guidance", "full-guidance"])
+def batch(tiny_pipeline, request):
+    graphs = GraphLoop(tiny_pipeline, EagerCapture(), partial_guidance=request.param)
     graphs.prepare(FAMILY, [GraphSettings()])
     return RunningBatch(graphs, FAMILY, GraphSettings())
 
@@ -143,8 +143,8 @@ def test_step_batching_rejects_what_the_bucket_cannot_hold(tiny_pipeline, batch)
 
 
 def test_step_batching_compacts_rows_when_a_middle_request_leaves(tiny_pipeline, batch):
-    """a, b, c fill rows 0, 1, 2; b (middle) finishes first: c moves down to row 1 and then, after
-    a finishes, to row 0 of the one-row bucket, mid-loop, and still equals its loop run alone."""
+    """a, b, c fill rows 0, 1, 2; b (middle) finishes first: c moves down and then, after a
+    finishes, to row 0 of the one-row bucket, mid-loop, and still equals its loop run alone."""
     a = request(tiny_pipeline, "a", "a dog on a sofa", [(RED, "dog")], seed=1, steps=4, reuse=2)
     b = request(tiny_pipeline, "b", "a cat outside", [(GREEN, "cat")], seed=2, steps=2, reuse=1)
     c = request(
@@ -154,7 +154,32 @@ def test_step_batching_compacts_rows_when_a_middle_request_leaves(tiny_pipeline,
     finished = {}
     for _ in range(2):
         finished.update({done.key: done for done in batch.step()})
-    assert set(finished) == {"b"} and batch.bucket.batch == 2 and batch.active == ["a", "c"]
+    # c, still updating its masks, comes first; a (past its mask-reuse step) after it.
+    assert set(finished) == {"b"} and batch.bucket.batch == 2 and batch.active == ["c", "a"]
     run_until_done(batch, finished)
     for row in (a, b, c):
+        close(finished[row.key], alone(tiny_pipeline, row))
+
+
+def test_step_batching_guidance_covers_only_rows_still_updating_their_masks(tiny_pipeline):
+    """Rows in their mask-update phase are kept first; the guidance pass runs on the smallest
+    captured prefix that holds them (here 1 of 4 rows), and results still equal the loops alone."""
+    graphs = GraphLoop(tiny_pipeline, EagerCapture(), partial_guidance=True)
+    graphs.prepare(FAMILY, [GraphSettings()])
+    batch = RunningBatch(graphs, FAMILY, GraphSettings())
+    calls = []
+    for key, step in list(batch.steps.items()):
+        batch.steps[key] = lambda key=key, step=step: (calls.append(key[1:]), step())
+    a = request(tiny_pipeline, "a", "a dog on a sofa", [(RED, "dog")], seed=1, steps=6, reuse=1)
+    b = request(tiny_pipeline, "b", "a cat outside", [(GREEN, "cat")], seed=2, steps=6, reuse=1, images=2)
+    assert batch.join(a) and batch.join(b)
+    batch.step()  # step 0 updates every mask
+    late = request(tiny_pipeline, "late", "a dog and a cat", [(RED, "dog"), (GREEN, "cat")], 3, 4, 3)
+    assert batch.join(late) and batch.active == ["late", "a", "b"]  # updating rows first
+    finished = {}
+    run_until_done(batch, finished)
+    kinds = [(kind.value, rows) for kind, rows in calls]
+    assert kinds[:4] == [("mask_update", 4), ("mask_update", 1), ("mask_update", 1), ("mask_update", 1)]
+    assert kinds[4:] == [("mask_reuse", 4)] * 2
+    for row in (a, b, late):
         close(finished[row.key], alone(tiny_pipeline, row))

@@ -48,8 +48,8 @@ def test_a_batch_past_its_compute_deadline_is_released_and_completed_by_another_
             rescuer = WorkerProcess("rescuer", env, tmp_path)
             done = wait_status(client, job_id, {"done", "failed"}, 120)
         assert done["status"] == "done" and done["worker"] == "rescuer", done
-        # Abandoned at its first step's 0.1 s deadline, well before the batch would have ended (the same job took
-        # the rescuer this long to compute, on the same machine).
+        # Abandoned at its first step's 0.1 s deadline, well before the job would have ended (the
+        # same job took the rescuer this long to compute, on the same machine).
         assert exited_after_s < done["result"]["timings"]["inference"], (
             exited_after_s,
             done["result"]["timings"],
