@@ -20,8 +20,9 @@ is in that phase, the MASK_REUSE graph otherwise; when the graphs were prepared 
 `partial_guidance`, the guidance (text-only) pass covers only the smallest captured prefix (1, 2,
 4 ... rows) holding the updating rows, else every row (rows past their phase keep their masks
 either way: the step updates a row's mask only while it is in that phase). Rows past `used` are
-parked at step 0 with zero latents, so their (discarded) computation stays finite. Rows do not interact: a request's result does not depend on
-its companions beyond floating-point reduction order.
+parked at step 0 with zero latents, so their (discarded) computation stays finite. Rows do not
+interact: a request's result does not depend on its companions beyond floating-point reduction
+order.
 """
 
 from __future__ import annotations

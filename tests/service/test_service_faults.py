@@ -87,9 +87,7 @@ def queue_env(redis_url: str, **settings: str) -> dict[str, str]:
 def test_two_workers_on_one_host_a_killed_one_s_batch_completes_on_the_other_and_sigterm_drains(
     redis_server, tmp_path: Path, cat_b64: str
 ) -> None:
-    env = queue_env(
-        redis_server.url, HEARTBEAT_S="0.3", RECLAIM_IDLE_S="1.5", MAX_BATCH="2"
-    )
+    env = queue_env(redis_server.url, HEARTBEAT_S="0.3", RECLAIM_IDLE_S="1.5", MAX_BATCH="2")
     shared_port = listening_port()  # both ask for the same metrics port, as two workers of one image do
     workers = {
         worker_id: WorkerProcess(worker_id, env, tmp_path, metrics_port=shared_port)
