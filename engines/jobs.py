@@ -5,9 +5,14 @@ Torch-free, so the API process can build and validate jobs without loading a mod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:  # torch-free at run time: the API imports this module
+    import torch
 
 
 @dataclass(frozen=True)
@@ -18,6 +23,10 @@ class SubjectInput:
     target: str
     token_indices: tuple[int, ...] = ()
     """Tokens of `target` in the prompt (BOS = 0) when located already (the service's edge does)."""
+    tokens: torch.Tensor | None = None
+    """Projected reference tokens [T, C] computed before (a subject cache): the encoders are skipped."""
+    on_encoded: Callable[[torch.Tensor, float], None] | None = None
+    """Called with the tokens and the seconds their encoding took when they were computed here."""
 
 
 @dataclass(frozen=True)

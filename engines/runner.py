@@ -45,6 +45,31 @@ def _target_rows(pipeline: RealCustomPipeline, job: GenerationJob) -> torch.Tens
     return rows
 
 
+def _reference_tokens(
+    pipeline: RealCustomPipeline, jobs: Sequence[GenerationJob]
+) -> list[list[torch.Tensor]]:
+    """Projected tokens of every subject of every job: precomputed ones as given (a subject cache),
+    the others encoded, every distinct photo once (it may serve several phrases or jobs)."""
+    missing = [subject for job in jobs for subject in job.subjects if subject.tokens is None]
+    started = time.perf_counter()
+    encoded = pipeline.reference_tokens([subject.image for subject in missing]) if missing else []
+    seconds = (time.perf_counter() - started) / max(len({id(s.image) for s in missing}), 1)
+    fresh = iter(encoded)
+    rows = []
+    for job in jobs:
+        row = []
+        for subject in job.subjects:
+            if subject.tokens is not None:
+                row.append(subject.tokens.to(pipeline.device, pipeline.dtype))
+                continue
+            tokens = next(fresh)
+            if subject.on_encoded is not None:
+                subject.on_encoded(tokens, seconds)
+            row.append(tokens)
+        rows.append(row)
+    return rows
+
+
 class Runner:
     """Holds one loaded pipeline and one backend; runs batches of jobs that share a batch_key."""
 
@@ -76,10 +101,9 @@ class Runner:
         text = pipeline.encode_prompt([job.prompt for job in jobs])
         negative = pipeline.negative_embeddings(len(jobs), jobs[0].negative_prompt)
         targets = _pad_subjects([_target_rows(pipeline, job) for job in jobs], num_subjects)
-        # Every distinct reference is encoded once (a photo may serve several phrases or jobs).
-        encoded = iter(pipeline.reference_tokens([s.image for job in jobs for s in job.subjects]))
         tokens = _pad_subjects(
-            [torch.stack([next(encoded) for _ in job.subjects]) for job in jobs], num_subjects
+            [torch.stack(subject_tokens) for subject_tokens in _reference_tokens(pipeline, jobs)],
+            num_subjects,
         )
         black = pipeline.black_image_tokens().unsqueeze(1).expand(len(jobs), num_subjects, -1, -1)
 

@@ -107,6 +107,17 @@ WEBHOOK_DELIVERIES = Counter(
     "attempt failed), expired (the job's record was gone before delivery).",
     ["outcome"],
 )
+SUBJECT_TOKENS = Counter(
+    "realcustom_subject_tokens_total",
+    "Reference token lookups of this worker by outcome: device_hit (its LRU), shared_hit (the store "
+    "every worker shares), miss (encoded by SigLIP + DINOv2 and the projector).",
+    ["outcome"],
+)
+ENCODER_SECONDS_SAVED = Counter(
+    "realcustom_encoder_seconds_saved_total",
+    "Encoder + projector seconds the token cache saved this worker (each hit counts what encoding that "
+    "reference took when it was computed).",
+)
 GPU_MEMORY_BYTES = Gauge(
     "realcustom_gpu_memory_bytes", "GPU memory of this worker's device, by kind.", ["kind"]
 )

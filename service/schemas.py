@@ -47,14 +47,44 @@ ImageBytes = Annotated[
 
 
 class SubjectIn(BaseModel):
-    """One reference subject: its photo and the prompt phrase it is bound to."""
+    """One reference subject: its photo (or the id of one uploaded to `POST /subjects`) and the
+    prompt phrase it is bound to."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: ImageBytes
+    image: ImageBytes | None = None
+    subject_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Id from `POST /subjects` instead of `image`: the stored photo, encoded once.",
+    )
     target: str = Field(
         min_length=1, max_length=200, description="Phrase of the prompt that names the subject, e.g. `cat`."
     )
+
+    @model_validator(mode="after")
+    def _one_reference(self) -> SubjectIn:
+        if (self.image is None) == (self.subject_id is None):
+            raise ValueError("give either `image` or `subject_id` (exactly one)")
+        return self
+
+
+class SubjectUpload(BaseModel):
+    """A subject to store once and reuse by id (`POST /subjects`)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"image": EXAMPLE_IMAGE}]})
+
+    image: ImageBytes
+
+
+class SubjectInfo(BaseModel):
+    """A stored subject: pass `id` as `subject_id` in place of an image."""
+
+    id: str = Field(description="Derived from the normalised image, its owner and the model version.")
+    expires_at: float = Field(description="Unix time it is dropped unless uploaded again.")
+    width: int = Field(description="Width of the normalised (decoded) image.")
+    height: int
 
 
 class CustomizeRequest(BaseModel):

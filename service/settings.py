@@ -99,6 +99,21 @@ class Settings(BaseSettings):
         "and workers drop the job without computing it.",
     )
     result_ttl_s: int = Field(600, ge=1, description="How long finished jobs and their results are kept.")
+    subject_ttl_s: int = Field(
+        86400,
+        ge=1,
+        description="How long a subject of `POST /subjects` (its image, and its projected tokens once a "
+        "worker computed them) is kept after its last upload; counted against `queue_max_bytes` meanwhile.",
+    )
+    subject_cache_size: int = Field(
+        32, ge=0, description="Projected reference tokens each worker keeps on its device (LRU entries)."
+    )
+    model_version: str | None = Field(
+        None,
+        description="Version of the reference encoders and projector the workers load, part of every "
+        "subject id and token-cache key: change it with the weights so no stale tokens are served. "
+        "Unset = `model`.",
+    )
     reclaim_idle_s: float = Field(
         60.0,
         gt=0,
@@ -289,6 +304,11 @@ class Settings(BaseSettings):
     @property
     def worker_name(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def reference_version(self) -> str:
+        """What subject ids and token-cache keys depend on besides the image (`model_version`)."""
+        return self.model_version or self.model
 
 
 def load_settings() -> Settings:

@@ -30,6 +30,8 @@ from service.errors import ApiError
 from service.queue.protocol import JobSpec, SubjectSpec
 from service.schemas import CustomizeRequest, JobRequest
 from service.settings import Settings
+from service.subjects.ids import feature_key
+from service.subjects.store import Subject
 
 # A 422 lists this many problems, then how many more there are: its size stays bounded.
 MAX_REPORTED_ERRORS = 5
@@ -132,38 +134,60 @@ def _locate_targets(request: CustomizeRequest, tokenizer: PreTrainedTokenizerBas
     return located
 
 
-def _decode_images(
-    request: CustomizeRequest, settings: Settings, decode_slots: threading.Semaphore
-) -> list[Image.Image]:
-    """Each distinct upload decoded once, a bounded number at a time (each may take ~100 MB)."""
-    decoded: dict[bytes, Image.Image] = {}
-    for index, subject in enumerate(request.subjects):
-        field = f"subjects[{index}].image"
-        if len(subject.image) > settings.max_image_bytes:
-            raise _reject(
-                field,
-                f"the image is {len(subject.image)} bytes; the limit is {settings.max_image_bytes}. "
-                "Send a smaller or more compressed image.",
-                code="image_too_large",
-                status_code=413,
+def decode_upload(
+    data: bytes, field: str, settings: Settings, decode_slots: threading.Semaphore
+) -> Image.Image:
+    """One uploaded photo, size-checked then decoded (a bounded number at a time: each may take ~100 MB)."""
+    if len(data) > settings.max_image_bytes:
+        raise _reject(
+            field,
+            f"the image is {len(data)} bytes; the limit is {settings.max_image_bytes}. "
+            "Send a smaller or more compressed image.",
+            code="image_too_large",
+            status_code=413,
+        )
+    try:
+        with decode_slots:
+            return decode_reference(
+                data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
             )
-        if subject.image in decoded:
+    except ImageRejectedError as error:
+        raise _reject(field, str(error), code="invalid_image") from None
+
+
+def _decode_images(
+    request: CustomizeRequest,
+    settings: Settings,
+    decode_slots: threading.Semaphore,
+    stored: dict[str, Subject],
+) -> list[tuple[Image.Image, str, bool]]:
+    """(image, feature key, from a stored subject) per subject: each distinct upload decoded once,
+    stored subjects (`stored`, by id, resolved by the intake) read as they were normalised."""
+    decoded: dict[bytes, tuple[Image.Image, str, bool]] = {}
+    references = []
+    for index, subject in enumerate(request.subjects):
+        if subject.image is None:
+            found = stored[subject.subject_id]
+            image = Image.frombytes("RGB", (found.width, found.height), found.image)
+            references.append((image, found.key, True))
             continue
-        try:
-            with decode_slots:
-                decoded[subject.image] = decode_reference(
-                    subject.image, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
-                )
-        except ImageRejectedError as error:
-            raise _reject(field, str(error), code="invalid_image") from None
-    return [decoded[subject.image] for subject in request.subjects]
+        if subject.image not in decoded:
+            image = decode_upload(subject.image, f"subjects[{index}].image", settings, decode_slots)
+            key = feature_key(image.tobytes(), image.width, image.height, settings.reference_version)
+            decoded[subject.image] = (image, key, False)
+        references.append(decoded[subject.image])
+    return references
 
 
 def request_hash(request: CustomizeRequest) -> str:
     """Hash of the canonical request (images by their digest): what an Idempotency-Key stands for."""
-    canonical = request.model_dump(mode="json", exclude={"subjects"})
+    # Unset options (None) leave no trace, so `/customize` and `/jobs` (which adds webhook options)
+    # hash the same request alike.
+    canonical = request.model_dump(mode="json", exclude={"subjects"}, exclude_none=True)
     canonical["subjects"] = [
-        {"target": subject.target, "image_sha256": hashlib.sha256(subject.image).hexdigest()}
+        {"target": subject.target, "subject_id": subject.subject_id}
+        if subject.image is None
+        else {"target": subject.target, "image_sha256": hashlib.sha256(subject.image).hexdigest()}
         for subject in request.subjects
     ]
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
@@ -175,8 +199,10 @@ def build_job_spec(
     tokenizer: PreTrainedTokenizerBase,
     owner: str,
     decode_slots: threading.Semaphore,
+    stored: dict[str, Subject] | None = None,
 ) -> JobSpec:
-    """Validate a request and turn it into the job the queue carries (owned by `owner`)."""
+    """Validate a request and turn it into the job the queue carries (owned by `owner`); `stored`:
+    the subjects its `subject_id`s name, already looked up (and owned by `owner`)."""
     size = native_size(settings.model)
     request = request.model_copy(
         update={
@@ -186,15 +212,17 @@ def build_job_spec(
     )
     _check_settings(request, settings)
     token_indices = _locate_targets(request, tokenizer)
-    images = _decode_images(request, settings, decode_slots)
+    references = _decode_images(request, settings, decode_slots, stored or {})
     now = time.time()
     return JobSpec(
         id=uuid.uuid4().hex,
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         subjects=[
-            SubjectSpec.from_image(image, subject.target, indices)
-            for image, subject, indices in zip(images, request.subjects, token_indices, strict=True)
+            SubjectSpec.from_image(image, subject.target, indices, key, shared)
+            for (image, key, shared), subject, indices in zip(
+                references, request.subjects, token_indices, strict=True
+            )
         ],
         width=request.width,
         height=request.height,

@@ -19,10 +19,11 @@ from service.api.intake import Intake
 from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.api.openapi import install_openapi
 from service.api.ratelimit import RateLimiter
-from service.api.routes import customize, demo, events, jobs, ops, webhooks
+from service.api.routes import customize, demo, events, jobs, ops, subjects, webhooks
 from service.queue import create_queue
 from service.queue.protocol import JobQueue
 from service.settings import Settings
+from service.subjects.store import open_subject_store
 from service.webhooks.dispatcher import delivering
 from service.webhooks.outbox import create_outbox
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
         )
         app.state.queue = create_queue(settings)
         app.state.webhooks = create_outbox(settings, app.state.queue)
+        app.state.subjects = open_subject_store(settings, app.state.queue)
         # The all-in-one process can serve only once its own worker is warm; the API alone once
         # Redis answers (workers come and go behind the queue).
         app.state.ready_needs_worker = companion is not None
@@ -67,6 +69,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
                 yield
         finally:
             await app.state.webhooks.close()
+            await app.state.subjects.close()
             await app.state.queue.close()
 
     app = FastAPI(
@@ -79,6 +82,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
     )
     app.include_router(customize.router)
     app.include_router(jobs.router)
+    app.include_router(subjects.router)
     app.include_router(events.router)
     app.include_router(ops.router)
     app.include_router(demo.router)

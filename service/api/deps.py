@@ -14,6 +14,7 @@ from service.errors import ApiError
 from service.queue.protocol import JobQueue
 from service.schemas import JobRequest
 from service.settings import Settings
+from service.subjects.store import SubjectStore
 from service.webhooks.outbox import Outbox
 
 
@@ -29,9 +30,14 @@ def get_webhooks(request: Request) -> Outbox:
     return request.app.state.webhooks
 
 
+def get_subjects(request: Request) -> SubjectStore:
+    return request.app.state.subjects
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 WebhooksDep = Annotated[Outbox, Depends(get_webhooks)]
+SubjectsDep = Annotated[SubjectStore, Depends(get_subjects)]
 
 
 def _key_matches(token: str, keys: list[str]) -> bool:
@@ -108,7 +114,12 @@ async def accept_customize(
 ) -> Accepted:
     intake: Intake = request.app.state.intake
     return await intake.enqueue(
-        request, owner_of(caller), queue, idempotency_key, accept or "application/json"
+        request,
+        owner_of(caller),
+        queue,
+        idempotency_key,
+        request.app.state.subjects,
+        accept or "application/json",
     )
 
 
@@ -116,7 +127,9 @@ async def accept_job(
     request: Request, caller: RateLimitedCaller, queue: QueueDep, idempotency_key: IdempotencyKey = None
 ) -> Accepted:
     intake: Intake = request.app.state.intake
-    return await intake.enqueue(request, owner_of(caller), queue, idempotency_key, model=JobRequest)
+    return await intake.enqueue(
+        request, owner_of(caller), queue, idempotency_key, request.app.state.subjects, model=JobRequest
+    )
 
 
 # Auth and the rate limit are dependencies of these, so they run before the body is read.

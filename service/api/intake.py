@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from PIL import Image
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -24,15 +26,19 @@ from transformers import PreTrainedTokenizerBase
 from service.api import results
 from service.errors import ApiError
 from service.images import MEDIA_TYPES
-from service.queue.protocol import JobQueue, JobRecord, JobSpec
-from service.schemas import CustomizeRequest
+from service.queue.protocol import JobQueue, JobRecord
+from service.schemas import CustomizeRequest, SubjectUpload
 from service.settings import Settings
-from service.validation import build_job_spec, parse_json, parse_request
+from service.subjects.resolve import resolve_subjects
+from service.subjects.store import SubjectStore
+from service.validation import build_job_spec, decode_upload, parse_json, parse_request, validation_error
 from service.webhooks.submission import check_webhook_url
 
 # Multipart field names: one file and one target per subject, paired in order.
 SUBJECT_IMAGE_FIELD = "subject_image"
 SUBJECT_TARGET_FIELD = "subject_target"
+# The multipart file of `POST /subjects`.
+SUBJECT_UPLOAD_FIELD = "image"
 # Non-file multipart fields: the request has about fifteen.
 MAX_FORM_FIELDS = 64
 
@@ -60,6 +66,7 @@ class Intake:
         owner: str,
         queue: JobQueue,
         idempotency_key: str | None,
+        subjects: SubjectStore,
         accept: str | None = None,
         model: type[CustomizeRequest] = CustomizeRequest,
     ) -> Accepted:
@@ -76,16 +83,45 @@ class Intake:
                     "body_timeout",
                     f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
                 ) from None
-            spec, raw_media_type = await run_in_threadpool(self._validate, data, owner, accept, model)
+            parsed, raw_media_type = await run_in_threadpool(self._parse, data, accept, model)
             del data
+            stored = await resolve_subjects(parsed, owner, subjects)
+            spec = await run_in_threadpool(
+                build_job_spec, parsed, self._settings, self._tokenizer, owner, self._decode_slots, stored
+            )
+            del parsed
             if spec.webhook is not None:
                 await check_webhook_url(spec.webhook.url, self._settings)
             return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type, arrived)
 
-    async def _read(self, request: Request) -> Any:
+    async def decode_subject(self, request: Request) -> Image.Image:
+        """`POST /subjects`: its one photo (JSON `image` or multipart file `image`), decoded as
+        `/customize` decodes references, within one intake slot."""
+        async with self._slots:
+            try:
+                async with asyncio.timeout(self._settings.body_timeout_s):
+                    data = await self._read(request, subject_upload=True)
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    "body_timeout",
+                    f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
+                ) from None
+            return await run_in_threadpool(self._decode_subject, data)
+
+    def _decode_subject(self, data: Any) -> Image.Image:
+        if isinstance(data, bytes):
+            data = parse_json(data)
+        try:
+            upload = SubjectUpload.model_validate(data)
+        except ValidationError as error:
+            raise validation_error(error) from None
+        return decode_upload(upload.image, "image", self._settings, self._decode_slots)
+
+    async def _read(self, request: Request, subject_upload: bool = False) -> Any:
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if content_type == "multipart/form-data":
-            return await self._read_form(request)
+            return await (self._read_subject_form if subject_upload else self._read_form)(request)
         if content_type == "application/json":
             # Not request.body(): it caches the body on the request, which a synchronous request
             # holds until its job ends (measured: +1.4x the body per waiting request).
@@ -125,6 +161,26 @@ class Intake:
         data["subjects"] = list(zip(files, targets, strict=True))
         return data
 
+    async def _read_subject_form(self, request: Request) -> dict[str, Any]:
+        form = await request.form(max_files=1, max_fields=1)
+        upload = form.get(SUBJECT_UPLOAD_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise ApiError(
+                422, "invalid_request", f"upload the photo as the file field `{SUBJECT_UPLOAD_FIELD}`"
+            )
+        try:
+            if upload.size is not None and upload.size > self._settings.max_image_bytes:
+                raise ApiError(
+                    413,
+                    "image_too_large",
+                    f"the image is {upload.size} bytes; the limit is {self._settings.max_image_bytes}. "
+                    "Send a smaller or more compressed image.",
+                    field=SUBJECT_UPLOAD_FIELD,
+                )
+            return {"image": await upload.read()}
+        finally:
+            await upload.close()
+
     def _read_files(self, data: dict[str, Any]) -> None:
         """Multipart: the spooled files, read here (in the worker thread), each checked by size first."""
         subjects, uploads = [], data["subjects"]
@@ -146,9 +202,9 @@ class Intake:
                 upload.file.close()
         data["subjects"] = subjects
 
-    def _validate(
-        self, data: Any, owner: str, accept: str | None, model: type[CustomizeRequest]
-    ) -> tuple[JobSpec, str | None]:
+    def _parse(
+        self, data: Any, accept: str | None, model: type[CustomizeRequest]
+    ) -> tuple[CustomizeRequest, str | None]:
         if isinstance(data, bytes):
             data = parse_json(data)
         else:
@@ -159,9 +215,7 @@ class Intake:
         if raw_media_type is not None:
             output_format = next(name for name, media in MEDIA_TYPES.items() if media == raw_media_type)
             request = request.model_copy(update={"output_format": output_format})
-        return build_job_spec(
-            request, self._settings, self._tokenizer, owner, self._decode_slots
-        ), raw_media_type
+        return request, raw_media_type
 
 
 JSON_TYPES = {"application/json", "application/*", "*/*"}

@@ -164,6 +164,20 @@ class InProcessQueue:
         self._purge()
         return sum(self._sizes.values())
 
+    def hold_bytes(self, key: str, size: int, ttl_s: float) -> None:
+        """Count `size` bytes kept `ttl_s` under `key` (a subject or its tokens, service/subjects)
+        against the byte budget, replacing what `key` held; QueueFullError when they would pass it."""
+        self._purge()
+        held = sum(self._sizes.values()) - self._sizes.get(key, 0)
+        if held + size > self._max_bytes:
+            raise QueueFullError.for_bytes(held, size, self._max_bytes, self._retry_after_s)
+        self._sizes[key] = size
+        self._expires[key] = time.monotonic() + ttl_s
+
+    def release_bytes(self, key: str) -> None:
+        self._sizes.pop(key, None)
+        self._expires.pop(key, None)
+
     async def ready_workers(self) -> int:
         now = time.monotonic()
         return sum(seen > now - self._worker_ttl_s for seen in self._workers.values())

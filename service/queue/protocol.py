@@ -44,15 +44,30 @@ class SubjectSpec(BaseModel):
     height: int
     target: str
     token_indices: list[int] = Field(description="Tokens of `target` in the prompt (BOS = 0).")
+    feature_key: str = Field(
+        "", description="Key of the image's projected tokens (service/subjects/ids.py); empty = none."
+    )
+    shared: bool = Field(
+        False, description="From a stored subject: the worker that encodes it shares its tokens."
+    )
 
     @classmethod
-    def from_image(cls, image: Image.Image, target: str, token_indices: list[int]) -> SubjectSpec:
+    def from_image(
+        cls,
+        image: Image.Image,
+        target: str,
+        token_indices: list[int],
+        feature_key: str = "",
+        shared: bool = False,
+    ) -> SubjectSpec:
         return cls(
             image=image.tobytes(),
             width=image.width,
             height=image.height,
             target=target,
             token_indices=token_indices,
+            feature_key=feature_key,
+            shared=shared,
         )
 
     def to_image(self) -> Image.Image:

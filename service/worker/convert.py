@@ -7,13 +7,19 @@ import time
 from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
 from service.images import encode_image
 from service.queue.protocol import JobResult, JobSpec
+from service.worker.subject_cache import process_cache
 
 
 def to_generation_job(spec: JobSpec) -> GenerationJob:
-    """The job as the runner takes it; the references were decoded once, at the edge."""
+    """The job as the runner takes it; the references were decoded once, at the edge, and those
+    whose tokens a worker computed before come with them (service/worker/subject_cache.py)."""
+    cache = process_cache()
     subjects = tuple(
         SubjectInput(
-            image=subject.to_image(), target=subject.target, token_indices=tuple(subject.token_indices)
+            image=subject.to_image(),
+            target=subject.target,
+            token_indices=tuple(subject.token_indices),
+            **cache.inputs(subject),
         )
         for subject in spec.subjects
     )

@@ -1,0 +1,1 @@
+"""Subjects uploaded once (`POST /subjects`) and reused by id, with their projected tokens shared."""
