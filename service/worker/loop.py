@@ -174,7 +174,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await intake
             await asyncio.gather(*self._stores, return_exceptions=True)
-            await self._return_ready()
+            await self._return_held()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -245,16 +245,16 @@ class Worker:
         self._ready.append(Held(taken, prepared))
         self._wake.set()
 
-    async def _return_ready(self) -> None:
-        """Give jobs taken but not started back to the queue for another worker (if the queue is
+    async def _return_held(self) -> None:
+        """At exit, give every job still held back to the queue for another worker: those taken
+        but not started, also those whose preparation the stop interrupted (if the queue is
         unreachable they stay with this consumer and are reclaimed once it stops heart-beating)."""
-        for held in self._ready:
+        for taken in list(self._held.values()):
             with contextlib.suppress(QueueUnavailableError):
-                await self._queue.release(held.taken)
-                self._held.pop(held.taken.token, None)
-                logger.info("returned job %s to the queue", held.id)
+                await self._queue.release(taken)
+                self._forget(taken)
+                logger.info("returned job %s to the queue", taken.spec.id)
         self._ready = []
-        self._room.set()
 
     # ---- step boundary: joins --------------------------------------------------------------------
 
@@ -426,22 +426,19 @@ class Worker:
             return None
 
     async def _apply(self, signals: StepSignals | None) -> None:
-        """Drop cancelled and expired rows (they never compute past this boundary); note watchers."""
-        now = time.time()
+        """Drop cancelled rows (they never compute past this boundary); note watchers. A job's
+        deadline only stops it before it starts: a running job finishes and is fetched by id."""
+        if signals is None:
+            return
         for job_id, held in list(self._running.items()):
-            if signals is not None:
-                held.watched = job_id in signals.watched
-            cancelled = signals is not None and job_id in signals.cancelled
-            if not (cancelled or held.taken.spec.expired(now)):
+            held.watched = job_id in signals.watched
+            if job_id not in signals.cancelled:
                 continue
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._stepper, self._scheduler.cancel, job_id)
             del self._running[job_id]
-            if cancelled:
-                metrics.CANCELLED_RUNNING.inc()
-                await self._finish(held.taken, JobState.CANCELLED, error="cancelled while running")
-            else:
-                await self._finish(held.taken, JobState.EXPIRED, error="the deadline passed while running")
+            metrics.CANCELLED_RUNNING.inc()
+            await self._finish(held.taken, JobState.CANCELLED, error="cancelled while running")
 
     def _publish(self, outcome: StepOutcome) -> None:
         """Progress of every running job, never waited on: while a publish is in flight the newest
