@@ -103,7 +103,12 @@ class CustomizeRequest(BaseModel):
                     "guidance_scale": 3.5,
                     "seed": 42,
                     "output_format": "png",
-                }
+                },
+                {
+                    "prompt": "a cat wearing a red scarf",
+                    "subjects": [{"subject_id": "3f1c9a0e5b7d4c2a8e6f1b0d9c7a5e3b", "target": "cat"}],
+                    "seed": 42,
+                },
             ]
         },
     )

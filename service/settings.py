@@ -105,6 +105,13 @@ class Settings(BaseSettings):
         description="How long a subject of `POST /subjects` (its image, and its projected tokens once a "
         "worker computed them) is kept after its last upload; counted against `queue_max_bytes` meanwhile.",
     )
+    subject_max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Part of `queue_max_bytes` subjects and their shared tokens may hold, so that stored "
+        "subjects never leave jobs without room; past it `POST /subjects` gets 429 and tokens are not "
+        "shared. Unset = half of `queue_max_bytes`.",
+    )
     subject_cache_size: int = Field(
         32, ge=0, description="Projected reference tokens each worker keeps on its device (LRU entries)."
     )
@@ -304,6 +311,11 @@ class Settings(BaseSettings):
     @property
     def worker_name(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def subject_budget(self) -> int:
+        """`subject_max_bytes`, or its default."""
+        return self.queue_max_bytes // 2 if self.subject_max_bytes is None else self.subject_max_bytes
 
     @property
     def reference_version(self) -> str:

@@ -174,6 +174,10 @@ class InProcessQueue:
         self._sizes[key] = size
         self._expires[key] = time.monotonic() + ttl_s
 
+    @property
+    def retry_after_s(self) -> int:
+        return self._retry_after_s
+
     def release_bytes(self, key: str) -> None:
         self._sizes.pop(key, None)
         self._expires.pop(key, None)

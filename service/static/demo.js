@@ -57,12 +57,98 @@ function renderSubjects() {
       state.selected = 0;
       render();
     });
-    card.append(image, select, remove);
+    const keep = document.createElement("label");
+    keep.className = "keep";
+    const box = document.createElement("input");
+    box.type = "checkbox";
+    box.checked = Boolean(subject.subjectId);
+    box.disabled = Boolean(subject.subjectId);
+    box.addEventListener("click", (event) => event.stopPropagation());
+    box.addEventListener("change", () => keepSubject(subject));
+    keep.append(box, " keep this subject");
+    card.append(image, select, keep, remove);
     return card;
   }));
 }
 
-function render() { renderWords(); renderSubjects(); }
+// Subjects kept with POST /subjects: {id, name, thumb, expires_at} in localStorage, by id.
+const SAVED_KEY = "realcustom.subjects";
+
+function savedSubjects() {
+  const now = Date.now() / 1000;
+  const saved = JSON.parse(localStorage.getItem(SAVED_KEY) || "[]");
+  return saved.filter((entry) => entry.expires_at > now);
+}
+
+function storeSaved(saved) { localStorage.setItem(SAVED_KEY, JSON.stringify(saved)); }
+
+// A small JPEG of the photo for the list (localStorage holds a few MB).
+function thumbnail(dataUrl) {
+  return new Promise((resolve) => {
+    const image = new Image();
+    image.onload = () => {
+      const canvas = document.createElement("canvas");
+      const scale = 150 / Math.max(image.width, image.height);
+      canvas.width = Math.max(1, Math.round(image.width * scale));
+      canvas.height = Math.max(1, Math.round(image.height * scale));
+      canvas.getContext("2d").drawImage(image, 0, 0, canvas.width, canvas.height);
+      resolve(canvas.toDataURL("image/jpeg", 0.8));
+    };
+    image.onerror = () => resolve(dataUrl);
+    image.src = dataUrl;
+  });
+}
+
+async function keepSubject(subject) {
+  $("error").hidden = true;
+  const headers = { "Content-Type": "application/json", ...authHeaders() };
+  const body = JSON.stringify({ image: subject.dataUrl.split(",")[1] || "" });
+  try {
+    const reply = await fetch("/subjects", { method: "POST", headers, body });
+    if (!reply.ok) {
+      showError(await errorMessage(reply));
+      renderSubjects();
+      return;
+    }
+    const stored = await reply.json();
+    subject.subjectId = stored.id;
+    const entry = { id: stored.id, name: subject.name, thumb: await thumbnail(subject.dataUrl), expires_at: stored.expires_at };
+    storeSaved([entry, ...savedSubjects().filter((other) => other.id !== stored.id)]);
+  } catch (error) {
+    showError(`the subject could not be saved: ${error.message}`);
+  }
+  render();
+}
+
+function renderSaved() {
+  $("saved-subjects").replaceChildren(...savedSubjects().map((entry) => {
+    const card = document.createElement("div");
+    card.className = "saved-subject";
+    card.title = `use ${entry.name} (${entry.id})`;
+    card.addEventListener("click", () => {
+      state.subjects.push({ name: entry.name, dataUrl: entry.thumb, target: "", subjectId: entry.id });
+      state.selected = state.subjects.length - 1;
+      render();
+    });
+    const image = document.createElement("img");
+    image.src = entry.thumb;
+    image.alt = `saved subject ${entry.name}`;
+    const forget = document.createElement("button");
+    forget.type = "button";
+    forget.textContent = "forget";
+    forget.addEventListener("click", async (event) => {
+      event.stopPropagation();
+      // Deleted on the server too; a 404 (expired, another key) only means it is gone already.
+      await fetch(`/subjects/${entry.id}`, { method: "DELETE", headers: authHeaders() }).catch(() => null);
+      storeSaved(savedSubjects().filter((other) => other.id !== entry.id));
+      renderSaved();
+    });
+    card.append(image, forget);
+    return card;
+  }));
+}
+
+function render() { renderWords(); renderSubjects(); renderSaved(); }
 
 function setTarget(index, target) {
   if (!state.subjects[index]) return;
@@ -97,7 +183,9 @@ function number(id) {
 function requestBody() {
   const body = {
     prompt: $("prompt").value,
-    subjects: state.subjects.map((s) => ({ image: s.dataUrl.split(",")[1] || "", target: s.target })),
+    subjects: state.subjects.map((s) => (s.subjectId
+      ? { subject_id: s.subjectId, target: s.target }
+      : { image: s.dataUrl.split(",")[1] || "", target: s.target })),
     width: number("width"),
     height: number("height"),
     num_inference_steps: number("steps"),

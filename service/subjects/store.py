@@ -58,6 +58,14 @@ class StoredTokens:
         return len(self.data) + 64
 
 
+def subjects_full(held: int, size: int, budget: int, retry_after_s: int) -> QueueFullError:
+    return QueueFullError(
+        f"stored subjects hold {held} bytes; this one's {size} bytes would pass their share of the queue, "
+        f"{budget} bytes (SUBJECT_MAX_BYTES). Delete subjects you no longer use, or send the photo inline",
+        retry_after_s,
+    )
+
+
 class SubjectStore(Protocol):
     async def put(self, subject: Subject) -> Subject:
         """Store (or refresh) a subject; QueueFullError when it would pass the byte budget."""
@@ -83,14 +91,34 @@ class SubjectStore(Protocol):
 class MemorySubjectStore:
     """The all-in-one process: dictionaries, bytes counted by its in-process queue."""
 
-    def __init__(self, queue: InProcessQueue, ttl_s: float) -> None:
+    def __init__(self, queue: InProcessQueue, ttl_s: float, budget: int) -> None:
         self._queue = queue
         self._ttl_s = ttl_s
+        self._budget = budget
         self._subjects: dict[str, Subject] = {}
         self._tokens: dict[str, tuple[StoredTokens, float]] = {}
 
+    def _held(self, replacing: str) -> int:
+        """Bytes of live subjects and tokens, but the entry `replacing`."""
+        now = time.time()
+        subjects = sum(
+            s.size for s in self._subjects.values() if s.expires_at > now and f"subject:{s.id}" != replacing
+        )
+        tokens = sum(
+            t.size
+            for key, (t, expires_at) in self._tokens.items()
+            if expires_at > now and f"tokens:{key}" != replacing
+        )
+        return subjects + tokens
+
+    def _hold(self, entry: str, size: int) -> None:
+        held = self._held(entry)
+        if held + size > self._budget:
+            raise subjects_full(held, size, self._budget, self._queue.retry_after_s)
+        self._queue.hold_bytes(entry, size, self._ttl_s)
+
     async def put(self, subject: Subject) -> Subject:
-        self._queue.hold_bytes(f"subject:{subject.id}", subject.size, self._ttl_s)
+        self._hold(f"subject:{subject.id}", subject.size)
         subject = _with_expiry(subject, time.time() + self._ttl_s)
         self._subjects[subject.id] = subject
         return subject
@@ -117,7 +145,7 @@ class MemorySubjectStore:
 
     def put_tokens(self, key: str, tokens: StoredTokens) -> bool:
         try:
-            self._queue.hold_bytes(f"tokens:{key}", tokens.size, self._ttl_s)
+            self._hold(f"tokens:{key}", tokens.size)
         except QueueFullError:
             return False
         self._tokens[key] = (tokens, time.time() + self._ttl_s)
@@ -128,37 +156,47 @@ class MemorySubjectStore:
         self._tokens.clear()
 
 
-# KEYS: the value's hash, the queue's byte counter, its result set. ARGV: member ("<size>:..."),
-# size, expiry (unix ms), byte budget, now (unix s), then the hash's fields. Expired members are
-# purged as SUBMIT does; a value already counted (a refresh) is not counted twice. No allow-oom:
-# at maxmemory Redis refuses it before any write.
+# KEYS: the value's hash, the queue's byte counter, its result set, the subjects' set. ARGV: member
+# ("<size>:..."), size, expiry (unix ms), byte budget, subjects' budget, now (unix s), then the
+# hash's fields. Expired members are purged as SUBMIT does; a value already counted (a refresh) is
+# not counted twice. The subjects' set (score = expiry, no counter: it holds few, large members)
+# bounds what subjects take of the budget. No allow-oom: at maxmemory Redis refuses it before any write.
 PUT = """#!lua
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
 if #expired > 0 then
   local freed = 0
   for _, member in ipairs(expired) do freed = freed + tonumber(string.match(member, '^(%d+):')) end
   redis.call('DECRBY', KEYS[2], freed)
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[6])
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[6])
 if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  local subjects = 0
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    subjects = subjects + tonumber(string.match(member, '^(%d+):'))
+  end
+  if subjects + tonumber(ARGV[2]) > tonumber(ARGV[5]) then return {'subjects', tostring(subjects)} end
   local held = tonumber(redis.call('GET', KEYS[2]) or '0')
   if held + tonumber(ARGV[2]) > tonumber(ARGV[4]) then return {'bytes', tostring(held)} end
   redis.call('INCRBY', KEYS[2], ARGV[2])
 end
-redis.call('ZADD', KEYS[3], tonumber(ARGV[3]) / 1000, ARGV[1])
+local expires = tonumber(ARGV[3]) / 1000
+redis.call('ZADD', KEYS[3], expires, ARGV[1])
+redis.call('ZADD', KEYS[4], expires, ARGV[1])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 return {'ok', ''}
 """
 
-# KEYS: the subject's hash, its tokens' hash, the byte counter, the result set. ARGV: the members'
-# suffixes (after "<size>"). Returns 1 when the subject existed.
+# KEYS: the subject's hash, its tokens' hash, the byte counter, the result set, the subjects' set.
+# ARGV: the members' suffixes (after "<size>"). Returns 1 when the subject existed.
 DELETE = """#!lua flags=allow-oom
 local function drop(key, suffix)
   local size = redis.call('HGET', key, 'size')
   if not size then return 0 end
   if redis.call('ZREM', KEYS[4], size .. suffix) == 1 then redis.call('DECRBY', KEYS[3], size) end
+  redis.call('ZREM', KEYS[5], size .. suffix)
   return redis.call('DEL', key)
 end
 local removed = drop(KEYS[1], ARGV[1])
@@ -180,6 +218,7 @@ class RedisSubjectStore:
         self._keys = QueueKeys(settings.queue_name)
         self._ttl_s = settings.subject_ttl_s
         self._max_bytes = settings.queue_max_bytes
+        self._subject_budget = settings.subject_budget
         self._retry_after_s = settings.queue_full_retry_after_s
         self._client = connect_async(settings.redis_url, *self._passwords())
         self._put = self._client.register_script(PUT)
@@ -200,10 +239,29 @@ class RedisSubjectStore:
     def _tokens_key(self, key: str) -> str:
         return f"{self._keys.tag}:tokens:{key}"
 
+    @property
+    def _subjects_key(self) -> str:
+        """Sorted set: "<size>:subject:<id>" and "<size>:tokens:<key>" -> expiry (unix s)."""
+        return f"{self._keys.tag}:subjects"
+
+    def _budget_keys(self) -> list[str]:
+        return [self._keys.bytes, self._keys.results, self._subjects_key]
+
     def _put_args(self, member: str, size: int, fields: dict[str, bytes | str | int | float]) -> list:
         expires_ms = int((time.time() + self._ttl_s) * 1000)
         flat = [item for pair in fields.items() for item in pair]
-        return [f"{size}:{member}", size, expires_ms, self._max_bytes, time.time(), "size", size, *flat]
+        now = time.time()
+        return [
+            f"{size}:{member}",
+            size,
+            expires_ms,
+            self._max_bytes,
+            self._subject_budget,
+            now,
+            "size",
+            size,
+            *flat,
+        ]
 
     @contextlib.asynccontextmanager
     async def _errors(self) -> AsyncIterator[None]:
@@ -224,13 +282,15 @@ class RedisSubjectStore:
             "expires_at": subject.expires_at,
             "image": subject.image,
         }
-        keys = [self._subject_key(subject.id), self._keys.bytes, self._keys.results]
+        keys = [self._subject_key(subject.id), *self._budget_keys()]
         async with self._errors():
             outcome, held = await self._put(
                 keys=keys, args=self._put_args(f"subject:{subject.id}", subject.size, fields)
             )
         if outcome == b"bytes":
             raise QueueFullError.for_bytes(int(held), subject.size, self._max_bytes, self._retry_after_s)
+        if outcome == b"subjects":
+            raise subjects_full(int(held), subject.size, self._subject_budget, self._retry_after_s)
         return subject
 
     async def get(self, subject_id: str) -> Subject | None:
@@ -252,12 +312,7 @@ class RedisSubjectStore:
         subject = await self.get(subject_id)
         if subject is None:
             return False
-        keys = [
-            self._subject_key(subject_id),
-            self._tokens_key(subject.key),
-            self._keys.bytes,
-            self._keys.results,
-        ]
+        keys = [self._subject_key(subject_id), self._tokens_key(subject.key), *self._budget_keys()]
         async with self._errors():
             return bool(
                 await self._delete(keys=keys, args=[f":subject:{subject_id}", f":tokens:{subject.key}"])
@@ -292,7 +347,7 @@ class RedisSubjectStore:
             "encode_s": tokens.encode_s,
             "data": tokens.data,
         }
-        keys = [self._tokens_key(key), self._keys.bytes, self._keys.results]
+        keys = [self._tokens_key(key), *self._budget_keys()]
         with self._sync_client() as client:
             try:
                 outcome, _held = self._sync_put(
@@ -326,7 +381,7 @@ def open_subject_store(settings: Settings, queue: JobQueue) -> SubjectStore:
         _opened = RedisSubjectStore(settings)
     else:
         assert isinstance(queue, InProcessQueue)
-        _opened = MemorySubjectStore(queue, settings.subject_ttl_s)
+        _opened = MemorySubjectStore(queue, settings.subject_ttl_s, settings.subject_budget)
     return _opened
 
 

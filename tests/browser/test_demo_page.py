@@ -79,6 +79,39 @@ def test_upload_submit_and_see_the_image(browser_page, service_url: str, dreambe
     assert shown == f"data:image/png;base64,{direct['images'][0]}"
 
 
+def test_a_kept_subject_is_uploaded_once_and_reused(
+    browser_page, service_url: str, dreambench_dir: Path
+) -> None:
+    page = browser_page
+    page.goto(service_url + "/")
+    page.fill("#prompt", "a can on the beach")
+    page.set_input_files("#photos", str(dreambench_dir / "can.jpg"))
+    with page.expect_response(lambda reply: reply.url.endswith("/subjects")) as upload:
+        page.locator(".subject .keep input").check()
+    subject_id = upload.value.json()["id"]
+    expect(page.locator(".saved-subject img")).to_have_count(1)
+    # The list survives a reload; the saved subject is sent by id, not as an image.
+    page.reload()
+    expect(page.locator(".subject")).to_have_count(0)
+    page.fill("#prompt", "a can on the beach")
+    page.locator(".saved-subject").click()
+    page.locator(".subject select").select_option("can")
+    fill_settings(page, 64, 2)
+    with page.expect_request(lambda request: request.url.endswith("/jobs")) as sent:
+        page.click("#submit")
+    assert sent.value.post_data_json["subjects"] == [{"subject_id": subject_id, "target": "can"}]
+    output = page.locator("#results img.output")
+    expect(output).to_have_count(1, timeout=TIMEOUT_MS)
+    # The same image as the photo sent inline.
+    body = api_body(dreambench_dir / "can.jpg", "a can on the beach", "can", width=64)
+    direct = httpx.post(service_url + "/customize", json=body, timeout=60).json()
+    assert output.get_attribute("src") == f"data:image/png;base64,{direct['images'][0]}"
+    # Forgetting it deletes it on the server too.
+    page.locator(".saved-subject button").click()
+    expect(page.locator(".saved-subject")).to_have_count(0)
+    assert httpx.get(f"{service_url}/subjects/{subject_id}", timeout=10).status_code == 404
+
+
 def test_bad_input_shows_the_apis_message(
     browser_page, service_url: str, dreambench_dir: Path, tmp_path: Path
 ) -> None:

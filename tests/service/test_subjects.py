@@ -66,7 +66,7 @@ def test_ids_follow_the_image_the_owner_and_the_model_version() -> None:
 
 def test_redis_store_expiry_deletion_and_the_byte_budget(redis_server) -> None:
     async def scenario() -> None:
-        settings = redis_settings(redis_server, subject_ttl_s=1, queue_max_bytes=2**20 + 10_000)
+        settings = redis_settings(redis_server, subject_ttl_s=1, subject_max_bytes=6000)
         store = RedisSubjectStore(settings)
         keys = QueueKeys(settings.queue_name)
         client = redis.Redis.from_url(redis_server.url)
@@ -78,6 +78,9 @@ def test_redis_store_expiry_deletion_and_the_byte_budget(redis_server) -> None:
             await store.put(new_subject(photo(3), "owner", "v1"))  # a refresh is not counted twice
             assert int(client.get(keys.bytes)) == held
             assert (await store.get(subject.id)).image == subject.image
+            # Subjects take at most SUBJECT_MAX_BYTES of the queue's budget: jobs always keep room.
+            with pytest.raises(QueueFullError, match="SUBJECT_MAX_BYTES"):
+                await store.put(new_subject(photo(13), "owner", "v1"))
             tokens = TokenCache(4, store)
             assert store.put_tokens(subject.key, _stored(torch.ones(3, 2)))
             assert int(client.get(keys.bytes)) > held
@@ -86,9 +89,10 @@ def test_redis_store_expiry_deletion_and_the_byte_budget(redis_server) -> None:
             assert await store.get(subject.id) is None and store.get_tokens(subject.key) is None
             assert int(client.get(keys.bytes)) == 0
             assert not await store.delete(subject.id)
-            # Past the budget: 429-worthy; tokens are simply not shared.
+            # Past the budget: 429; tokens are simply not shared.
             with pytest.raises(QueueFullError):
                 await store.put(new_subject(photo(4, (800, 600)), "owner", "v1"))
+            assert not store.put_tokens("big", _stored(torch.ones(2000, 2)))
             # Expiry: gone after the TTL, and its bytes are freed by the next write.
             subject = await store.put(new_subject(photo(5), "owner", "v1"))
             await asyncio.sleep(1.2)
@@ -106,13 +110,18 @@ def test_redis_store_expiry_deletion_and_the_byte_budget(redis_server) -> None:
 def test_memory_store_counts_in_the_in_process_queue() -> None:
     async def scenario() -> None:
         queue = InProcessQueue(max_depth=4, max_bytes=2**20, retry_after_s=1, result_ttl_s=60, worker_ttl_s=5)
-        store = MemorySubjectStore(queue, ttl_s=0.5)
+        store = MemorySubjectStore(queue, ttl_s=0.5, budget=6000)
         subject = await store.put(new_subject(photo(7), "owner", "v1"))
         assert await queue.held_bytes() == subject.size
         assert store.put_tokens(subject.key, _stored(torch.ones(4, 4)))
         assert store.get_tokens(subject.key) is not None
-        with pytest.raises(QueueFullError):
-            await store.put(new_subject(photo(8, (800, 600)), "owner", "v1"))
+        with pytest.raises(QueueFullError, match="SUBJECT_MAX_BYTES"):
+            await store.put(new_subject(photo(8), "owner", "v1"))
+        assert not store.put_tokens("big", _stored(torch.ones(2000, 2)))
+        # Within the subjects' share, the queue's own budget still applies.
+        full = MemorySubjectStore(InProcessQueue(4, 1000, 1, 60, 5), ttl_s=5, budget=6000)
+        with pytest.raises(QueueFullError, match="limit of 1000"):
+            await full.put(new_subject(photo(8), "owner", "v1"))
         assert await store.delete(subject.id)
         assert await queue.held_bytes() == 0 and store.get_tokens(subject.key) is None
         subject = await store.put(new_subject(photo(7), "owner", "v1"))
@@ -251,3 +260,13 @@ def test_foreign_unknown_and_deleted_ids_are_404(service) -> None:
             json={"prompt": "a cat", "subjects": [{"subject_id": subject_id, "target": "cat"}], **SMALL},
         )
         assert gone.status_code == 404 and gone.json()["error"]["code"] == "subject_not_found"
+
+
+def test_subject_cache_bench_runs_on_the_tiny_model(redis_server, tmp_path) -> None:
+    """Smoke test of benchmarks/subject_cache_bench.py (the full-size run is not part of the tests)."""
+    from benchmarks.subject_cache_bench import main
+
+    result = main(["--model", "tiny", "--redis-url", redis_server.url, "--out", str(tmp_path)])
+    assert result["tokens_shape"] == [16, 32]
+    assert result["device_hit_s"] < result["encode_project_s"]
+    assert not list(tmp_path.iterdir())  # tiny runs write no results
