@@ -87,16 +87,16 @@ def main(argv: list[str] | None = None) -> dict:
     settings = Settings(redis_url=args.redis_url, queue_name=f"subject-bench-{uuid.uuid4().hex[:8]}")
     store = RedisSubjectStore(settings)
     key = feature_key(image.tobytes(), image.width, image.height, spec.name)
-    subject = SubjectSpec.from_image(image, "cat", [2], feature_key=key, shared=True)
+    subject = SubjectSpec.from_image(image, "cat", [2], shared=True)
     try:
-        worker = TokenCache(4, store)
+        worker = TokenCache(4, store, spec.name)
         on_encoded = worker.inputs(subject)["on_encoded"]
         on_encoded(tokens, encode_s)
         worker._writer.shutdown(wait=True)
         _stored, serialise_s = timed(to_stored, tokens, encode_s)
         shared_ok, share_s = timed(store.put_tokens, key, _stored)
         device_hit, device_hit_s = timed(worker.inputs, subject)
-        other = TokenCache(4, store)
+        other = TokenCache(4, store, spec.name)
         shared_hit, shared_hit_s = timed(other.inputs, subject)
         assert (
             shared_ok

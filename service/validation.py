@@ -30,7 +30,6 @@ from service.errors import ApiError
 from service.queue.protocol import JobSpec, SubjectSpec
 from service.schemas import CustomizeRequest, JobRequest
 from service.settings import Settings
-from service.subjects.ids import feature_key
 from service.subjects.store import Subject
 
 # A 422 lists this many problems, then how many more there are: its size stays bounded.
@@ -160,22 +159,20 @@ def _decode_images(
     settings: Settings,
     decode_slots: threading.Semaphore,
     stored: dict[str, Subject],
-) -> list[tuple[Image.Image, str, bool]]:
-    """(image, feature key, from a stored subject) per subject: each distinct upload decoded once,
-    stored subjects (`stored`, by id, resolved by the intake) read as they were normalised."""
-    decoded: dict[bytes, tuple[Image.Image, str, bool]] = {}
+) -> list[tuple[Image.Image, bool]]:
+    """(image, from a stored subject) per subject: each distinct upload decoded once, stored
+    subjects (`stored`, by id, looked up by the intake) read as they were normalised."""
+    decoded: dict[bytes, Image.Image] = {}
     references = []
     for index, subject in enumerate(request.subjects):
         if subject.image is None:
             found = stored[subject.subject_id]
-            image = Image.frombytes("RGB", (found.width, found.height), found.image)
-            references.append((image, found.key, True))
+            references.append((Image.frombytes("RGB", (found.width, found.height), found.image), True))
             continue
         if subject.image not in decoded:
-            image = decode_upload(subject.image, f"subjects[{index}].image", settings, decode_slots)
-            key = feature_key(image.tobytes(), image.width, image.height, settings.reference_version)
-            decoded[subject.image] = (image, key, False)
-        references.append(decoded[subject.image])
+            field = f"subjects[{index}].image"
+            decoded[subject.image] = decode_upload(subject.image, field, settings, decode_slots)
+        references.append((decoded[subject.image], False))
     return references
 
 
@@ -219,8 +216,8 @@ def build_job_spec(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         subjects=[
-            SubjectSpec.from_image(image, subject.target, indices, key, shared)
-            for (image, key, shared), subject, indices in zip(
+            SubjectSpec.from_image(image, subject.target, indices, shared)
+            for (image, shared), subject, indices in zip(
                 references, request.subjects, token_indices, strict=True
             )
         ],

@@ -44,9 +44,6 @@ class SubjectSpec(BaseModel):
     height: int
     target: str
     token_indices: list[int] = Field(description="Tokens of `target` in the prompt (BOS = 0).")
-    feature_key: str = Field(
-        "", description="Key of the image's projected tokens (service/subjects/ids.py); empty = none."
-    )
     shared: bool = Field(
         False, description="From a stored subject: the worker that encodes it shares its tokens."
     )
@@ -57,7 +54,6 @@ class SubjectSpec(BaseModel):
         image: Image.Image,
         target: str,
         token_indices: list[int],
-        feature_key: str = "",
         shared: bool = False,
     ) -> SubjectSpec:
         return cls(
@@ -66,7 +62,6 @@ class SubjectSpec(BaseModel):
             height=image.height,
             target=target,
             token_indices=token_indices,
-            feature_key=feature_key,
             shared=shared,
         )
 

@@ -1,7 +1,8 @@
 """A worker's projected reference tokens: an LRU on its device, then the store every worker shares.
 
-Every reference in a job carries its feature key (service/subjects/ids.py: image + model version),
-so the worker looks its tokens up before preparing the job: in its own LRU (`SUBJECT_CACHE_SIZE`
+The worker keys every reference of a job by its feature key (service/subjects/ids.py: the image
+and the worker's own `MODEL_VERSION`, so a worker never takes tokens of another model version,
+even mid-upgrade) and looks its tokens up before preparing the job: in its own LRU (`SUBJECT_CACHE_SIZE`
 entries, on the device), then in the shared store (Redis, or the all-in-one process), else the
 runner encodes the photo and hands the tokens back (`SubjectInput.on_encoded`): they enter the LRU,
 and for a stored subject (`POST /subjects`) they are written to the shared store for the others,
@@ -21,6 +22,7 @@ import torch
 from service import metrics
 from service.queue.protocol import QueueUnavailableError, SubjectSpec
 from service.settings import Settings, load_settings
+from service.subjects.ids import feature_key
 from service.subjects.store import StoredTokens, SubjectStore, process_store
 
 logger = logging.getLogger(__name__)
@@ -38,8 +40,9 @@ def from_stored(stored: StoredTokens) -> torch.Tensor:
 
 
 class TokenCache:
-    def __init__(self, capacity: int, store: SubjectStore | None) -> None:
+    def __init__(self, capacity: int, store: SubjectStore | None, version: str) -> None:
         self._capacity = capacity
+        self._version = version
         self._store = store
         self._entries: OrderedDict[str, tuple[torch.Tensor, float]] = OrderedDict()
         self._lock = threading.Lock()  # the preparation and stepping threads both prepare jobs
@@ -48,9 +51,7 @@ class TokenCache:
 
     def inputs(self, subject: SubjectSpec) -> dict[str, Any]:
         """`SubjectInput` fields for one reference: its cached `tokens`, or an `on_encoded` hook."""
-        if not subject.feature_key:
-            return {}
-        key = subject.feature_key
+        key = feature_key(subject.image, subject.width, subject.height, self._version)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -117,5 +118,7 @@ def process_cache(settings: Settings | None = None) -> TokenCache:
     with _cache_lock:
         if _cache is None:
             settings = settings or load_settings()
-            _cache = TokenCache(settings.subject_cache_size, process_store(settings))
+            _cache = TokenCache(
+                settings.subject_cache_size, process_store(settings), settings.reference_version
+            )
         return _cache

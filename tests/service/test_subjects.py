@@ -81,7 +81,6 @@ def test_redis_store_expiry_deletion_and_the_byte_budget(redis_server) -> None:
             # Subjects take at most SUBJECT_MAX_BYTES of the queue's budget: jobs always keep room.
             with pytest.raises(QueueFullError, match="SUBJECT_MAX_BYTES"):
                 await store.put(new_subject(photo(13), "owner", "v1"))
-            tokens = TokenCache(4, store)
             assert store.put_tokens(subject.key, _stored(torch.ones(3, 2)))
             assert int(client.get(keys.bytes)) > held
             # Deleting drops the subject and its tokens, and returns their bytes.
@@ -99,7 +98,6 @@ def test_redis_store_expiry_deletion_and_the_byte_budget(redis_server) -> None:
             assert await store.get(subject.id) is None
             await store.put(new_subject(photo(6), "owner", "v1"))
             assert int(client.get(keys.bytes)) == new_subject(photo(6), "owner", "v1").size
-            del tokens
         finally:
             await store.close()
             client.close()
@@ -140,8 +138,8 @@ def _stored(tokens: torch.Tensor):
 def test_token_cache_shares_tokens_between_workers(redis_server) -> None:
     """Worker A encodes a stored subject and writes its tokens back; worker B reads them (no encoder)."""
     store = RedisSubjectStore(redis_settings(redis_server))
-    subject = SubjectSpec.from_image(photo(9), "cat", [2], feature_key="k" * 64, shared=True)
-    first, second = TokenCache(2, store), TokenCache(2, store)
+    subject = SubjectSpec.from_image(photo(9), "cat", [2], shared=True)
+    first, second = TokenCache(2, store, "v1"), TokenCache(2, store, "v1")
     miss = first.inputs(subject)
     assert set(miss) == {"on_encoded"}
     tokens = torch.randn(5, 3).to(torch.bfloat16)
@@ -150,8 +148,10 @@ def test_token_cache_shares_tokens_between_workers(redis_server) -> None:
     first._writer.shutdown(wait=True)
     shared = second.inputs(subject)["tokens"]
     assert shared.dtype == torch.bfloat16 and torch.equal(shared, tokens)
+    # A worker of another model version keys the same photo elsewhere: it encodes (mid-upgrade too).
+    assert set(TokenCache(2, store, "v2").inputs(subject)) == {"on_encoded"}
     # An inline photo is never written to the store, only remembered by the worker that encoded it.
-    inline = SubjectSpec.from_image(photo(10), "cat", [2], feature_key="i" * 64)
+    inline = SubjectSpec.from_image(photo(10), "cat", [2])
     first.inputs(inline)["on_encoded"](tokens, 1.0)
     first._writer.shutdown(wait=True)
     assert set(second.inputs(inline)) == {"on_encoded"}
@@ -270,3 +270,18 @@ def test_subject_cache_bench_runs_on_the_tiny_model(redis_server, tmp_path) -> N
     assert result["tokens_shape"] == [16, 32]
     assert result["device_hit_s"] < result["encode_project_s"]
     assert not list(tmp_path.iterdir())  # tiny runs write no results
+
+
+def test_a_model_version_change_gives_a_new_id(service, redis_server, tmp_path) -> None:
+    api, _worker = service
+    image = png(photo(14))
+    with client(api) as http:
+        current = http.post("/subjects", files={"image": ("p.png", image, "image/png")}).json()["id"]
+    env = {"REDIS_URL": redis_server.url, "QUEUE_NAME": f"subjects-{uuid.uuid4().hex[:8]}", "API_KEYS": KEY}
+    upgraded = Api("service.api", {**env, "MODEL_VERSION": "tiny-v2"}, tmp_path)
+    try:
+        with client(upgraded) as http:
+            reply = http.post("/subjects", files={"image": ("p.png", image, "image/png")})
+            assert reply.status_code == 201 and reply.json()["id"] != current
+    finally:
+        upgraded.process.stop()
