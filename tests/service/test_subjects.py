@@ -194,6 +194,7 @@ def customize(http: httpx.Client, reference: dict, seed: int = 7) -> httpx.Respo
     return http.post("/customize", json=body, headers={"Accept": "image/png"})
 
 
+@pytest.mark.integration
 def test_same_photo_gives_one_id_json_or_multipart(service, dreambench_dir) -> None:
     api, _worker = service
     data = (dreambench_dir / "cat.jpg").read_bytes()
@@ -210,6 +211,7 @@ def test_same_photo_gives_one_id_json_or_multipart(service, dreambench_dir) -> N
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_image"
 
 
+@pytest.mark.integration
 def test_subject_id_gives_the_inline_image_and_skips_the_encoders(service) -> None:
     api, worker = service
     image = png(photo(11, (96, 80)))
@@ -233,6 +235,7 @@ def test_subject_id_gives_the_inline_image_and_skips_the_encoders(service) -> No
         assert job.status_code == 202, job.text
 
 
+@pytest.mark.integration
 def test_foreign_unknown_and_deleted_ids_are_404(service) -> None:
     api, _worker = service
     image = png(photo(12))
@@ -272,6 +275,7 @@ def test_subject_cache_bench_runs_on_the_tiny_model(redis_server, tmp_path) -> N
     assert not list(tmp_path.iterdir())  # tiny runs write no results
 
 
+@pytest.mark.integration
 def test_a_model_version_change_gives_a_new_id(service, redis_server, tmp_path) -> None:
     api, _worker = service
     image = png(photo(14))
