@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     pipeline = load_pipeline(args.model)
     settings = GraphSettings()
-    graphs = GraphLoop(pipeline, EagerCapture())
+    # Step-level batching runs the guidance pass on the rows still updating masks only (a
+    # request-level batch has all its rows in one phase).
+    graphs = GraphLoop(pipeline, EagerCapture(), partial_guidance=True)
     # Both policies step the smallest bucket that holds their rows (as the compiled backend does).
     family = [Bucket(rows, args.size, args.size) for rows in range(1, args.rows + 1)]
     graphs.prepare(family, [settings])

@@ -131,6 +131,7 @@ class Worker:
         self._last_step_end: float | None = None  # perf_counter, stepping thread
         self._stopping = asyncio.Event()
         self._drain = False
+        self._intake: asyncio.Task | None = None
         self.progress = progress or Progress(settings.worker_stall_s)
 
     def stop(self, drain: bool = False) -> None:
@@ -147,7 +148,7 @@ class Worker:
     async def run(self) -> None:
         self.progress.beat()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
-        intake = asyncio.create_task(self._intake_loop(), name="worker-intake")
+        self._intake = asyncio.create_task(self._intake_loop(), name="worker-intake")
         metrics.WORKER_READY.set(1)
         logger.info(
             "worker %s ready (model=%s, backend=%s)",
@@ -169,10 +170,7 @@ class Worker:
                     logger.warning("queue unavailable (%s); retrying", error)
                     await asyncio.sleep(RETRY_DELAY_S)
         finally:
-            metrics.WORKER_READY.set(0)
-            intake.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await intake
+            await self._stop_intake()
             await asyncio.gather(*self._stores, return_exceptions=True)
             await self._return_held()
             heartbeat.cancel()
@@ -205,6 +203,13 @@ class Worker:
 
     # ---- intake ---------------------------------------------------------------------------------
 
+    async def _stop_intake(self) -> None:
+        """Stop taking jobs and let the intake's last `take` return (at most TAKE_BLOCK_S): a
+        take cancelled mid-call could leave a delivery with this worker, found only by reclaim."""
+        self.stop()
+        if self._intake is not None:
+            await self._intake
+
     async def _intake_loop(self) -> None:
         """Take and prepare jobs while the batch steps: at most 2 x MAX_BATCH held at once."""
         limit = 2 * self._settings.max_batch
@@ -224,6 +229,8 @@ class Worker:
             for job in taken:
                 self._held[job.token] = job
             for job in taken:
+                if not self._accepting:
+                    break  # held: returned to the queue at exit
                 await self._accept(job)
 
     async def _accept(self, taken: TakenJob) -> None:
@@ -521,7 +528,7 @@ class Worker:
         runs them; a late result of this one is refused by the fencing token) and stop this worker:
         raise what it returns."""
         metrics.BATCHES_ABANDONED.inc()
-        self.stop()
+        await self._stop_intake()  # else it could take the jobs released here right back
         running = list(self._running.values()) + self._starting + (alone or [])
         for held in running:
             try:

@@ -15,8 +15,8 @@ from test_service_faults import cat_body, job_status, wait_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-# About 2-4 s on the tiny model with one CPU thread; a UNet pass every 0.3-0.5 s.
-LONG = {"width": 512, "height": 512, "num_inference_steps": 4, "mask_reused_step": 1}
+# About 2 s on the tiny model with one CPU thread (steps of one row, a UNet pass every ~0.05 s).
+LONG = {"width": 512, "height": 512, "num_inference_steps": 12, "mask_reused_step": 1}
 
 
 def test_a_batch_past_its_compute_deadline_is_released_and_completed_by_another_worker(
