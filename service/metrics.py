@@ -64,7 +64,8 @@ STEP_GAP_SECONDS = Histogram(
 )
 PREPARE_SECONDS = Histogram(
     "realcustom_prepare_seconds",
-    "Preparing one job to join (text and reference encoding, projector, noise), off the stepping thread.",
+    "Preparing one job to join (its references as images, token-cache lookup, text and reference "
+    "encoding, projector, image K/V, noise), off the stepping thread.",
     buckets=LATENCY_BUCKETS,
 )
 TIME_TO_FIRST_STEP_SECONDS = Histogram(

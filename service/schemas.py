@@ -190,8 +190,8 @@ class Timings(BaseModel):
     )
     prepare: float = Field(
         0.0,
-        description="Preparing the job to join a running batch: text and reference encoding, projector, "
-        "noise (overlapping other jobs' steps).",
+        description="Preparing the job to join a running batch: its references as images, token-cache "
+        "lookup, text and reference encoding, projector, image K/V, noise (overlapping other jobs' steps).",
     )
     inference: float = Field(description="From the job's first denoising step until its images were decoded.")
     total: float = Field(description="From the request's arrival until the reply (synchronous calls).")

@@ -33,6 +33,7 @@ from service.queue.protocol import (
     JobProgress,
     JobQueue,
     JobResult,
+    JobSpec,
     JobState,
     QueueUnavailableError,
     StepSignals,
@@ -238,19 +239,26 @@ class Worker:
         if taken.spec.expired():
             await self._finish(taken, JobState.EXPIRED, error="the deadline passed before a worker was free")
             return
+        metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - taken.spec.enqueued_at))
         loop = asyncio.get_running_loop()
         try:
-            job = await loop.run_in_executor(self._preparer, to_generation_job, taken.spec)
-            prepared = await loop.run_in_executor(self._preparer, self._scheduler.prepare, job)
+            prepared = await loop.run_in_executor(self._preparer, self._prepare, taken.spec)
         except Exception as error:  # one bad job must fail alone, never stop the worker
             logger.warning("job %s could not be prepared: %s", taken.spec.id, error)
             message = f"the job could not be prepared: {type(error).__name__}: {error}"
             await self._finish(taken, JobState.FAILED, error=message)
             return
-        metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, time.time() - taken.spec.enqueued_at))
         metrics.PREPARE_SECONDS.observe(prepared.prepare_s)
         self._ready.append(Held(taken, prepared))
         self._wake.set()
+
+    def _prepare(self, spec: JobSpec) -> Prepared:
+        """Preparation thread: the runner's job (references as images, cached tokens looked up),
+        then its loop inputs; `prepare_s` counts both."""
+        started = time.perf_counter()
+        prepared = self._scheduler.prepare(to_generation_job(spec))
+        prepared.prepare_s = time.perf_counter() - started
+        return prepared
 
     async def _return_held(self) -> None:
         """At exit, give every job still held back to the queue for another worker: those taken
