@@ -274,12 +274,19 @@ class Worker:
     # ---- step boundary: joins --------------------------------------------------------------------
 
     async def _join_ready(self) -> None:
-        """At a step boundary: the jobs started during the last step join, then the other ready
-        jobs that fit (finding room may prepare a new family's states, on the stepping thread)."""
+        """At a step boundary: the jobs started during the last step join. While rows run, other
+        ready jobs wait for the next step to be started (the device does not wait on the queue),
+        except those of a family without a running batch: that is made here, on the stepping
+        thread. An idle worker starts whatever fits at once."""
         await self._join_started()
-        if self._ready and self._accepting:
+        if not (self._ready and self._accepting):
+            return
+        ready = self._ready
+        if self._running:
+            ready = [held for held in ready if held.prepared.family not in self._scheduler.batches]
+        if ready:
             loop = asyncio.get_running_loop()
-            candidates = await loop.run_in_executor(self._stepper, self._fitting, list(self._ready), True)
+            candidates = await loop.run_in_executor(self._stepper, self._fitting, ready, True)
             await self._start(candidates)
             await self._join_started()
         metrics.ROWS_IN_FLIGHT.set(self._scheduler.rows_in_flight)

@@ -148,7 +148,8 @@ def test_sigkill_with_a_running_batch_of_mixed_jobs_loses_none_and_runs_none_twi
             ids = [client.post("/jobs", json=cat_body(cat_b64, **body)).json()["id"] for body in mixed]
             for job_id in ids:
                 wait_status(client, job_id, {"running"}, 60)
-            assert victim.metric("realcustom_rows_in_flight") == 4  # one running batch of mixed jobs
+            # Marked running during a step, they join at its end: one running batch of mixed jobs.
+            wait_until(lambda: victim.metric("realcustom_rows_in_flight") == 4, 30, "all rows to join")
             victim.kill()
             survivor = WorkerProcess("survivor", env, tmp_path)
             finals = [wait_status(client, job_id, {"done", "failed"}, 180) for job_id in ids]
