@@ -176,7 +176,7 @@ def write_markdown(report: dict, path: Path) -> None:
         )
     lines += [
         "",
-        "Reading: with 8 and 32 clients the single CPU worker is saturated, so most of the overhead is "
+        "Reading: with several clients the single CPU worker is saturated, so most of the overhead is "
         "queue wait (jobs waiting for the worker, which more workers or a GPU remove); the service cost "
         "column is what each request pays for the service itself.",
     ]

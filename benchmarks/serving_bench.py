@@ -3,9 +3,10 @@
 Both policies serve the same arrivals (seeded) with the same step function on the same bucket
 (`GraphLoop` with `EagerCapture`: the step CUDA graphs capture, run eagerly):
 
-* request-level (today's worker): when idle, take the oldest waiting request and every waiting
-  request with the same loop settings (step count, mask-reuse step) up to the bucket's rows, run
-  their loop to the end in the smallest bucket that holds them (1..rows are prepared), repeat;
+* request-level (the worker before step-level batching): when idle, take the oldest waiting
+  request and every waiting request with the same loop settings (step count, mask-reuse step) up
+  to the bucket's rows, run their loop to the end in the smallest bucket that holds them (1..rows
+  are prepared), repeat;
 * step-level (`engines.step_batching.RunningBatch`): at every step boundary finished rows leave and
   waiting requests join free rows, whatever their step count and mask-reuse step.
 
@@ -17,7 +18,7 @@ and level: throughput, latency p50/p99, queue wait p99 (arrival to first step), 
 step p50. Writes benchmarks/results/serving-bench.{json,md}. Times are CPU times of a toy model on
 a shared machine: compare the two policies within one run, not across runs.
 
-    python benchmarks/serving_bench.py                      # 50/80/95 % load, 40 s each
+    python benchmarks/serving_bench.py --size 256 --duration 60   # docs/PERFORMANCE.md's run
     python benchmarks/serving_bench.py --duration 5 --levels 0.5   # quick look
 """
 
