@@ -37,6 +37,8 @@ from service.webhooks.submission import check_webhook_url
 # Multipart field names: one file and one target per subject, paired in order.
 SUBJECT_IMAGE_FIELD = "subject_image"
 SUBJECT_TARGET_FIELD = "subject_target"
+# In place of a file: a subject stored with `POST /subjects` (in the subjects' order, like the files).
+SUBJECT_ID_FIELD = "subject_id"
 # The multipart file of `POST /subjects`.
 SUBJECT_UPLOAD_FIELD = "image"
 # Non-file multipart fields: the request has about fifteen.
@@ -132,14 +134,20 @@ class Intake:
 
     async def _read_form(self, request: Request) -> dict[str, Any]:
         form = await request.form(max_files=self._settings.max_subjects, max_fields=MAX_FORM_FIELDS)
-        files: list[UploadFile] = []
+        references: list[UploadFile | str] = []  # each subject's file or stored id, in order
         targets: list[str] = []
         data: dict[str, Any] = {}
         for name, value in form.multi_items():
             if name == SUBJECT_IMAGE_FIELD:
                 if not isinstance(value, UploadFile):
                     raise ApiError(422, "invalid_request", f"`{name}` must be a file upload", field=name)
-                files.append(value)
+                references.append(value)
+            elif name == SUBJECT_ID_FIELD:
+                if isinstance(value, UploadFile):
+                    raise ApiError(
+                        422, "invalid_request", f"`{name}` is text: a stored subject's id", field=name
+                    )
+                references.append(value)
             elif name == SUBJECT_TARGET_FIELD:
                 targets.append(str(value))
             elif isinstance(value, UploadFile):
@@ -150,15 +158,15 @@ class Intake:
                 )
             else:
                 data[name] = value
-        if len(files) != len(targets):
+        if len(references) != len(targets):
             raise ApiError(
                 422,
                 "invalid_request",
-                f"send one `{SUBJECT_TARGET_FIELD}` per `{SUBJECT_IMAGE_FIELD}` file "
-                f"(got {len(targets)} targets for {len(files)} images)",
+                f"send one `{SUBJECT_TARGET_FIELD}` per subject (a `{SUBJECT_IMAGE_FIELD}` file or a "
+                f"`{SUBJECT_ID_FIELD}`; got {len(targets)} targets for {len(references)} subjects)",
                 field=SUBJECT_TARGET_FIELD,
             )
-        data["subjects"] = list(zip(files, targets, strict=True))
+        data["subjects"] = list(zip(references, targets, strict=True))
         return data
 
     async def _read_subject_form(self, request: Request) -> dict[str, Any]:
@@ -186,6 +194,9 @@ class Intake:
         subjects, uploads = [], data["subjects"]
         try:
             for index, (upload, target) in enumerate(uploads):
+                if isinstance(upload, str):
+                    subjects.append({"subject_id": upload, "target": target})
+                    continue
                 if upload.size is not None and upload.size > self._settings.max_image_bytes:
                     raise ApiError(
                         413,
@@ -199,7 +210,8 @@ class Intake:
         finally:
             # The request (and its form) lives until the job ends: free the spooled files now.
             for upload, _target in uploads:
-                upload.file.close()
+                if not isinstance(upload, str):
+                    upload.file.close()
         data["subjects"] = subjects
 
     def _parse(

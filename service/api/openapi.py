@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api.intake import SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD
+from service.api.intake import SUBJECT_ID_FIELD, SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD
 from service.schemas import CustomizeRequest, ErrorResponse, JobRequest
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -54,16 +54,18 @@ def _multipart_schema(request_schema: dict[str, Any]) -> dict[str, Any]:
         "items": {"type": "string", "format": "binary"},
         "description": "One reference image file per subject (PNG, JPEG or WebP).",
     }
+    properties[SUBJECT_ID_FIELD] = {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "In place of a file: the id of a subject stored with `POST /subjects`. Subjects "
+        "are taken in the order their file or id fields appear.",
+    }
     properties[SUBJECT_TARGET_FIELD] = {
         "type": "array",
         "items": {"type": "string"},
-        "description": "The target phrase of each subject, in the order of the files.",
+        "description": "The target phrase of each subject, in the order of the subjects.",
     }
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": ["prompt", SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD],
-    }
+    return {"type": "object", "properties": properties, "required": ["prompt", SUBJECT_TARGET_FIELD]}
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -227,6 +227,17 @@ def test_subject_id_gives_the_inline_image_and_skips_the_encoders(service) -> No
         a = np.asarray(Image.open(io.BytesIO(inline.content)), dtype=np.int16)
         b = np.asarray(Image.open(io.BytesIO(by_id.content)), dtype=np.int16)
         assert np.abs(a - b).max() <= 1
+        # Multipart takes it in place of a file, in the subjects' order.
+        form = {"prompt": "a cat in the snow", "seed": "7", **{k: str(v) for k, v in SMALL.items()}}
+        form_reply = http.post(
+            "/customize",
+            data=form,
+            files={"subject_id": (None, subject_id), "subject_target": (None, "cat")},  # multipart
+            headers={"Accept": "image/png"},
+        )
+        assert form_reply.status_code == 200, form_reply.text
+        c = np.asarray(Image.open(io.BytesIO(form_reply.content)), dtype=np.int16)
+        assert np.abs(c - b).max() <= 1
         # /jobs takes it too.
         job = http.post(
             "/jobs",
