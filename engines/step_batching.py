@@ -98,6 +98,13 @@ class RunningBatch:
             bucket = Bucket(key.batch, key.height, key.width, key.subjects)
             if bucket in buckets and key.settings == settings:
                 self.steps[bucket, StepKind(key.kind), key.guidance_rows or bucket.batch] = step
+        # Per bucket, the guidance rows its MASK_UPDATE steps cover, smallest first.
+        self.guidance_rows = {
+            bucket: sorted(
+                rows for b, kind, rows in self.steps if b == bucket and kind is StepKind.MASK_UPDATE
+            )
+            for bucket in buckets
+        }
         self.bucket = buckets[0]
         self.slots: list[_Slot] = []
         self._park(self.state, 0)
@@ -151,27 +158,27 @@ class RunningBatch:
     @torch.no_grad()
     def cancel(self, key: Hashable) -> bool:
         """Drop a request's rows now (between steps); False when it is not in the batch."""
-        for slot in self.slots:
-            if slot.request.key == key:
-                self.slots.remove(slot)
-                self._settle()
-                return True
-        return False
+        slot = self._find(key)
+        if slot is None:
+            return False
+        self.slots.remove(slot)
+        self._settle()
+        return True
+
+    def _find(self, key: Hashable) -> _Slot | None:
+        return next((slot for slot in self.slots if slot.request.key == key), None)
 
     def progress(self, key: Hashable) -> tuple[int, int] | None:
         """(steps done, steps) of a request in the batch."""
-        for slot in self.slots:
-            if slot.request.key == key:
-                return slot.step, slot.request.num_steps
-        return None
+        slot = self._find(key)
+        return None if slot is None else (slot.step, slot.request.num_steps)
 
     def snapshot(self, key: Hashable) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A request's current x̂₀ [rows, C, h, w] and masks [rows, S, h, w] (copies; previews)."""
-        for slot in self.slots:
-            if slot.request.key == key:
-                state = self.state
-                return state.x0[slot.rows].clone(), state.masks[slot.rows, : slot.request.subjects].clone()
-        return None
+        slot = self._find(key)
+        if slot is None:
+            return None
+        return self.state.x0[slot.rows].clone(), self.state.masks[slot.rows, : slot.request.subjects].clone()
 
     def _settle(self, joining: RowRequest | None = None) -> int:
         """Lay the active rows (and `joining`'s) out in rows [0, used) of the smallest bucket that
@@ -214,11 +221,7 @@ class RunningBatch:
             return []
         updating = sum(slot.request.rows for slot in self.slots if slot.updating())
         if updating:  # the guidance pass on the smallest captured prefix holding those rows
-            rows = min(
-                rows
-                for bucket, kind, rows in self.steps
-                if bucket == self.bucket and kind is StepKind.MASK_UPDATE and rows >= updating
-            )
+            rows = next(rows for rows in self.guidance_rows[self.bucket] if rows >= updating)
             self.steps[self.bucket, StepKind.MASK_UPDATE, rows]()
         else:
             self.steps[self.bucket, StepKind.MASK_REUSE, self.bucket.batch]()
