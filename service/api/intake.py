@@ -76,15 +76,7 @@ class Intake:
         a route that may answer with a raw image."""
         arrived = time.perf_counter()
         async with self._slots:
-            try:
-                async with asyncio.timeout(self._settings.body_timeout_s):
-                    data = await self._read(request)
-            except TimeoutError:
-                raise ApiError(
-                    408,
-                    "body_timeout",
-                    f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
-                ) from None
+            data = await self._read_in_time(request)
             parsed, raw_media_type = await run_in_threadpool(self._parse, data, accept, model)
             del data
             stored = await resolve_subjects(parsed, owner, subjects)
@@ -100,15 +92,7 @@ class Intake:
         """`POST /subjects`: its one photo (JSON `image` or multipart file `image`), decoded as
         `/customize` decodes references, within one intake slot."""
         async with self._slots:
-            try:
-                async with asyncio.timeout(self._settings.body_timeout_s):
-                    data = await self._read(request, subject_upload=True)
-            except TimeoutError:
-                raise ApiError(
-                    408,
-                    "body_timeout",
-                    f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
-                ) from None
+            data = await self._read_in_time(request, subject_upload=True)
             return await run_in_threadpool(self._decode_subject, data)
 
     def _decode_subject(self, data: Any) -> Image.Image:
@@ -119,6 +103,18 @@ class Intake:
         except ValidationError as error:
             raise validation_error(error) from None
         return decode_upload(upload.image, "image", self._settings, self._decode_slots)
+
+    async def _read_in_time(self, request: Request, subject_upload: bool = False) -> Any:
+        """The body, or 408 when it takes longer than BODY_TIMEOUT_S to arrive."""
+        try:
+            async with asyncio.timeout(self._settings.body_timeout_s):
+                return await self._read(request, subject_upload)
+        except TimeoutError:
+            raise ApiError(
+                408,
+                "body_timeout",
+                f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
+            ) from None
 
     async def _read(self, request: Request, subject_upload: bool = False) -> Any:
         content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
