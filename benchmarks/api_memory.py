@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-CAT = ROOT.parent / "shared" / "fixtures" / "dreambench" / "cat.jpg"
+CAT = ROOT / "examples" / "dreambench" / "cat.jpg"
 RESULTS = ROOT / "benchmarks" / "results"
 SAMPLE_S = 0.01
 

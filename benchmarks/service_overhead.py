@@ -40,7 +40,7 @@ import numpy as np
 import redis
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ROOT.parent / "shared" / "fixtures" / "dreambench"
+PHOTOS = ROOT / "examples" / "dreambench"
 SUBJECTS = {"cat": "a cat in the snow", "can": "a can on the beach", "backpack": "a backpack in the jungle"}
 PARAMS = {"width": 64, "height": 64, "num_inference_steps": 2, "mask_reused_step": 1}
 

@@ -38,7 +38,7 @@ from service.subjects.ids import feature_key
 from service.subjects.store import RedisSubjectStore
 from service.worker.subject_cache import TokenCache, to_stored
 
-PHOTO = Path("/work/shared/fixtures/dreambench/cat.jpg")
+PHOTO = Path(__file__).resolve().parents[1] / "examples" / "dreambench" / "cat.jpg"
 SPECS = {"sdxl": SDXL, "tiny": TINY}
 
 

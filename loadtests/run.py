@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LOADTESTS = ROOT / "loadtests"
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "dreambench"
+FIXTURES = ROOT / "examples" / "dreambench"
 SCENARIOS = ("smoke", "steady", "spike", "soak")
 QUEUE_PREFIX = "{realcustom}"  # the queue's keys sit under the hash tag of QUEUE_NAME (service/queue/keys.py)
 TERMINAL_STATES = {"done", "failed", "cancelled", "expired"}

@@ -14,8 +14,7 @@ import torch
 torch.set_num_threads(1)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SHARED = PROJECT_ROOT.parent / "shared"
-DREAMBENCH = SHARED / "fixtures" / "dreambench"
+DREAMBENCH = PROJECT_ROOT / "examples" / "dreambench"
 
 
 @pytest.fixture(scope="session")

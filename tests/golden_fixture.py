@@ -27,7 +27,7 @@ from realcustom.loading import split_realcustom_state_dict
 from realcustom.projector import ProjectorConfig
 from realcustom.unet import RealCustomUNet
 
-DEFAULT_GOLDEN_DIR = Path(__file__).resolve().parents[2] / "shared" / "golden" / "realcustom_tiny_sdxl"
+DEFAULT_GOLDEN_DIR = Path(__file__).resolve().parent / "fixtures" / "golden" / "realcustom_tiny_sdxl"
 
 # README §8 names two groups in words; these are the tensor names they stand for.
 _TOLERANCE_GROUPS_IN_WORDS = {"projector tokens": "projector.tokens_*", "attn2 outputs": "attn2.*.out_*"}

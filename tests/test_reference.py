@@ -22,7 +22,7 @@ from realcustom.reference import (
 from realcustom.vit import DINOV2_TINY, SIGLIP_TINY
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vit_timm_tiny.safetensors"
-CAT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "dreambench" / "cat.jpg"
+CAT = Path(__file__).resolve().parents[1] / "examples" / "dreambench" / "cat.jpg"
 TINY_CROSS_LAYER = ReferenceEncoderConfig(
     siglip=SIGLIP_TINY,
     dino=DINOV2_TINY,

@@ -1,7 +1,7 @@
 // Shared by every scenario: builds POST /customize requests from the DreamBench photos and
 // checks each answer. Configuration comes from the environment (-e NAME=value or exported):
 //   BASE_URL      service root, loopback only (default http://127.0.0.1:8000)
-//   FIXTURES_DIR  directory with the DreamBench photos (default ../shared/fixtures/dreambench)
+//   FIXTURES_DIR  directory with the DreamBench photos (default: the repository's examples/dreambench)
 //   API_KEY       bearer token, when the service has API_KEYS set
 //   WIDTH HEIGHT STEPS   request size (default 128x128, 8 steps: the tiny model on CPU)
 //   ALLOW_429     "1" for overload runs: 429 is then an expected answer, not an error
@@ -11,7 +11,8 @@ import encoding from 'k6/encoding';
 import { Counter, Rate, Trend } from 'k6/metrics';
 
 export const BASE_URL = __ENV.BASE_URL || 'http://127.0.0.1:8000';
-const FIXTURES_DIR = __ENV.FIXTURES_DIR || '../../shared/fixtures/dreambench';
+// open() resolves a relative path against this module's folder (loadtests/lib/), in k6 1.1.
+const FIXTURES_DIR = __ENV.FIXTURES_DIR || '../../examples/dreambench';
 const WIDTH = parseInt(__ENV.WIDTH || '128', 10);
 const HEIGHT = parseInt(__ENV.HEIGHT || '128', 10);
 const STEPS = parseInt(__ENV.STEPS || '8', 10);

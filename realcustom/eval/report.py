@@ -7,7 +7,7 @@ from pathlib import Path
 
 from realcustom.eval.harness import METRICS, RunConfig
 
-# RealCustom++ rows of Table 1 (July 2024 draft; /work/shared/docs/method-paper.md §4.1), for
+# RealCustom++ rows of Table 1 (July 2024 draft of arXiv 2408.09744, §4.1), for
 # putting this run's numbers side by side. IR is ImageReward.
 PAPER_ROWS = (
     (

@@ -30,7 +30,7 @@ from service_processes import REPO_ROOT, Api, RedisServer, WorkerProcess, wait_u
 from service.queue.connect import connect_sync
 from service.queue.keys import QueueKeys
 
-PHOTO = REPO_ROOT.parent / "shared" / "fixtures" / "dreambench" / "cat.jpg"
+PHOTO = REPO_ROOT / "examples" / "dreambench" / "cat.jpg"
 # About a second per job on the tiny model with one CPU thread: long enough to kill a worker mid-batch.
 SLOW = {"width": 256, "height": 256, "num_inference_steps": 16, "mask_reused_step": 1}
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "mask_reused_step": 1}

@@ -152,7 +152,7 @@ def test_resume_continues_from_the_same_step(tiny_run, tmp_path):
 
 def test_command_line_trains_and_resumes_latest(tmp_path):
     raw = yaml.safe_load(TINY_CONFIG.read_text())
-    raw["data"]["dreambench"]["source"] = str(PROJECT.parent / "shared" / "fixtures" / "dreambench")
+    raw["data"]["dreambench"]["source"] = str(PROJECT / "examples" / "dreambench")
     raw["training"].update(checkpoint_every=1, export_format="pth")
     for stage in raw["stages"]:
         stage["steps"] = 1
