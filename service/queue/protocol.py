@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import time
 from enum import StrEnum
-from typing import Protocol
+from typing import Literal, Protocol
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from realcustom.cost import generation_cost
 from service.images import OutputFormat
+
+Priority = Literal["interactive", "batch"]
 
 
 class JobState(StrEnum):
@@ -101,6 +104,15 @@ class JobSpec(BaseModel):
     owner: str = Field("", description="Hash of the caller's scope; only it may read or cancel the job.")
     request_hash: str = Field("", description="Hash of the canonical request (Idempotency-Key checks).")
     webhook: WebhookTarget | None = None
+    priority: Priority = Field(
+        "interactive", description="`interactive` rows join first; `batch` jobs fill spare rows."
+    )
+    weight: float = Field(1.0, gt=0, description="The owner's fair-share weight (its key's tier).")
+
+    @property
+    def cost(self) -> float:
+        """Its work in megapixel-steps (realcustom.cost): what shares, caps and fair order count."""
+        return generation_cost(self, len(self.subjects))
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) > self.deadline
