@@ -107,7 +107,8 @@ class JobSpec(BaseModel):
     priority: Priority = Field(
         "interactive", description="`interactive` rows join first; `batch` jobs fill spare rows."
     )
-    weight: float = Field(1.0, gt=0, description="The owner's fair-share weight (its key's tier).")
+    tier: str = Field("default", description="The owner's key class (bounded metric label).")
+    weight: float = Field(1.0, gt=0, description="The owner's fair-share weight (its tier's).")
 
     @property
     def cost(self) -> float:
