@@ -49,6 +49,7 @@ class WarmupCapture:
     """
 
     name = "warmup"
+    records_graphs = False  # True where replays are recorded graphs (inductor's own must stay off)
 
     def __init__(self, warmup_runs: int = 2):
         self.warmup_runs = warmup_runs
@@ -79,6 +80,7 @@ class CudaGraphCapture(WarmupCapture):
     """
 
     name = "cuda_graph"
+    records_graphs = True
 
     def __init__(self, warmup_runs: int = 3):
         super().__init__(warmup_runs)
@@ -98,6 +100,26 @@ class CudaGraphCapture(WarmupCapture):
             fn()
         self.graphs.append(graph)
         return graph.replay
+
+
+def inductor_records_graphs(mode: str | None) -> bool:
+    """Whether torch.compile's `mode` turns on inductor's own CUDA graphs (cudagraph trees:
+    'reduce-overhead', 'max-autotune'); an unknown mode is torch's own error."""
+    if mode is None:
+        return False
+    import torch._inductor
+
+    return bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs"))
+
+
+def check_compile_mode(mode: str | None, capture: WarmupCapture) -> None:
+    """Two layers of CUDA graphs do not compose: where our capture records graphs, refuse a mode
+    whose inductor records its own inside them."""
+    if capture.records_graphs and inductor_records_graphs(mode):
+        raise ValueError(
+            f"compile mode {mode!r} turns on inductor's own CUDA graphs, which cannot run inside the "
+            "graphs this backend records: use 'max-autotune-no-cudagraphs' or the default mode"
+        )
 
 
 def compile_step(fn: StepFn, compile_backend: str | None, mode: str | None = None) -> StepFn:
@@ -305,4 +327,5 @@ class CompiledBackend(GraphBackend):
         self._configure(pipeline, buckets, graph_settings)
         if capture is None:
             capture = CudaGraphCapture() if pipeline.device.type == "cuda" else WarmupCapture()
+        check_compile_mode(compile_mode, capture)
         self.graphs = GraphLoop(pipeline, capture, compile_backend, compile_mode)
