@@ -50,7 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import Request, loops, parity, summarize, synthetic_request, time_once
-from engines.compiled import CompiledBackend, EagerCapture
+from engines.compiled import CompiledBackend
+from engines.graph_loop import EagerCapture
 from engines.static_loop import Bucket
 from realcustom.denoise import LoopResult
 from realcustom.loading import load_pipeline

@@ -44,12 +44,13 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engines.backends import EagerBackend
-from engines.compiled import EagerCapture, GraphLoop
-from engines.jobs import GenerationJob, SubjectInput
+from engines.graph_loop import EagerCapture, GraphLoop
 from engines.runner import Runner
 from engines.static_loop import Bucket, GraphSettings
 from engines.step_batching import RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings
+from realcustom.job_inputs import job_conditioning
+from realcustom.jobs import GenerationJob, SubjectInput
 from realcustom.loading import load_pipeline
 from realcustom.step import Conditioning
 
@@ -104,7 +105,7 @@ def prepared_requests(pipeline, count: int, size: int, seed: int) -> list[RowReq
             mask_reused_step=reuse,
             seed=index,
         )
-        cond = runner.conditioning([job])
+        cond = job_conditioning(runner.pipeline, [job])
         latents = pipeline.prepare_latents([job.seed], [1], size, size)
         requests.append(RowRequest(index, cond, latents, steps, reuse))
     return requests

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
+from realcustom.jobs import GenerationJob, GenerationOutput, SubjectInput
 from service.images import encode_image
 from service.queue.protocol import JobResult, JobSpec
 from service.worker.subject_cache import process_cache

@@ -25,9 +25,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from engines.jobs import GenerationJob, GenerationOutput
 from engines.runner import Runner
 from engines.step_scheduler import Prepared, StepScheduler
+from realcustom.jobs import GenerationJob, GenerationOutput
 from service import metrics
 from service.queue.protocol import (
     JobProgress,
