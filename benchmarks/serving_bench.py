@@ -230,6 +230,7 @@ def serve_fair(batch: RunningBatch, timeline: Timeline, planner: Planner) -> Non
     start = time.perf_counter()
     running: dict[object, Arrival] = {}
     ready_at: dict[object, int] = {}
+    hold = 2 * batch.capacity
     step = 0
     while not (timeline.done and not running):
         timeline.admit(time.perf_counter() - start)
@@ -239,9 +240,16 @@ def serve_fair(batch: RunningBatch, timeline: Timeline, planner: Planner) -> Non
             RunningRows(key, "family", count, left, updating, running[key].tenant)
             for key, count, left, updating in batch.rows()
         )
+        # What a worker holds: each tenant's oldest `hold` requests (the queue's tenant-fair take
+        # hands it those; a worker holds 2 x its rows), not the whole backlog.
+        heads: dict[str, list[Arrival]] = {}
+        for a in timeline.waiting:
+            if len(heads.setdefault(a.tenant, [])) < hold:
+                heads[a.tenant].append(a)
         waiting = tuple(
             WaitingJob(a.request.key, "family", a.request.rows, a.cost, ready_at[a.request.key], a.tenant)
-            for a in timeline.waiting
+            for mine in heads.values()
+            for a in mine
         )
         plan = planner.plan(Boundary(step, rows, waiting, {"family": batch.shape}))
         joining = {}
