@@ -9,7 +9,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install serve test lint format bench engines clean
+.PHONY: install serve test test-fast lint format bench engines clean
 
 install: $(STAMP)
 
@@ -38,6 +38,17 @@ serve: install
 test: install $(CHROMIUM)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not gpu" -q
+
+# The edit-test loop (under 2 minutes): the step planner, the import direction, the method's
+# contracts (settings, cost, phrases, schedulers, masks, golden fixture), the executor on the tiny
+# model, and the settings/README contract. No process is started. `make test` stays the whole suite.
+TEST_FAST := tests/engines/test_planner.py tests/test_import_direction.py tests/test_cost.py \
+	tests/test_phrases.py tests/test_settings_check.py tests/test_schedulers.py tests/test_masks.py \
+	tests/test_golden.py tests/engines/test_engines_keys.py tests/engines/test_engines_step_batching.py \
+	tests/engines/test_engines_step_scheduler.py tests/service/test_service_docs.py
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not gpu and not integration" -q $(TEST_FAST)
 
 lint: install
 	$(VENV)/bin/ruff check .

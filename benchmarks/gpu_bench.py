@@ -52,7 +52,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import Request, loops, parity, summarize, synthetic_request, time_once
-from engines.compiled import CompiledBackend, EagerCapture, inductor_records_graphs
+from engines.compiled import CompiledBackend
+from engines.graph_loop import EagerCapture, inductor_records_graphs
 from engines.static_loop import Bucket
 from realcustom.denoise import LoopResult
 from realcustom.loading import load_pipeline

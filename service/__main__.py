@@ -18,6 +18,7 @@ from service.queue.capacity import check_or_exit
 from service.queue.protocol import JobQueue
 from service.settings import Settings, load_settings
 from service.worker.loop import Worker
+from service.worker.subject_cache import TokenCache
 
 logger = logging.getLogger("service")
 
@@ -34,7 +35,7 @@ async def _load_and_serve(settings: Settings, queue: JobQueue, worker_ready: asy
             "the embedded worker could not load model %s; /readyz stays not ready", settings.model
         )
         raise
-    worker = Worker(queue, runner, settings, settings.worker_name)
+    worker = Worker(queue, runner, settings, settings.worker_name, TokenCache.from_settings(settings))
     worker_ready.set_result(worker)
     await worker.run()
 

@@ -35,15 +35,39 @@ QUEUE_BYTES = Gauge(
     "realcustom_queue_bytes",
     "Bytes held against QUEUE_MAX_BYTES: payloads of unfinished jobs and kept results (read at scrape time).",
 )
+# Key classes (bounded labels): the owner's tier and the job's priority. A tier label is kept for the
+# first MAX_TIER_LABELS tiers a process sees (tiers come from settings, a handful); others are "other".
+MAX_TIER_LABELS = 16
+PRIORITY_LABELS = ("interactive", "batch")
+_tiers: set[str] = set()
+
+
+def key_class(tier: str, priority: str) -> dict[str, str]:
+    """The `tier` and `priority` labels of a job, bounded whatever its spec says."""
+    if tier not in _tiers and len(_tiers) < MAX_TIER_LABELS and tier.isidentifier() and len(tier) <= 32:
+        _tiers.add(tier)
+    return {
+        "tier": tier if tier in _tiers else "other",
+        "priority": priority if priority in PRIORITY_LABELS else "other",
+    }
+
+
 QUEUE_WAIT_SECONDS = Histogram(
-    "realcustom_queue_wait_seconds", "Acceptance until a worker takes the job.", buckets=LATENCY_BUCKETS
+    "realcustom_queue_wait_seconds",
+    "Acceptance until a worker takes the job, by key class (tier, priority).",
+    ["tier", "priority"],
+    buckets=LATENCY_BUCKETS,
 )
 INFERENCE_SECONDS = Histogram(
     "realcustom_inference_seconds",
     "Compute time of one job: its first step until its images are decoded.",
     buckets=LATENCY_BUCKETS,
 )
-ROWS_IN_FLIGHT = Gauge("realcustom_rows_in_flight", "Rows (images) in this worker's running batches.")
+ROWS_IN_FLIGHT = Gauge(
+    "realcustom_rows_in_flight",
+    "Rows (images) in this worker's running batches, by key class (tier, priority).",
+    ["tier", "priority"],
+)
 JOINS_PER_STEP = Histogram(
     "realcustom_joins_per_step",
     "Jobs that joined a running batch at one step boundary.",

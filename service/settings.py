@@ -174,6 +174,15 @@ class Settings(BaseSettings):
         "taken (another worker on the host) falls back to a free port, with a warning.",
     )
 
+    # --- worker: fair step planning (engines/planner.py) ----------------------------------------
+    scheduler_max_wait_steps: int = Field(
+        64,
+        ge=0,
+        description="Starvation bound of a worker's step planner: a prepared job passed over for this many "
+        "step boundaries (by fair order across keys, or by priority) is then served in arrival order, and "
+        "its family takes no other job until it has joined.",
+    )
+
     # --- edge: security and limits -------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from engines.backends import select_backend
-from engines.jobs import GenerationJob, SubjectInput
 from engines.runner import Runner
+from realcustom.jobs import GenerationJob, SubjectInput
 from realcustom.loading import load_pipeline
 from realcustom.models import SPECS
 from realcustom.native_size import SPEC_SIZES, native_size

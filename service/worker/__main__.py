@@ -15,6 +15,7 @@ from service.queue.capacity import check_or_exit
 from service.settings import Settings, load_settings
 from service.worker.health import Progress, serve_health
 from service.worker.loop import ComputeDeadlineExceeded, Worker
+from service.worker.subject_cache import TokenCache
 
 logger = logging.getLogger("service.worker")
 
@@ -37,7 +38,8 @@ async def serve(settings: Settings, progress: Progress) -> None:
     if stopping.is_set():
         return
     queue = create_queue(settings)
-    worker = Worker(queue, runner, settings, settings.worker_name, progress)
+    tokens = TokenCache.from_settings(settings)
+    worker = Worker(queue, runner, settings, settings.worker_name, tokens, progress)
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait([task, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)

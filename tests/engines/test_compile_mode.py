@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import gpu_bench
-from engines.compiled import CudaGraphCapture, EagerCapture, WarmupCapture, check_compile_mode
+from engines.graph_loop import CudaGraphCapture, EagerCapture, WarmupCapture, check_compile_mode
 
 # A CUDA-graph capture as the backend holds it, without a device to allocate its pool on.
 RECORDING = CudaGraphCapture.__new__(CudaGraphCapture)

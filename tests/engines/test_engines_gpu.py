@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.backends import EagerBackend
 from engines.compiled import CompiledBackend
 from engines.runner import Runner
 from engines.static_loop import Bucket
 from realcustom.denoise import LoopSettings, denoise
+from realcustom.job_inputs import job_conditioning
 from realcustom.loading import load_pipeline
 
 pytestmark = [
@@ -33,7 +33,7 @@ def cuda_tiny(request):
 @pytest.mark.parametrize("compile_backend", [None, pytest.param("inductor", marks=pytest.mark.inductor)])
 def test_gpu_cuda_graph_loop_matches_eager(cuda_tiny, multi_jobs, compile_backend):
     pipeline = cuda_tiny
-    cond = Runner(pipeline, EagerBackend(pipeline), "tiny").conditioning(multi_jobs)
+    cond = job_conditioning(pipeline, multi_jobs)
     latents = pipeline.prepare_latents([1, 2], [1, 2], 64, 64)
     assert latents.dtype == torch.float32  # latents and sampler state stay fp32 with a bf16 UNet
     settings = LoopSettings(4, "dpm", ("max_norm",), 2)
