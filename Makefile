@@ -78,7 +78,7 @@ IMAGE_PREFIX := $(if $(REGISTRY),$(REGISTRY)/,)
 IMAGE_API ?= $(IMAGE_PREFIX)realcustom-api:$(TAG)
 IMAGE_WORKER ?= $(IMAGE_PREFIX)realcustom-worker:$(TAG)
 OVERLAY ?= dev
-NAMESPACE ?= $(if $(filter prod,$(OVERLAY)),realcustom,realcustom-$(OVERLAY))
+NAMESPACE ?= $(if $(filter prod prod-ha,$(OVERLAY)),realcustom,realcustom-$(OVERLAY))
 KUBECTL ?= kubectl
 SCENARIO ?= smoke
 
@@ -95,9 +95,20 @@ docker-push: docker-build
 # given, becomes the realcustom-api-keys Secret (prod takes its keys only from there; its first key
 # is also stored as `metrics`, the credential Prometheus scrapes the API's /metrics with), and
 # REDIS_PASSWORD the realcustom-redis Secret (prod: e.g. REDIS_PASSWORD=$$(openssl rand -hex 32)).
+# prod and prod-ha need PROVIDER (gke, eks, aks, gpu-operator: k8s/components/providers/) and take
+# INGRESS (ingress-nginx or gateway-api: k8s/components/).
 comma := ,
+PROVIDER ?=
+INGRESS ?=
+PROVIDERS := gke eks aks gpu-operator
+INGRESSES := ingress-nginx gateway-api
+# The artifacts set (engines, exports, caches) of this model version and worker image.
+ARTIFACT_MODEL ?= ckpts-1
+ARTIFACT_SET ?= $(ARTIFACT_MODEL)-$(TAG)
+PROD_OVERLAY = $(filter prod prod-ha,$(OVERLAY))
 deploy:
 	$(if $(REGISTRY),,$(error set REGISTRY to where `make docker-push` pushed the images))
+	$(check_provider)
 	$(KUBECTL) create namespace $(NAMESPACE) --dry-run=client -o yaml | $(KUBECTL) apply -f -
 	$(if $(API_KEYS),$(KUBECTL) -n $(NAMESPACE) create secret generic realcustom-api-keys \
 		--from-literal=API_KEYS='$(API_KEYS)' --from-literal=metrics='$(firstword $(subst $(comma), ,$(API_KEYS)))' \
@@ -107,34 +118,55 @@ deploy:
 	$(overlay_with_images) && \
 	$(KUBECTL) apply -k "$$tmp" -l 'app.kubernetes.io/component notin ($(ON_DEMAND_JOBS))'
 
-# In "$$tmp": a kustomization of k8s/overlays/$(OVERLAY) with both images at REGISTRY/TAG, and
-# with GPU_PRODUCT (a node's nvidia.com/gpu.product label), the engine build pinned to that GPU kind.
+define check_provider
+$(if $(PROD_OVERLAY),$(if $(filter $(PROVIDERS),$(PROVIDER)),,$(error OVERLAY=$(OVERLAY) needs PROVIDER=one of $(PROVIDERS))),)
+$(if $(INGRESS),$(if $(filter $(INGRESSES),$(INGRESS)),,$(error INGRESS must be one of $(INGRESSES))),)
+endef
+
+# In "$$tmp": a kustomization of k8s/overlays/$(OVERLAY) with the ingress component and the provider
+# profile (in that order: the profile's patches select the ingress objects), both images at
+# REGISTRY/TAG, the artifacts set of this image, and with GPU_KIND (the value of the provider's
+# GPU-kind node label, see GPU_KIND_LABEL), the engine build pinned to that GPU kind.
 define overlay_with_images
 tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-printf '%s\n' 'resources:' "  - $$(realpath --relative-to="$$tmp" k8s/overlays/$(OVERLAY))" 'images:' \
+printf '%s\n' 'resources:' "  - $$(realpath --relative-to="$$tmp" k8s/overlays/$(OVERLAY))" \
+	$(if $(PROD_OVERLAY),'components:' \
+		$(if $(INGRESS),"  - $$(realpath --relative-to="$$tmp" k8s/components/$(INGRESS))") \
+		"  - $$(realpath --relative-to="$$tmp" k8s/components/providers/$(PROVIDER))" \
+		'configMapGenerator:' '  - name: realcustom-worker-config' '    behavior: merge' \
+		'    literals:' '      - ARTIFACT_SET=$(ARTIFACT_SET)') \
+	'images:' \
 	'  - name: realcustom-api' '    newName: $(IMAGE_PREFIX)realcustom-api' '    newTag: "$(TAG)"' \
 	'  - name: realcustom-worker' '    newName: $(IMAGE_PREFIX)realcustom-worker' '    newTag: "$(TAG)"' \
-	$(if $(GPU_PRODUCT),$(PIN_ENGINE_BUILD)) > "$$tmp/kustomization.yaml"
+	$(if $(GPU_KIND),$(PIN_ENGINE_BUILD)) > "$$tmp/kustomization.yaml"
 endef
+# The node label whose value names a GPU kind, per provider.
+GPU_KIND_LABEL_gke := cloud.google.com/gke-accelerator
+GPU_KIND_LABEL_eks := node.kubernetes.io/instance-type
+GPU_KIND_LABEL_aks := node.kubernetes.io/instance-type
+GPU_KIND_LABEL_gpu-operator := nvidia.com/gpu.product
+GPU_KIND_LABEL = $(GPU_KIND_LABEL_$(PROVIDER))
 PIN_ENGINE_BUILD = 'patches:' '  - target:' '      kind: Job' '      name: realcustom-engine-build' \
-	'    patch: |-' '      - op: add' '        path: /spec/template/spec/nodeSelector/nvidia.com~1gpu.product' \
-	'        value: "$(GPU_PRODUCT)"'
+	'    patch: |-' '      - op: add' '        path: /spec/template/spec/nodeSelector' \
+	'        value: {"$(GPU_KIND_LABEL)": "$(GPU_KIND)"}'
 
 # The prod overlay's Jobs run on demand, never on each deploy: `make fetch-weights` once per
 # model, `make build-engines` once per (model, BUCKETS, GPU kind, image), before the workers need
 # them (docs/DEPLOYMENT.md, "Rollout runbook"). A Job's pod template cannot change, so the previous
 # run is deleted first; the Job is applied with its ConfigMap, then awaited (its log tail on failure).
 ON_DEMAND_JOBS := engine-build,fetch-weights
-GPU_PRODUCT ?=
+GPU_KIND ?=
 JOB_COMPONENT_fetch-weights := fetch-weights
 JOB_COMPONENT_build-engines := engine-build
 .PHONY: fetch-weights build-engines
-fetch-weights build-engines: OVERLAY = prod
+# The Jobs are the same in prod and prod-ha; the ConfigMap applied with them is the overlay's.
+fetch-weights build-engines: OVERLAY := $(if $(filter prod-ha,$(OVERLAY)),prod-ha,prod)
 fetch-weights build-engines:
 	$(if $(REGISTRY),,$(error set REGISTRY to where `make docker-push` pushed the images))
+	$(check_provider)
 	$(KUBECTL) -n $(NAMESPACE) delete job realcustom-$(JOB_COMPONENT_$@) --ignore-not-found
 	$(overlay_with_images) && \
-	$(KUBECTL) apply -k "$$tmp" -l 'app.kubernetes.io/component in (config,$(JOB_COMPONENT_$@))'
+	$(KUBECTL) apply -k "$$tmp" -l 'app.kubernetes.io/component in (worker-config,$(JOB_COMPONENT_$@))'
 	@while :; do \
 		state=$$($(KUBECTL) -n $(NAMESPACE) get job realcustom-$(JOB_COMPONENT_$@) \
 			-o jsonpath='{.status.conditions[?(@.status=="True")].type}') || exit 1; \
