@@ -48,9 +48,8 @@ def driver_problem(driver: str | None, cuda: str | None) -> str | None:
     if needed is not None and _version(driver) < _version(needed):
         return (
             f"NVIDIA driver {driver} is too old for this worker image: its torch is built for CUDA {cuda}, "
-            f"which needs driver {needed} or newer. Upgrade the node's driver (docs/DEPLOYMENT.md lists how "
-            f"per provider), or build the worker image for an older CUDA (--build-arg CUDA_IMAGE, "
-            f"TORCH_INDEX, TENSORRT_PACKAGE)"
+            f"which needs driver {needed} or newer. Upgrade the node's driver or move the workers to nodes "
+            f"that have one (docs/DEPLOYMENT.md lists the driver per provider)"
         )
     return None
 
