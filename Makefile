@@ -71,7 +71,7 @@ device-kit: install
 	$(PY) tools/device_kit.py build --out $(DEVICE_KIT)
 
 # --- Deployment: images, Kubernetes, load tests (docs/DEPLOYMENT.md) ---------------------------
-.PHONY: docker-build docker-push deploy lint-deploy loadtest
+.PHONY: docker-build docker-push deploy lint-deploy loadtest loadtest-cluster
 REGISTRY ?=
 TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
 IMAGE_PREFIX := $(if $(REGISTRY),$(REGISTRY)/,)
@@ -229,3 +229,19 @@ lint-deploy: install
 loadtest: install
 	$(PY) loadtests/run.py --scenario $(SCENARIO) $(if $(RATE),--rate $(RATE),) \
 		$(if $(DURATION),--duration $(DURATION),) $(LOADTEST_ARGS)
+
+# loadtests/$(SCENARIO).js inside the cluster (k6 Operator, namespace realcustom) against the API's
+# Service: packs the scenario, its library and photos into a k6 archive (the realcustom-k6
+# ConfigMap), replaces the previous TestRun and applies k8s/loadtest with RATE / DURATION.
+K6 ?= $(VENV)/bin/k6
+K6_ARGS = $(if $(RATE),-e RATE=$(RATE),) $(if $(DURATION),-e DURATION=$(DURATION),)
+loadtest-cluster:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(K6) archive --quiet loadtests/$(SCENARIO).js -O "$$tmp/archive.tar" && \
+	$(KUBECTL) -n realcustom create configmap realcustom-k6 --from-file=archive.tar="$$tmp/archive.tar" \
+		--dry-run=client -o yaml | $(KUBECTL) apply -f - && \
+	$(KUBECTL) -n realcustom delete testrun realcustom-k6 --ignore-not-found && \
+	printf '%s\n' 'resources:' "  - $$(realpath --relative-to="$$tmp" k8s/loadtest)" 'patches:' '  - target:' \
+		'      kind: TestRun' '    patch: |-' '      - op: replace' '        path: /spec/arguments' \
+		'        value: "--quiet $(strip $(K6_ARGS))"' > "$$tmp/kustomization.yaml" && \
+	$(KUBECTL) apply -k "$$tmp"

@@ -35,6 +35,8 @@ KUSTOMIZE_TARGETS = ("k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/o
 # prod and prod-ha are applied with one provider profile and, optionally, one ingress component:
 # `make deploy OVERLAY=prod-ha PROVIDER=gke INGRESS=gateway-api` composes them in this order.
 PROD_OVERLAYS = ("k8s/overlays/prod", "k8s/overlays/prod-ha")
+# Applied on their own, beside an overlay: the in-cluster load test.
+EXTRA_TARGETS = ("k8s/loadtest",)
 PROVIDERS = ("gke", "eks", "aks", "gpu-operator")
 INGRESSES = ("ingress-nginx", "gateway-api")
 COMPOSED_TARGETS = tuple(
@@ -272,6 +274,7 @@ VENDORED_SCHEMAS = {
         "gateway-api-v1.2.0-gateways",
         "gateway-api-v1.6.1-gateways",
     ),
+    ("k6.io/v1alpha1", "TestRun"): ("k6-operator-v1.6.0-testruns",),
 }
 
 
@@ -397,7 +400,7 @@ def validate(doc: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     failures = 0
-    for target in KUSTOMIZE_TARGETS + COMPOSED_TARGETS:
+    for target in KUSTOMIZE_TARGETS + COMPOSED_TARGETS + EXTRA_TARGETS:
         docs = render(target)
         errors = [error for doc in docs for error in validate(doc)]
         for error in errors:

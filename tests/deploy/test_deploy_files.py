@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_checks import COMPOSED_TARGETS, KUSTOMIZE_TARGETS, ROOT, config, render, validate
+from deploy_checks import COMPOSED_TARGETS, EXTRA_TARGETS, KUSTOMIZE_TARGETS, ROOT, config, render, validate
 
 from service.queue.keys import QueueKeys
 from service.settings import Settings
@@ -46,7 +46,7 @@ def test_yaml_passes_yamllint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("target", KUSTOMIZE_TARGETS + COMPOSED_TARGETS)
+@pytest.mark.parametrize("target", KUSTOMIZE_TARGETS + COMPOSED_TARGETS + EXTRA_TARGETS)
 def test_rendered_manifests_match_kubernetes_schemas(target: str) -> None:
     docs = render(target)
     assert docs
