@@ -579,3 +579,14 @@ def test_prod_worker_startup_is_bounded_by_its_budget() -> None:
     assert pod["terminationGracePeriodSeconds"] == GRACE_S
     deadline = COPY_TIMEOUT_S + allowance + GRACE_S + 60 * PULL_AND_SCHEDULE_MIN
     assert worker["spec"]["progressDeadlineSeconds"] >= deadline, deadline
+
+
+@pytest.mark.parametrize("target", KUSTOMIZE_TARGETS)
+def test_api_probes_use_the_one_probe_port_setting(target: str) -> None:
+    """Moving the probes to a health listener is one value (k8s/base/api-probes.yaml); the port it
+    names must be one the container declares."""
+    port = yaml.safe_load((ROOT / "k8s/base/api-probes.yaml").read_text())["data"]["port"]
+    (container,) = _pod_spec(render(target), "Deployment", "realcustom-api")["containers"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["port"] == port
+    assert port in {p["name"] for p in container["ports"]}
