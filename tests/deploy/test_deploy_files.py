@@ -590,3 +590,12 @@ def test_api_probes_use_the_one_probe_port_setting(target: str) -> None:
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"]["port"] == port
     assert port in {p["name"] for p in container["ports"]}
+
+
+def test_prods_default_artifact_set_is_its_model_and_worker_image() -> None:
+    """Applied by hand (not through make, which sets it from TAG), prod's artifacts set must still
+    be the one of its own worker image: a set shared by two images would mix their engines."""
+    docs = render(PROD)
+    (worker,) = _pod_spec(docs, "Deployment", "realcustom-worker")["containers"]
+    tag = worker["image"].rsplit(":", 1)[1]
+    assert config(docs, "worker")["ARTIFACT_SET"].endswith(f"-{tag}")
