@@ -13,6 +13,7 @@ from service.logs import configure_logging
 from service.queue import create_queue
 from service.queue.capacity import check_or_exit
 from service.settings import Settings, load_settings
+from service.worker.driver import check_driver_or_exit
 from service.worker.health import Progress, serve_health
 from service.worker.loop import ComputeDeadlineExceeded, Worker
 from service.worker.subject_cache import TokenCache
@@ -64,6 +65,7 @@ def main() -> None:
             "`python -m service` (API + in-process queue + worker in one process)."
         )
         sys.exit(2)
+    check_driver_or_exit(settings.device)
     check_or_exit(settings, logger)
     progress = Progress(settings.worker_stall_s)
     serve_health(settings.worker_metrics_host, settings.worker_metrics_port, progress)

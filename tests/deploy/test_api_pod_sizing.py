@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from deploy_checks import KUSTOMIZE_TARGETS, ROOT, render
+from deploy_checks import KUSTOMIZE_TARGETS, ROOT, config, render
 from PIL import Image
 
 from service.settings import Settings
@@ -197,14 +197,11 @@ def required(settings: Settings) -> tuple[float, float]:
 @pytest.mark.parametrize("target", KUSTOMIZE_TARGETS)
 def test_api_pod_fits_its_settings(target: str) -> None:
     docs = render(target)
-    (config,) = [
-        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("realcustom-config")
-    ]
     (api,) = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "realcustom-api"]
     pod = api["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    settings = Settings(**{k.lower(): v for k, v in (config["data"] | env).items()})
+    settings = Settings(**{k.lower(): v for k, v in (config(docs, "api") | env).items()})
     memory, spool = required(settings)
     (tmp,) = [v for v in pod["volumes"] if v["name"] == "tmp"]
     assert _quantity_mib(container["resources"]["limits"]["memory"]) >= memory, (target, memory)
