@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from realcustom.cli import read_image
-from realcustom.decoding import REFERENCE_MAX_SIDE, ImageRejectedError, decode_reference, read_header
+from realcustom.decoding import REFERENCE_MAX_SIDE, ImageRejectedError, decode_reference, read_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,7 +126,7 @@ def test_limits_at_their_exact_values() -> None:
     assert decode_reference(data, min_side=50).size == (64, 50)
     with pytest.raises(ImageRejectedError, match="at least 51"):
         decode_reference(data, min_side=51)
-    assert read_header(data).decode_bytes == 64 * 50 * 4
+    assert read_plan(data).source_bytes == 64 * 50 * 4
 
 
 @pytest.mark.parametrize(
