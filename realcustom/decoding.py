@@ -65,8 +65,10 @@ _STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;
 # canvas pixel at the peak, 12 kept during conversion.
 WEBP_KEPT_BYTES_PER_PIXEL = 12
 WEBP_TRANSIENT_BYTES_PER_PIXEL = 4
-# Live buffers per pixel of a strip while it is converted (crop, RGBA, white, composite, RGB).
-STRIP_BYTES_PER_PIXEL = 20
+# Live buffers per pixel of a strip while it is converted: with transparency the crop, RGBA, white,
+# composite and RGB (20); 16-bit the crop, rescaled, 8-bit and RGB (12); else the crop and RGB.
+STRIP_BYTES_WITH_ALPHA = 20
+STRIP_BYTES_SIXTEEN_BIT = 12
 # What a JPEG coefficient block takes (64 x 16-bit), and lines libjpeg buffers per component.
 JPEG_BLOCK_BYTES = 128
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -105,6 +107,14 @@ class DecodePlan:
 
 def _storage(mode: str) -> int:
     return _STORAGE_BYTES.get(mode, 4)
+
+
+def _strip_bytes(mode: str) -> int:
+    if mode in _WITH_ALPHA or mode in ("P", "PA"):
+        return STRIP_BYTES_WITH_ALPHA
+    if mode in _SIXTEEN_BIT:
+        return STRIP_BYTES_SIXTEEN_BIT
+    return _storage(mode) + 4
 
 
 def _jpeg_draft_scale(width: int, height: int, target: tuple[int, int]) -> int:
@@ -166,7 +176,7 @@ def _conversion_bytes(mode: str, size: tuple[int, int], factor: int, max_side: i
     if not (mode == "RGB" and factor == 1):
         rows = factor * max(1, STRIP_PIXELS // (width * factor))
         reduced = (-(-width // factor), -(-height // factor))
-        total += min(rows, height) * width * STRIP_BYTES_PER_PIXEL + reduced[0] * reduced[1] * 4
+        total += min(rows, height) * width * _strip_bytes(mode) + reduced[0] * reduced[1] * 4
     final = reduced
     if max(reduced) > max_side:
         scale = max_side / max(reduced)

@@ -192,7 +192,7 @@ def apng(width: int, height: int, frames: int, declared: int | None = None) -> b
         else:
             chunks.append((b"fdAT", struct.pack(">I", sequence) + pixels))
             sequence += 1
-    return build_png(chunks + [(b"IEND", b"")])
+    return build_png([*chunks, (b"IEND", b"")])
 
 
 # --- WebP ---------------------------------------------------------------------------------------
