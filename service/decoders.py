@@ -6,16 +6,16 @@ Why processes: the header bounds (realcustom/image_structure.py) make a decode's
 its header; the process limits still hold for an image that slips past them (a decoder bug, a cost
 no bound foresaw): the kernel stops the process, the request gets 422 `image_too_complex`, a fresh
 process takes its place, and the API itself never holds a decode's buffers. The price per image is
-the upload and the decoded pixels (at most 1536 x 1536 x 3 bytes) crossing a pipe
-(benchmarks/decode_overhead.py).
+copying the upload and the decoded pixels (at most 1536 x 1536 x 3 bytes) through shared memory,
+and two wake-ups (benchmarks/decode_overhead.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
+import mmap
 import os
 import select
 import signal
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from realcustom.decoding import DecodeBounds, ImageRejectedError, ImageTooComplexError
+from realcustom.decoding import REFERENCE_MAX_SIDE, DecodeBounds, ImageRejectedError, ImageTooComplexError
 from service.decoder_process import INTERNAL, OK, READY, REPLY, REQUEST, write_all
 from service.fair_slots import ThreadFairSlots
 from service.settings import Settings
@@ -39,9 +39,6 @@ logger = logging.getLogger(__name__)
 MEMORY_MARGIN_BYTES = 64 * 2**20
 # A process needs this long to import Pillow and warm up (minutes only on a starved machine).
 READY_TIMEOUT_S = 60.0
-# Pipe buffers of 1 MiB (Linux's default most a process may ask): a decoded reference crosses in a
-# few round trips instead of a hundred.
-PIPE_BYTES = 1 << 20
 _PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
@@ -68,6 +65,11 @@ class DecoderProcess:
         self._cpu_s = settings.decode_cpu_s
         self._wall_s = wall_limit_s(settings)
         memory = settings.decode_max_bytes + 2 * settings.max_image_bytes + MEMORY_MARGIN_BYTES
+        # Payloads travel in shared memory: an upload, or a decoded reference (RGB, within the side).
+        self._shared_bytes = max(settings.max_image_bytes, REFERENCE_MAX_SIDE**2 * 3)
+        self._shared_fd = os.memfd_create("reference-decoder", os.MFD_CLOEXEC)
+        os.ftruncate(self._shared_fd, self._shared_bytes)
+        self._shared = mmap.mmap(self._shared_fd, self._shared_bytes)
         self._config = json.dumps(
             {
                 "max_pixels": settings.max_image_pixels,
@@ -75,6 +77,8 @@ class DecoderProcess:
                 "cpu_s": settings.decode_cpu_s,
                 "memory_bytes": memory,
                 "bounds": vars(bounds_of(settings)),
+                "shared_fd": self._shared_fd,
+                "shared_bytes": self._shared_bytes,
             }
         )
         self.process = self._start()
@@ -82,16 +86,13 @@ class DecoderProcess:
 
     def _start(self) -> subprocess.Popen:
         path = os.pathsep.join(filter(None, [_PROJECT_ROOT, os.environ.get("PYTHONPATH")]))
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "service.decoder_process", self._config],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"},
+            pass_fds=(self._shared_fd,),
         )
-        for pipe in (process.stdin, process.stdout):
-            with contextlib.suppress(OSError):  # fewer round trips per image; the default still works
-                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        return process
 
     @property
     def pid(self) -> int:
@@ -107,20 +108,22 @@ class DecoderProcess:
                 self._restart()
                 raise RuntimeError("a decoder process did not start; see the log above")
             self._ready = True
+        if len(data) > self._shared_bytes:
+            raise ValueError(f"an upload of {len(data)} bytes passed the size check")
         deadline = time.monotonic() + self._wall_s
+        self._shared[: len(data)] = data
         try:
             write_all(self.process.stdin.fileno(), REQUEST.pack(len(data)))
-            write_all(self.process.stdin.fileno(), data)
             header = self._read(REPLY.size, deadline)
-            status, width, height, length = REPLY.unpack(header) if header else (None, 0, 0, 0)
-            payload = self._read(length, deadline) if header else None
         except BrokenPipeError:
-            payload = None
-        if payload is None:
+            header = None
+        if header is None:
             raise self._stopped()
+        status, width, height, length = REPLY.unpack(header)
         if status == OK:
-            return Image.frombytes("RGB", (width, height), payload)
-        error = json.loads(payload)
+            with memoryview(self._shared) as shared, shared[:length] as pixels:
+                return Image.frombytes("RGB", (width, height), pixels)
+        error = json.loads(self._shared[:length])
         if status == INTERNAL:
             raise RuntimeError(f"the decoder process failed: {error['message']}")
         if error["code"] == ImageTooComplexError.code:
@@ -169,6 +172,11 @@ class DecoderProcess:
             with contextlib.suppress(OSError):
                 pipe.close()
 
+    def close(self) -> None:
+        self.stop()
+        self._shared.close()
+        os.close(self._shared_fd)
+
 
 class DecoderPool:
     """`DECODE_CONCURRENCY` decoder processes behind fair slots."""
@@ -192,4 +200,4 @@ class DecoderPool:
 
     def close(self) -> None:
         for process in self.processes:
-            process.stop()
+            process.close()

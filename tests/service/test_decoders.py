@@ -6,6 +6,7 @@ next image is served; a decoder that dies between images is replaced transparent
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -83,27 +84,35 @@ def test_a_decoder_that_died_between_images_is_replaced(pool_of) -> None:
 def test_the_address_space_limit_turns_an_allocation_into_a_refusal() -> None:
     """A process whose memory limit is below what an image needs (the header bound lifted): the
     allocation fails, the image is refused as too complex, and the process serves the next one."""
+    shared_bytes = 16 << 20
+    shared_fd = os.memfd_create("test-decoder")
+    os.ftruncate(shared_fd, shared_bytes)
+    shared = mmap.mmap(shared_fd, shared_bytes)
     config = {
         "max_pixels": 25_000_000,
         "min_side": 16,
         "cpu_s": 30,
         "memory_bytes": 64 << 20,
         "bounds": {"max_bytes": 1 << 40},
+        "shared_fd": shared_fd,
+        "shared_bytes": shared_bytes,
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "service.decoder_process", json.dumps(config)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        pass_fds=(shared_fd,),
     )
     try:
         assert process.stdout.read(1) == READY
 
         def decode(data: bytes) -> tuple[int, bytes]:
-            process.stdin.write(REQUEST.pack(len(data)) + data)
+            shared[: len(data)] = data
+            process.stdin.write(REQUEST.pack(len(data)))
             process.stdin.flush()
             status, _, _, length = REPLY.unpack(process.stdout.read(REPLY.size))
-            return status, process.stdout.read(length)
+            return status, shared[:length]
 
         status, payload = decode(encode(Image.new("RGBA", (5000, 5000)), "PNG"))  # needs ~150 MiB
         assert status == REJECTED
@@ -116,3 +125,5 @@ def test_the_address_space_limit_turns_an_allocation_into_a_refusal() -> None:
     finally:
         process.kill()
         process.wait()
+        shared.close()
+        os.close(shared_fd)
