@@ -170,7 +170,7 @@ def test_waiting_requests_hold_neither_their_body_nor_their_uploads(api_without_
 
 # Measured: idle API 130-160 MiB (benchmarks/results/api_memory.md). A JSON body under intake is
 # held about 3 times: its bytes, the parsed JSON's base64 strings, their decoded bytes. Each of the
-# DECODE_CONCURRENCY decoder processes (service/decoders.py) takes ~28 MiB idle, its shared memory
+# DECODE_CONCURRENCY decoder processes (service/decoders.py) takes ~25 MiB idle, its shared memory
 # (up to MAX_IMAGE_BYTES) and, while decoding, the upload and at most DECODE_MAX_BYTES (checked
 # from the header; tests/test_decode_bounds.py measures that plan against the real peak).
 IDLE_MIB = 160
