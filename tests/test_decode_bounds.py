@@ -365,3 +365,16 @@ def test_the_default_budget_takes_real_photos_and_refuses_bombs() -> None:
         with pytest.raises(ImageTooComplexError, match="would take"):
             read_plan(data)
         assert read_plan(data, bounds=DecodeBounds(max_bytes=1 << 40)).peak_bytes > DEFAULTS.max_bytes, name
+
+
+def test_a_multi_picture_jpeg_is_its_first_picture_and_its_pictures_are_counted() -> None:
+    """MPO (Pillow opens JPEGs with an MP index as such): the walk stops at the first picture's
+    EOI, the decoder reads only that picture, and the pictures count as frames."""
+    buffer = io.BytesIO()
+    first, second = Image.new("RGB", (64, 48), (200, 0, 0)), Image.new("RGB", (64, 48), (0, 200, 0))
+    first.save(buffer, "MPO", save_all=True, append_images=[second])
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert read_plan(data).structure.chunks < 20
+    assert decode_reference(data).getpixel((0, 0)) == (200, 0, 0)
+    refused_quickly(data, "2 frames, more than the 1 allowed", replace(DEFAULTS, max_frames=1))
