@@ -7,8 +7,8 @@ Untrusted bytes -> an upright 8-bit RGB image, with bounded memory and CPU:
 - a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (`draft`);
 - the image is converted to RGB in horizontal strips, each reduced by an integer box filter, then
   the (under 2 x `max_side`) result is box-resized to a longest side of `max_side`: no full-size
-  RGBA or RGB copy is ever made, the largest buffer is the decoded source itself (at most
-  `max_pixels` x the bytes per pixel of its mode).
+  RGBA or RGB copy is ever made; the largest buffers are the decoded source and the decoder's own
+  (JPEG coefficients, WebP canvases), both counted by the plan.
 
 Deviations from the official code (`Image.open(path).convert("RGB")`, then the encoder's bilinear
 resize to R x R), also listed in service/README.md:
@@ -42,8 +42,6 @@ from realcustom.image_structure import (
     read_structure,
 )
 
-__all__ = ["DecodeBounds", "ImageRejectedError", "ImageTooComplexError", "decode_reference", "read_plan"]
-
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 # Largest decoded source (width x height) accepted by default; a 24 MP camera photo fits.
 DEFAULT_MAX_PIXELS = 25_000_000
@@ -69,8 +67,10 @@ WEBP_TRANSIENT_BYTES_PER_PIXEL = 4
 # composite and RGB (20); 16-bit the crop, rescaled, 8-bit and RGB (12); else the crop and RGB.
 STRIP_BYTES_WITH_ALPHA = 20
 STRIP_BYTES_SIXTEEN_BIT = 12
-# What a JPEG coefficient block takes (64 x 16-bit), and lines libjpeg buffers per component.
+# What a JPEG coefficient block takes (64 x 16-bit).
 JPEG_BLOCK_BYTES = 128
+# PNG raw bytes per pixel per bit of depth: the channels of each mode Pillow decodes PNGs to.
+_PNG_CHANNELS = {"1": 1, "L": 1, "I;16": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 _WHITE = (255, 255, 255, 255)
@@ -152,13 +152,13 @@ def plan_decode(structure: Structure, max_side: int = REFERENCE_MAX_SIDE) -> Dec
             scale = _jpeg_draft_scale(width, height, draft)
             decoded = (-(-width // scale), -(-height // scale))
             factor = max(1, max(decoded) // max_side)
+        # libjpeg's line buffers: a few rows of MCUs per component (context rows for upsampling).
         v_max = max(v for _, v in structure.sampling)
         line_buffers = width * len(structure.sampling) * 8 * v_max * 4
         source = decoded[0] * decoded[1] * _storage(structure.mode)
         decoder = _jpeg_coefficient_bytes(structure) + line_buffers
     elif structure.format == "PNG":
-        channels = {"1": 1, "L": 1, "I;16": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4}[structure.mode]
-        row = math.ceil(width * channels * structure.bit_depth / 8) + 1
+        row = math.ceil(width * _PNG_CHANNELS.get(structure.mode, 4) * structure.bit_depth / 8) + 1
         source, decoder = width * height * _storage(structure.mode), 2 * row
     else:
         source = width * height * WEBP_KEPT_BYTES_PER_PIXEL

@@ -15,7 +15,8 @@ Per format, the units walked (each counts against `max_chunks`):
   1, 3 or 4 components are accepted. Scans (SOS) are counted (`max_jpeg_scans`); APPn and COM
   segments are metadata.
 - PNG: chunks up to IEND; every ancillary chunk except the animation's (acTL, fcTL, fdAT) is
-  metadata; frames are the larger of acTL's count and the fcTL chunks present.
+  metadata; frames are the larger of acTL's count and the fcTL chunks present; one ICC profile
+  (iCCP) at most, as the format says (Pillow inflates each, up to 1 MB: 256 of them cost 0.5 s).
 - WebP: RIFF chunks; ANMF chunks are frames; ICCP, EXIF, XMP and unknown chunks are metadata.
 """
 
@@ -252,7 +253,7 @@ def _walk_png(data: bytes, bounds: DecodeBounds) -> Structure:
     if colour not in _PNG_MODES or depth not in _PNG_MODES[colour][0]:
         raise ImageRejectedError(f"the PNG has an invalid colour type {colour} / bit depth {depth}")
     count = _Counter("chunks", bounds)
-    declared_frames, frame_controls = 1, 0
+    declared_frames, frame_controls, profiles = 1, 0, 0
     position = len(PNG_SIGNATURE)
     while position + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
@@ -261,13 +262,17 @@ def _walk_png(data: bytes, bounds: DecodeBounds) -> Structure:
         position = body + length + 4
         if kind == b"IEND":
             break
-        if kind == b"acTL" and length >= 4:
+        if kind == b"acTL" and length >= 4 and body + 4 <= len(data):
             (declared_frames,) = struct.unpack_from(">I", data, body)
             check_frames(declared_frames, bounds)
         elif kind == b"fcTL":
             frame_controls += 1
             check_frames(frame_controls, bounds)
-        elif kind[0] & 0x20 and kind not in _PNG_ANIMATION:  # ancillary: lower-case first letter
+        elif kind == b"iCCP":
+            profiles += 1
+            if profiles > 1:  # Pillow inflates each one (up to 1 MB): the format allows one
+                raise ImageRejectedError("the PNG has several ICC profiles (iCCP); the format allows one")
+        if kind[0] & 0x20 and kind not in _PNG_ANIMATION:  # ancillary: lower-case first letter
             count.metadata(length)
     mode = _PNG_MODES[colour][2 if depth == 16 else 1]
     if colour == 0 and depth == 1:

@@ -248,9 +248,9 @@ def light_latencies_while_heavy_uploads(api: Api, heavy_image: bytes, light_uplo
 @pytest.mark.slow
 def test_one_keys_slow_images_do_not_delay_another_keys_uploads(redis_server, tmp_path: Path) -> None:
     """`heavy` keeps 4 uploads in flight, each a 25 MP progressive JPEG of 1200 scans (2.5 s of
-    decoding on a fast core: the scan bound raised to let them in). With the default shares (2 of 4 intake slots,
-    1 of 2 decoders per key) `light`'s uploads are served in well under a second; first come,
-    first served (every slot open to one key) makes them wait for heavy's decodes."""
+    decoding on a fast core: the scan bound raised to let them in). With the default shares (2 of
+    4 intake slots, 1 of 2 decoders per key) `light`'s uploads are served in well under a second;
+    first come, first served (every slot open to one key) makes them wait for heavy's decodes."""
     slow = progressive_jpeg(5000, 5000, scans=1200)
     lifted = {"JPEG_MAX_SCANS": "2000", "DECODE_CPU_S": "120"}
     fair = start_api(redis_server.url, tmp_path, **lifted)
