@@ -54,8 +54,9 @@ def bounds_of(settings: Settings) -> DecodeBounds:
 
 
 def wall_limit_s(settings: Settings) -> float:
-    """How long a reply may take in wall-clock time: the CPU limit, with room for a loaded machine."""
-    return 4 * settings.decode_cpu_s + 10
+    """How long a reply may take in wall-clock time: the CPU limit, with room for a loaded machine
+    (catches a process that stalls without using CPU)."""
+    return 2 * settings.decode_cpu_s + 5
 
 
 class DecoderProcess:

@@ -69,6 +69,23 @@ def test_the_cpu_limit_stops_an_image_past_the_header_bounds(pool_of) -> None:
     assert pool.decode(cat, "owner").size == (1282, 1282)
 
 
+def test_a_decoder_that_stalls_is_stopped_by_the_wall_clock_limit(pool_of) -> None:
+    """A process that uses no CPU but never answers (stopped here) is killed after
+    2 x DECODE_CPU_S + 5 s and replaced."""
+    pool = pool_of(decode_concurrency=1, decode_cpu_s=0.25)
+    cat = (DREAMBENCH / "cat.jpg").read_bytes()
+    pool.decode(cat, "owner")
+    (process,) = pool.processes
+    stalled_pid = process.pid
+    os.kill(stalled_pid, signal.SIGSTOP)
+    started = time.perf_counter()
+    with pytest.raises(ImageTooComplexError, match="took more than 5.5 s to decode"):
+        pool.decode(cat, "owner")
+    assert 5.5 <= time.perf_counter() - started < 15
+    assert process.pid != stalled_pid
+    assert pool.decode(cat, "owner").size == (1282, 1282)
+
+
 def test_a_decoder_that_died_between_images_is_replaced(pool_of) -> None:
     pool = pool_of(decode_concurrency=1)
     cat = (DREAMBENCH / "cat.jpg").read_bytes()
