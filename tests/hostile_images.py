@@ -44,18 +44,18 @@ class _BitWriter:
         return bytes(self.out)
 
 
-def _one_symbol_table(table_class: int, symbol: int) -> bytes:
+def huffman_table_of_one(table_class: int, symbol: int) -> bytes:
     """A Huffman table (DHT payload) with a single symbol of code `0` (1 bit)."""
     counts = bytes([1] + [0] * 15)
     return bytes([table_class << 4]) + counts + bytes([symbol])
 
 
-def _frame(sof: int, width: int, height: int, components: int, sampling: int = 0x11) -> bytes:
+def jpeg_frame(sof: int, width: int, height: int, components: int, sampling: int = 0x11) -> bytes:
     specs = b"".join(bytes([index + 1, sampling if index == 0 else 0x11, 0]) for index in range(components))
     return jpeg_segment(sof, struct.pack(">BHHB", 8, height, width, components) + specs)
 
 
-def _sos(components: list[int], start: int, end: int, approx: int = 0) -> bytes:
+def jpeg_scan(components: list[int], start: int, end: int, approx: int = 0) -> bytes:
     specs = b"".join(bytes([component, 0x00]) for component in components)
     return jpeg_segment(0xDA, bytes([len(components)]) + specs + bytes([start, end, approx]))
 
@@ -95,15 +95,15 @@ def progressive_jpeg(width: int, height: int, scans: int, components: int = 1, d
     parts = [
         SOI,
         jpeg_segment(0xDB, b"\x00" + b"\x01" * 64),
-        _frame(0xC2, width, height, components),
-        jpeg_segment(0xC4, _one_symbol_table(0, 0)),
-        jpeg_segment(0xC4, _one_symbol_table(1, 0xE0)),
+        jpeg_frame(0xC2, width, height, components),
+        jpeg_segment(0xC4, huffman_table_of_one(0, 0)),
+        jpeg_segment(0xC4, huffman_table_of_one(1, 0xE0)),
     ]
     if dc:
-        parts += [_sos(list(range(1, components + 1)), 0, 0), _dc_scan(blocks * components)]
+        parts += [jpeg_scan(list(range(1, components + 1)), 0, 0), _dc_scan(blocks * components)]
         scans -= 1
     ac = _ac_scan_all_empty(blocks)
-    parts += [_sos([1 + index % components], 1, 63) + ac for index in range(scans)]
+    parts += [jpeg_scan([1 + index % components], 1, 63) + ac for index in range(scans)]
     return b"".join(parts) + EOI
 
 
@@ -112,9 +112,9 @@ def truncated_progressive_jpeg(width: int, height: int, components: int = 4) -> 
     return (
         SOI
         + jpeg_segment(0xDB, b"\x00" + b"\x01" * 64)
-        + _frame(0xC2, width, height, components)
-        + jpeg_segment(0xC4, _one_symbol_table(0, 0))
-        + _sos(list(range(1, components + 1)), 0, 0)
+        + jpeg_frame(0xC2, width, height, components)
+        + jpeg_segment(0xC4, huffman_table_of_one(0, 0))
+        + jpeg_scan(list(range(1, components + 1)), 0, 0)
         + b"\x00" * 64
     )
 

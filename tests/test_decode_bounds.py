@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from hostile_images import (
     SOI,
-    _frame,
-    _one_symbol_table,
-    _sos,
     animated_webp,
     apng,
     build_png,
     encode,
+    huffman_table_of_one,
+    jpeg_frame,
+    jpeg_scan,
     jpeg_segment,
     jpeg_with_segments,
     png_flood,
@@ -109,17 +109,16 @@ def test_a_tiny_progressive_cmyk_jpeg_of_25_mp_is_refused_by_its_coefficient_buf
     refused_quickly(data, r"progressive JPEG with 4 components would take 2\d\d MiB")
     refused_quickly(truncated_progressive_jpeg(5000, 5000), "would take")
     # A baseline (single-scan) JPEG of the same size is decoded at 1/2 scale without that buffer.
-    baseline = read_plan(
-        SOI + _frame(0xC0, 5000, 5000, 4) + _sos([1, 2, 3, 4], 0, 63), bounds=DecodeBounds(max_bytes=1 << 40)
-    )
+    header = SOI + jpeg_frame(0xC0, 5000, 5000, 4) + jpeg_scan([1, 2, 3, 4], 0, 63)
+    baseline = read_plan(header, bounds=DecodeBounds(max_bytes=1 << 40))
     assert baseline.decoder_bytes < 2 * MIB and baseline.decoded == (2500, 2500)
 
 
 def test_a_sequential_jpeg_with_one_component_per_scan_counts_its_coefficient_buffer() -> None:
     """Non-interleaved sequential files buffer every coefficient too (libjpeg: multiple scans)."""
-    head = SOI + _frame(0xC0, 4000, 4000, 3)
-    one_per_scan = read_plan(head + _sos([1], 0, 63), bounds=DecodeBounds(max_bytes=1 << 40))
-    interleaved = read_plan(head + _sos([1, 2, 3], 0, 63), bounds=DecodeBounds(max_bytes=1 << 40))
+    head = SOI + jpeg_frame(0xC0, 4000, 4000, 3)
+    one_per_scan = read_plan(head + jpeg_scan([1], 0, 63), bounds=DecodeBounds(max_bytes=1 << 40))
+    interleaved = read_plan(head + jpeg_scan([1, 2, 3], 0, 63), bounds=DecodeBounds(max_bytes=1 << 40))
     assert one_per_scan.structure.full_coefficient_buffer
     assert not interleaved.structure.full_coefficient_buffer
     assert one_per_scan.decoder_bytes - interleaved.decoder_bytes == 4000 * 4000 * 3 * 2
@@ -248,7 +247,7 @@ def test_jpeg_variants_beyond_baseline_and_progressive_are_refused(
 ) -> None:
     frame = jpeg_segment(sof, struct.pack(">BHHB", precision, 64, 64, 1) + b"\x01\x11\x00")
     with pytest.raises(ImageRejectedError, match=message):
-        read_structure(SOI + frame + jpeg_segment(0xC4, _one_symbol_table(0, 0)), DEFAULTS)
+        read_structure(SOI + frame + jpeg_segment(0xC4, huffman_table_of_one(0, 0)), DEFAULTS)
 
 
 def test_two_components_or_two_frames_are_refused() -> None:
@@ -256,7 +255,7 @@ def test_two_components_or_two_frames_are_refused() -> None:
     with pytest.raises(ImageRejectedError, match="2 components"):
         read_structure(SOI + two, DEFAULTS)
     with pytest.raises(ImageRejectedError, match="two frame headers"):
-        read_structure(SOI + _frame(0xC0, 64, 64, 1) + _frame(0xC2, 64, 64, 1), DEFAULTS)
+        read_structure(SOI + jpeg_frame(0xC0, 64, 64, 1) + jpeg_frame(0xC2, 64, 64, 1), DEFAULTS)
 
 
 def test_a_webp_or_png_lying_about_its_size_is_refused() -> None:
@@ -278,7 +277,7 @@ def test_a_webp_or_png_lying_about_its_size_is_refused() -> None:
 )
 def test_the_planned_dct_scaling_is_pillows(size: tuple[int, int]) -> None:
     width, height = size
-    data = SOI + _frame(0xC0, width, height, 3) + _sos([1, 2, 3], 0, 63)
+    data = SOI + jpeg_frame(0xC0, width, height, 3) + jpeg_scan([1, 2, 3], 0, 63)
     plan = plan_decode(read_structure(data, DEFAULTS))
     image = Image.open(io.BytesIO(data))
     if plan.draft is not None:
@@ -377,13 +376,15 @@ def test_the_default_budget_takes_real_photos_and_refuses_bombs() -> None:
     a 25 MP progressive CMYK JPEG and a WebP canvas over ~9.5 MP."""
     accepted = {
         "25 MP RGBA PNG": build_png([(b"IHDR", struct.pack(">IIBBBBB", 5000, 5000, 8, 6, 0, 0, 0))]),
-        "24 MP progressive 4:2:0": SOI + _frame(0xC2, 6000, 4000, 3, sampling=0x22) + _sos([1, 2, 3], 0, 0),
+        "24 MP progressive 4:2:0": SOI
+        + jpeg_frame(0xC2, 6000, 4000, 3, sampling=0x22)
+        + jpeg_scan([1, 2, 3], 0, 0),
         "9 MP WebP": webp([(b"VP8X", bytes(4) + (2999).to_bytes(3, "little") * 2)]),
     }
     for name, data in accepted.items():
         assert read_plan(data).peak_bytes <= DEFAULTS.max_bytes, name
     refused = {
-        "25 MP progressive CMYK": SOI + _frame(0xC2, 5000, 5000, 4) + _sos([1, 2, 3, 4], 0, 0),
+        "25 MP progressive CMYK": SOI + jpeg_frame(0xC2, 5000, 5000, 4) + jpeg_scan([1, 2, 3, 4], 0, 0),
         "10 MP WebP": webp([(b"VP8X", bytes(4) + (3199).to_bytes(3, "little") * 2)]),
     }
     for name, data in refused.items():
