@@ -214,8 +214,11 @@ class Settings(BaseSettings):
         description="Generation requests whose body is read and validated at once; others wait (bounds "
         "the API's memory: JSON bodies are held in memory while parsed).",
     )
-    decode_concurrency: int = Field(
-        1, ge=1, description="Reference images decoded at once in the API (each takes up to ~100 MB)."
+    intake_concurrency_per_key: int = Field(
+        2,
+        ge=1,
+        description="Of `intake_concurrency`, the most one API key (or client address when open) holds; "
+        "its other requests wait behind its own, and waiting keys are served round robin.",
     )
     body_timeout_s: float = Field(
         30.0, gt=0, description="Longest time a client may take to send a request body (408 past it)."
@@ -246,6 +249,60 @@ class Settings(BaseSettings):
         8,
         ge=1,
         description="Event streams one API key (or client address when open) holds at once; beyond it 429.",
+    )
+
+    # --- reference decoding (realcustom/decoding.py, service/decoders.py) ------------------------
+    decode_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Decoder processes of the API: reference images decoded at once (each process takes "
+        "at most `decode_max_bytes` while decoding).",
+    )
+    decode_concurrency_per_key: int = Field(
+        1,
+        ge=1,
+        description="Of `decode_concurrency`, the most one API key (or client address) decodes at once; "
+        "its other images wait behind its own, and waiting keys are served round robin.",
+    )
+    decode_max_bytes: int = Field(
+        160 * 2**20,
+        ge=16 * 2**20,
+        description="Memory one reference decode may take, computed from the image's header before "
+        "decoding (per format: service/README.md); past it 422 `image_too_complex`. Also sets the decoder "
+        "process's address-space limit.",
+    )
+    decode_cpu_s: float = Field(
+        5.0,
+        gt=0,
+        description="CPU seconds one decode may take in its decoder process (RLIMIT_CPU, whole seconds); "
+        "past it the process is killed (and restarted) and the request gets 422 `image_too_complex`.",
+    )
+    jpeg_max_scans: int = Field(
+        64,
+        ge=1,
+        description="Most scans (SOS segments) of a JPEG; each is a pass over every coefficient block. "
+        "libjpeg's progressive encoding writes 6 (grey), 10 (colour) or 18 (CMYK).",
+    )
+    image_max_chunks: int = Field(
+        8192,
+        ge=16,
+        description="Most structural units of an image (PNG chunks, JPEG marker segments, WebP RIFF "
+        "chunks), walked before decoding.",
+    )
+    image_max_metadata_chunks: int = Field(
+        256,
+        ge=0,
+        description="Most metadata units of an image: PNG ancillary chunks (the animation's aside), "
+        "JPEG APPn and COM segments, WebP ICCP/EXIF/XMP and unknown chunks.",
+    )
+    image_max_metadata_bytes: int = Field(
+        4 * 2**20, ge=0, description="Most bytes those metadata units may hold together."
+    )
+    image_max_frames: int = Field(
+        1000,
+        ge=1,
+        description="Most frames of an animated PNG, animated WebP or multi-picture JPEG (only the first "
+        "is decoded; the others are still parsed).",
     )
 
     # --- webhooks (service/webhooks) -----------------------------------------------------------

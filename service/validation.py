@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import threading
 import time
 import uuid
 from typing import Any
@@ -22,10 +21,11 @@ from PIL import Image
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from realcustom.decoding import ImageRejectedError, decode_reference
+from realcustom.decoding import ImageRejectedError
 from realcustom.native_size import native_size
 from realcustom.phrases import PromptTooLongError, check_prompt_length, locate_phrase
 from realcustom.settings_check import Limits, SettingsError, check_generation
+from service.decoders import DecoderPool
 from service.errors import ApiError
 from service.queue.protocol import JobSpec, SubjectSpec
 from service.schemas import CustomizeRequest, JobRequest
@@ -134,9 +134,10 @@ def _locate_targets(request: CustomizeRequest, tokenizer: PreTrainedTokenizerBas
 
 
 def decode_upload(
-    data: bytes, field: str, settings: Settings, decode_slots: threading.Semaphore
+    data: bytes, field: str, settings: Settings, decoders: DecoderPool, owner: str
 ) -> Image.Image:
-    """One uploaded photo, size-checked then decoded (a bounded number at a time: each may take ~100 MB)."""
+    """One uploaded photo, size-checked, then decoded by a decoder process in `owner`'s fair turn
+    (its cost bounded by its header, then by the process's limits)."""
     if len(data) > settings.max_image_bytes:
         raise _reject(
             field,
@@ -146,18 +147,16 @@ def decode_upload(
             status_code=413,
         )
     try:
-        with decode_slots:
-            return decode_reference(
-                data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
-            )
-    except ImageRejectedError as error:
-        raise _reject(field, str(error), code="invalid_image") from None
+        return decoders.decode(data, owner)
+    except ImageRejectedError as error:  # invalid_image, or image_too_complex past a cost bound
+        raise _reject(field, str(error), code=error.code) from None
 
 
 def _decode_images(
     request: CustomizeRequest,
     settings: Settings,
-    decode_slots: threading.Semaphore,
+    decoders: DecoderPool,
+    owner: str,
     stored: dict[str, Subject],
 ) -> list[tuple[Image.Image, bool]]:
     """(image, from a stored subject) per subject: each distinct upload decoded once, stored
@@ -171,7 +170,7 @@ def _decode_images(
             continue
         if subject.image not in decoded:
             field = f"subjects[{index}].image"
-            decoded[subject.image] = decode_upload(subject.image, field, settings, decode_slots)
+            decoded[subject.image] = decode_upload(subject.image, field, settings, decoders, owner)
         references.append((decoded[subject.image], False))
     return references
 
@@ -195,7 +194,7 @@ def build_job_spec(
     settings: Settings,
     tokenizer: PreTrainedTokenizerBase,
     owner: str,
-    decode_slots: threading.Semaphore,
+    decoders: DecoderPool,
     stored: dict[str, Subject] | None = None,
 ) -> JobSpec:
     """Validate a request and turn it into the job the queue carries (owned by `owner`); `stored`:
@@ -209,7 +208,7 @@ def build_job_spec(
     )
     _check_settings(request, settings)
     token_indices = _locate_targets(request, tokenizer)
-    references = _decode_images(request, settings, decode_slots, stored or {})
+    references = _decode_images(request, settings, decoders, owner, stored or {})
     now = time.time()
     return JobSpec(
         id=uuid.uuid4().hex,

@@ -73,6 +73,24 @@ def test_invalid_past_the_limits(overrides: dict, field: str, message: str) -> N
     assert raised.value.field == field
 
 
+@pytest.mark.parametrize(("overrides", "field", "message"), INVALID)
+def test_every_request_of_a_batch_is_checked(overrides: dict, field: str, message: str) -> None:
+    """The runner checks a batch in one call: an invalid request anywhere in it is found, valid ones
+    around it pass, and the first invalid one is the one reported."""
+    valid = [replace(Request(), **VALID[index]) for index in range(3)]
+    check_generation(*valid, limits=LIMITS)
+    invalid = replace(Request(), **overrides)
+    for position in range(len(valid) + 1):
+        batch = [*valid[:position], invalid, *valid[position:]]
+        with pytest.raises(SettingsError) as raised:
+            check_generation(*batch, limits=LIMITS)
+        assert raised.value.field == field and message in str(raised.value)
+    first, second = replace(Request(), width=100), replace(Request(), num_images=5)
+    with pytest.raises(SettingsError) as raised:
+        check_generation(Request(), first, second, limits=LIMITS)
+    assert raised.value.field == "width"
+
+
 def test_the_model_has_no_deployment_limits() -> None:
     check_generation(Request(width=4096, height=32, num_inference_steps=500, num_images=64))
 

@@ -68,6 +68,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
                     await stack.enter_async_context(companion(app.state.queue))
                 yield
         finally:
+            app.state.intake.close()
             await app.state.webhooks.close()
             await app.state.subjects.close()
             await app.state.queue.close()

@@ -168,11 +168,13 @@ def test_waiting_requests_hold_neither_their_body_nor_their_uploads(api_without_
 
 # --- the formula, on the rendered manifests -----------------------------------------------------
 
-# Measured: idle API 130-160 MiB (benchmarks/results/api_memory.md); one reference decode up to
-# ~100 MB (settings: decode_concurrency). A JSON body under intake is held about 3 times: its
-# bytes, the parsed JSON's base64 strings, their decoded bytes.
+# Measured: idle API 130-160 MiB (benchmarks/results/api_memory.md). A JSON body under intake is
+# held about 3 times: its bytes, the parsed JSON's base64 strings, their decoded bytes. Each of the
+# DECODE_CONCURRENCY decoder processes (service/decoders.py) takes ~25 MiB idle, its shared memory
+# (up to MAX_IMAGE_BYTES) and, while decoding, the upload and at most DECODE_MAX_BYTES (checked
+# from the header; tests/test_decode_bounds.py measures that plan against the real peak).
 IDLE_MIB = 160
-DECODE_MIB = 100
+DECODER_PROCESS_MIB = 48
 JSON_COPIES = 3
 TOKENIZER_FILES_MIB = 64
 
@@ -188,7 +190,8 @@ def required(settings: Settings) -> tuple[float, float]:
     memory = (
         IDLE_MIB
         + settings.intake_concurrency * JSON_COPIES * body_mib
-        + settings.decode_concurrency * DECODE_MIB
+        + settings.decode_concurrency
+        * (DECODER_PROCESS_MIB + (settings.decode_max_bytes + 2 * settings.max_image_bytes) / MIB)
     )
     spool = settings.intake_concurrency * body_mib + TOKENIZER_FILES_MIB
     return memory, spool

@@ -50,8 +50,9 @@ async def create_subject(
     request: Request, caller: RateLimitedCaller, settings: SettingsDep, subjects: SubjectsDep
 ) -> SubjectInfo:
     intake: Intake = request.app.state.intake
-    image = await intake.decode_subject(request)
-    stored = await subjects.put(new_subject(image, owner_of(caller), settings.reference_version))
+    owner = owner_of(caller)
+    image = await intake.decode_subject(request, owner)
+    stored = await subjects.put(new_subject(image, owner, settings.reference_version))
     return info(stored)
 
 
