@@ -175,9 +175,14 @@ class Api:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The health listener (a free port unless the test names one).
+        self.health_port = int(env.get("HEALTH_PORT") or free_port())
+        while self.health_port == self.port:
+            self.health_port = free_port()
+        self.health_url = f"http://127.0.0.1:{self.health_port}"
         self.process = ServiceProcess(
             module,
-            {**env, "PORT": str(self.port)},
+            {**env, "PORT": str(self.port), "HEALTH_PORT": str(self.health_port)},
             log_dir / f"{module}-{self.port}.log",
             python_flags,
             prefix,

@@ -19,6 +19,7 @@ from standardwebhooks import Webhook
 from test_queue_contract import done_record, make_spec
 from webhook_receiver import Receiver
 
+from service.background import BackgroundTasks
 from service.queue import create_queue
 from service.queue.keys import QueueKeys
 from service.queue.memory import InProcessQueue
@@ -252,7 +253,7 @@ def test_in_process_queue_sends_a_signed_cancelled_event(receiver: Receiver) -> 
         assert isinstance(queue, InProcessQueue)
         outbox = create_outbox(config, queue)
         spec = with_webhook(receiver.url)
-        async with delivering(outbox, queue, config):
+        async with delivering(outbox, queue, config, BackgroundTasks()):
             await queue.submit(spec)
             await queue.cancel(spec.id)
             for _ in range(100):
@@ -285,7 +286,7 @@ def test_the_address_is_checked_again_at_connect_time(receiver: Receiver) -> Non
         await queue.submit(spec)
         await queue.cancel(spec.id)
         outbox.on_finished(await queue.get(spec.id))
-        async with delivering(outbox, queue, config):
+        async with delivering(outbox, queue, config, BackgroundTasks()):
             for _ in range(100):
                 status = await outbox.status(spec.id)
                 if status.state != "pending":
@@ -344,7 +345,7 @@ def test_a_burst_is_sent_as_fast_as_slots_free_not_one_batch_per_poll(receiver: 
             await queue.submit(spec)
             await queue.cancel(spec.id)
         started = time.monotonic()
-        async with delivering(outbox, queue, config):
+        async with delivering(outbox, queue, config, BackgroundTasks()):
             while len(receiver.requests) < len(specs) and time.monotonic() - started < 20:
                 await asyncio.sleep(0.02)
             return time.monotonic() - started
