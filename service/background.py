@@ -41,7 +41,8 @@ class TaskState:
     last_error: str | None = None
 
 
-def _why(task: asyncio.Task) -> tuple[str, BaseException | None]:
+def how_it_ended(task: asyncio.Task) -> tuple[str, BaseException | None]:
+    """How a finished task ended, in words, and its exception if it raised one."""
     if task.cancelled():
         return "was cancelled", None
     error = task.exception()
@@ -80,7 +81,7 @@ class BackgroundTasks:
                 with contextlib.suppress(BaseException):
                     await task
                 raise
-            why, error = _why(task)
+            why, error = how_it_ended(task)
             if self._stopping:
                 state.state = "stopped"
                 return
@@ -109,7 +110,7 @@ class BackgroundTasks:
         task.set_name(name)
 
         def ended(task: asyncio.Task) -> None:
-            why, error = _why(task)
+            why, error = how_it_ended(task)
             if self._stopping:
                 state.state = "stopped"
                 if error is not None:

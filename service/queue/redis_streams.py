@@ -478,7 +478,8 @@ class RedisStreamsQueue:
         for _message_id, fields in messages:
             if fields:
                 logger.warning(
-                    "reclaimed job %s from a worker that stopped", fields.get(b"id", b"?").decode()
+                    "reclaimed job %s from a worker that stopped",
+                    fields.get(b"id", b"?").decode(errors="replace"),
                 )
         return messages
 

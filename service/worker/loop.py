@@ -29,6 +29,7 @@ from engines.jobs import GenerationJob, GenerationOutput
 from engines.runner import Runner
 from engines.step_scheduler import Prepared, StepScheduler
 from service import metrics
+from service.background import how_it_ended
 from service.queue.protocol import (
     JobProgress,
     JobQueue,
@@ -57,6 +58,10 @@ ETA_SMOOTHING = 0.3
 class ComputeDeadlineExceeded(Exception):
     """A step (or a loop run alone) ran past its compute deadline; its jobs were released. The
     process must exit: the thread running it cannot be stopped, and the device may be wedged."""
+
+
+class WorkerTaskEnded(Exception):
+    """A task the worker needs (heartbeat, intake) ended while the worker was running."""
 
 
 def compute_deadline_s(settings: Settings, image_steps: int) -> float:
@@ -159,6 +164,7 @@ class Worker:
         )
         try:
             while not await self._should_exit():
+                self._check_helpers(heartbeat)
                 try:
                     await self._join_ready()
                     if self._running:
@@ -175,11 +181,20 @@ class Worker:
             await asyncio.gather(*self._stores, return_exceptions=True)
             await self._return_held()
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a failure was raised above
                 await heartbeat
             with contextlib.suppress(QueueUnavailableError):
                 await self._queue.heartbeat(self._name, ready=False, in_flight=[])
             logger.info("worker %s stopped", self._name)
+
+    def _check_helpers(self, heartbeat: asyncio.Task) -> None:
+        """The heartbeat and intake tasks end only when the worker stops: one that ended otherwise
+        (an exception, a cancellation) leaves a worker that looks alive but takes or keeps no jobs,
+        so the worker ends too (its process is restarted)."""
+        for task in (heartbeat, self._intake):
+            if task is not None and task.done() and not self._stopping.is_set():
+                ended, error = how_it_ended(task)
+                raise WorkerTaskEnded(f"the worker's {task.get_name()} task {ended}") from error
 
     async def _should_exit(self) -> bool:
         if not self._stopping.is_set() or self._running or self._starting:
@@ -209,7 +224,7 @@ class Worker:
         take cancelled mid-call could leave a delivery with this worker, found only by reclaim."""
         self.stop()
         if self._intake is not None:
-            await self._intake
+            await asyncio.wait([self._intake])  # how it ended is _check_helpers' business
 
     async def _intake_loop(self) -> None:
         """Take and prepare jobs while the batch steps: at most 2 x MAX_BATCH held at once."""

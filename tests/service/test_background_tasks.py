@@ -222,3 +222,15 @@ def test_a_killed_result_listener_is_replaced_while_requests_wait(redis_server) 
             await queue.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("helper", ["worker-intake", "worker-heartbeat"])
+def test_a_worker_whose_intake_or_heartbeat_ended_ends_too(served: Served, helper: str) -> None:
+    """Without its intake the worker would take no job again, without its heartbeat it would keep
+    none (and with Redis lose them to reclaim), while looking alive: it ends, and so does the
+    all-in-one process."""
+    served.cancel(helper)
+    wait_until(lambda: served.fatal, 5, "the fatal hook")
+    why = f"{WORKER_TASK} raised WorkerTaskEnded: the worker's {helper} task was cancelled"
+    assert served.fatal == [(why, 1)]
+    assert served.status(served.settings.health_port, "/healthz")[1]["detail"]["problems"] == [why]
