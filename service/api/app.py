@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from realcustom.tokenizer import load_clip_tokenizer
 from service.api.docs import install_docs
-from service.api.errors import install_error_handlers
+from service.api.errors import InternalErrors, install_error_handlers
 from service.api.health import bind, health_app
 from service.api.http_protocol import EdgeLimits, protocol_class
 from service.api.intake import Intake
@@ -117,6 +117,8 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
     # limit applies before anything reads the body.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)
+    # Outermost: a 500 for whatever no handler took, the connection kept (service/api/errors.py).
+    app.add_middleware(InternalErrors)
     return app
 
 

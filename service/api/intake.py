@@ -149,6 +149,7 @@ class Intake:
                 408,
                 "body_timeout",
                 f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
+                headers={"Connection": "close"},  # the rest of the body may still come: no next request
             ) from None
 
     async def _read(self, request: Request, subject_upload: bool = False) -> Any:
