@@ -184,9 +184,9 @@ class GuardedProtocol(H11Protocol):
         super().data_received(data)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
         if not self.transport.is_closing():
-            self._waiting[self] = None
+            self._waiting[self] = None  # until its next request's header (maybe pipelined: now)
+        super().on_response_complete()
 
     # --- header ----------------------------------------------------------------------------------
     def header_received(self) -> None:
