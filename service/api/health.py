@@ -57,8 +57,7 @@ async def readiness(state: Any) -> HealthResponse:
     ready = alive.status == "ok" and reachable and (workers > 0 or not state.ready_needs_worker)
     return HealthResponse(
         status="ok" if ready else "not_ready",
-        detail={
-            "alive": alive.status == "ok",
+        detail={  # why it is not alive: /healthz says
             "queue_reachable": reachable,
             "ready_workers": workers,
             "native_size": native_size(state.settings.model),

@@ -160,7 +160,7 @@ def test_a_dead_embedded_worker_fails_both_probes_and_ends_the_process(served: S
         status, body = served.status(port, "/healthz")
         assert status == 503 and body["detail"]["problems"] == [f"{WORKER_TASK} was cancelled"]
     status, body = served.status(served.settings.health_port, "/readyz")
-    assert status == 503 and body["detail"]["alive"] is False
+    assert status == 503 and body["status"] == "not_ready" and body["detail"]["queue_reachable"]
 
 
 def test_a_worker_that_makes_no_progress_fails_liveness_until_it_does(cat_b64: str) -> None:
