@@ -27,6 +27,19 @@ REQUESTS_REJECTED = Counter(
     "Requests refused with an error reply, by its code (invalid_image, queue_full, ...).",
     ["reason"],
 )
+# The HTTP edge (service/api/http_protocol.py, service/background.py).
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "realcustom_http_connections_closed_total",
+    "Connections the API's HTTP server closed on its own, by reason: header_timeout, body_timeout, silent "
+    "(nothing sent within the header timeout), evicted (past HTTP_MAX_CONNECTIONS), header_too_large, "
+    "ambiguous_framing, malformed_request, not_implemented.",
+    ["reason"],
+)
+BACKGROUND_RESTARTS = Counter(
+    "realcustom_background_task_restarts_total",
+    "Restarts of the API process' background tasks after they ended, by task.",
+    ["task"],
+)
 JOBS_FINISHED = Counter(
     "realcustom_jobs_finished_total", "Jobs finished by workers, by terminal state.", ["state"]
 )

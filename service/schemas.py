@@ -243,7 +243,7 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "not_ready"]
+    status: Literal["ok", "not_ready", "failing"]
     detail: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -221,15 +221,48 @@ class Settings(BaseSettings):
         "its other requests wait behind its own, and waiting keys are served round robin.",
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="Longest time a client may take to send a request body (408 past it)."
+        30.0,
+        gt=0,
+        description="Longest time a client may take to send a request body: 408 and the connection closed. "
+        "Counted by the HTTP server while it reads the body (not while a request waits for an intake slot "
+        "with its body unread), and by the intake from the moment it has a slot.",
     )
     http_limit_concurrency: int = Field(
-        1000, ge=1, description="Open connections + tasks uvicorn serves at once; beyond it 503."
+        1000,
+        ge=1,
+        description="Requests in progress the HTTP server serves at once; beyond it 503 `server_busy` "
+        "(+ Retry-After, connection closed). Idle connections and connections still sending their headers "
+        "do not count (see `http_max_connections`).",
     )
     http_keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
     http_max_header_bytes: int = Field(
-        16384, ge=1024, description="Largest request line + headers uvicorn buffers (h11)."
+        16384,
+        ge=1024,
+        description="Largest request line + headers, complete or not; past it 431 and the connection closed.",
     )
+    # --- edge: HTTP server (service/api/http_protocol.py, service/api/health.py) -----------------
+    health_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the health listener: `/healthz` and `/readyz` on a listener of their own (on "
+        "`host`) that no flood of client connections on `port` can starve; point the probes at it. 0 = a "
+        "free port (logged); a taken port falls back to a free one, with a warning.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest time a client may take to send a request line and headers, from its connection "
+        "(or from the first byte after a keep-alive reply): 408 and the connection closed (a connection that "
+        "sent nothing is just closed).",
+    )
+    http_max_connections: int = Field(
+        2000,
+        ge=1,
+        description="Open connections on `port`; a new one past it closes the oldest connection that has no "
+        "request in progress (idle, or still sending its headers), or itself when every one has one.",
+    )
+
     cancel_wait_s: float = Field(
         2.5,
         ge=0,
@@ -367,6 +400,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_health_port(self) -> Settings:
+        if self.health_port and self.health_port == self.port:
+            raise ValueError("HEALTH_PORT must differ from PORT (or be 0: a free port)")
+        return self
 
     @model_validator(mode="after")
     def _check_sides(self) -> Settings:

@@ -24,12 +24,13 @@ from starlette.requests import Request
 from transformers import PreTrainedTokenizerBase
 
 from service.api import results
+from service.api.ratelimit import retry_after_header
 from service.decoders import DecoderPool
 from service.errors import ApiError
 from service.fair_slots import AsyncFairSlots
 from service.images import MEDIA_TYPES
 from service.queue.protocol import JobQueue, JobRecord
-from service.schemas import CustomizeRequest, SubjectUpload
+from service.schemas import CustomizeRequest, JobRequest, SubjectUpload
 from service.settings import Settings
 from service.subjects.resolve import resolve_subjects
 from service.subjects.store import SubjectStore
@@ -62,6 +63,8 @@ class Intake:
         self._settings = settings
         self._tokenizer = tokenizer
         self._slots = AsyncFairSlots(settings.intake_concurrency, settings.intake_concurrency_per_key)
+        # Jobs ready but for their webhook host's resolution, waiting outside the slots.
+        self._resolving = asyncio.Semaphore(settings.intake_concurrency)
         self.decoders = DecoderPool(settings)
 
     def close(self) -> None:
@@ -84,14 +87,46 @@ class Intake:
             data = await self._read_in_time(request)
             parsed, raw_media_type = await run_in_threadpool(self._parse, data, accept, model)
             del data
-            stored = await resolve_subjects(parsed, owner, subjects)
-            spec = await run_in_threadpool(
-                build_job_spec, parsed, self._settings, self._tokenizer, owner, self.decoders, stored
-            )
+            webhook = self._check_webhook(parsed)
+            try:
+                stored = await resolve_subjects(parsed, owner, subjects)
+                spec = await run_in_threadpool(
+                    build_job_spec, parsed, self._settings, self._tokenizer, owner, self.decoders, stored
+                )
+            except BaseException:
+                webhook.cancel()
+                raise
             del parsed
-            if spec.webhook is not None:
-                await check_webhook_url(spec.webhook.url, self._settings)
+            if webhook.done():
+                await webhook
+                return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type, arrived)
+            if self._resolving.locked():
+                webhook.cancel()
+                raise ApiError(
+                    503,
+                    "webhook_checks_busy",
+                    "too many webhook hosts are being resolved at once; retry shortly",
+                    field="webhook_url",
+                    headers=retry_after_header(1),
+                )
+            await self._resolving.acquire()
+        try:
+            await webhook
             return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type, arrived)
+        finally:
+            self._resolving.release()
+
+    def _check_webhook(self, request: CustomizeRequest) -> asyncio.Future[None]:
+        """The check of the request's webhook URL, started now (it resolves the host)."""
+        target = request.webhook() if isinstance(request, JobRequest) else None
+        if target is None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        check = asyncio.ensure_future(check_webhook_url(target.url, self._settings))
+        # A check cancelled or never awaited (the request failed first) must not log its error.
+        check.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return check
 
     async def decode_subject(self, request: Request, owner: str) -> Image.Image:
         """`POST /subjects`: its one photo (JSON `image` or multipart file `image`), decoded as
@@ -119,6 +154,7 @@ class Intake:
                 408,
                 "body_timeout",
                 f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
+                headers={"Connection": "close"},  # the rest of the body may still come: no next request
             ) from None
 
     async def _read(self, request: Request, subject_upload: bool = False) -> Any:

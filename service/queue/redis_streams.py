@@ -308,9 +308,9 @@ class RedisStreamsQueue:
         )
 
     async def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
-        self._ensure_listener()
         give_up = time.monotonic() + max(timeout_s, 0.0)
         while True:
+            self._ensure_listener()  # each round: a listener that ended is replaced within a second
             wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(job_id, set()).add(wake)
             try:
@@ -336,6 +336,9 @@ class RedisStreamsQueue:
 
     def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():
+            if self._listener is not None:
+                ended = "was cancelled" if self._listener.cancelled() else repr(self._listener.exception())
+                logger.error("the result listener ended (%s); starting a new one", ended)
             self._listener = asyncio.create_task(self._listen(), name="redis-done-listener")
 
     async def _listen(self) -> None:
@@ -348,7 +351,7 @@ class RedisStreamsQueue:
                 self._wake_all()
                 async for message in pubsub.listen():
                     if message["type"] == "message":
-                        self._wake(message["data"].decode())
+                        self._wake(message["data"].decode(errors="replace"))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
@@ -475,7 +478,8 @@ class RedisStreamsQueue:
         for _message_id, fields in messages:
             if fields:
                 logger.warning(
-                    "reclaimed job %s from a worker that stopped", fields.get(b"id", b"?").decode()
+                    "reclaimed job %s from a worker that stopped",
+                    fields.get(b"id", b"?").decode(errors="replace"),
                 )
         return messages
 

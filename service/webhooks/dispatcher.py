@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from redis.exceptions import RedisError
 
 from service import metrics
+from service.background import BackgroundTasks
 from service.queue.protocol import JobQueue, JobRecord, JobState, QueueUnavailableError
 from service.settings import Settings
 from service.webhooks.addresses import RESOLVE_TIMEOUT_S, WebhookUrlError, parse_target, resolve
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 # A lease outlives the longest attempt (resolve + connect + reply) by this much.
 LEASE_MARGIN_S = 10.0
+DISPATCHER_TASK = "webhook-dispatcher"
 
 
 def message_id(job_id: str) -> str:
@@ -177,12 +179,12 @@ class WebhookDispatcher:
 
 
 @contextlib.asynccontextmanager
-async def delivering(outbox: Outbox, queue: JobQueue, settings: Settings) -> AsyncIterator[None]:
-    """Run the delivery loop for the duration of the block."""
-    task = asyncio.create_task(WebhookDispatcher(outbox, queue, settings).run(), name="webhook-dispatcher")
+async def delivering(
+    outbox: Outbox, queue: JobQueue, settings: Settings, background: BackgroundTasks
+) -> AsyncIterator[None]:
+    """Run the delivery loop for the duration of the block, a fresh one whenever it ends."""
+    background.keep_running(DISPATCHER_TASK, lambda: WebhookDispatcher(outbox, queue, settings).run())
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await background.stop_task(DISPATCHER_TASK)

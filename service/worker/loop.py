@@ -23,6 +23,7 @@ import logging
 from engines.runner import Runner
 from engines.step_scheduler import StepScheduler
 from service import metrics
+from service.background import how_it_ended
 from service.queue.protocol import JobQueue, QueueUnavailableError
 from service.settings import Settings
 from service.worker.health import Progress
@@ -32,9 +33,13 @@ from service.worker.recovery import ComputeDeadlineExceeded, Recovery, compute_d
 from service.worker.stepping import Stepping
 from service.worker.subject_cache import TokenCache
 
-__all__ = ["ComputeDeadlineExceeded", "Worker", "compute_deadline_s"]
+__all__ = ["ComputeDeadlineExceeded", "Worker", "WorkerTaskEnded", "compute_deadline_s"]
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerTaskEnded(Exception):
+    """A task the worker needs (heartbeat, intake) ended while the worker was running."""
 
 
 class Worker:
@@ -93,6 +98,7 @@ class Worker:
         )
         try:
             while not await self._should_exit():
+                self._check_helpers(heartbeat)
                 try:
                     await self._stepping.at_boundary()
                     if ledger.running:
@@ -109,11 +115,20 @@ class Worker:
             await asyncio.gather(*ledger.stores, return_exceptions=True)
             await self._recovery.return_held()
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # a failure was raised above
                 await heartbeat
             with contextlib.suppress(QueueUnavailableError):
                 await self._queue.heartbeat(self._name, ready=False, in_flight=[])
             logger.info("worker %s stopped", self._name)
+
+    def _check_helpers(self, heartbeat: asyncio.Task) -> None:
+        """The heartbeat and intake tasks end only when the worker stops: one that ended otherwise
+        (an exception, a cancellation) leaves a worker that looks alive but takes or keeps no jobs,
+        so the worker ends too (its process is restarted)."""
+        for task in (heartbeat, self._intake_task):
+            if task is not None and task.done() and not self._stopping.is_set():
+                ended, error = how_it_ended(task)
+                raise WorkerTaskEnded(f"the worker's {task.get_name()} task {ended}") from error
 
     async def _should_exit(self) -> bool:
         ledger = self._ledger
@@ -142,4 +157,4 @@ class Worker:
         take cancelled mid-call could leave a delivery with this worker, found only by reclaim."""
         self.stop()
         if self._intake_task is not None:
-            await self._intake_task
+            await asyncio.wait([self._intake_task])  # how it ended is _check_helpers' business
