@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import redis
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from raw_http import closed_by_server, connect, get, read_reply
 from service_processes import REPO_ROOT, Api, free_port, wait_until
 from test_queue_contract import done_record
@@ -50,6 +51,16 @@ WEBHOOK_SECRET = "walk-webhook-secret-" + "w" * 32
 def png_b64() -> str:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def chatty_png_b64() -> str:
+    """A small PNG with 300 text chunks (the default IMAGE_MAX_METADATA_CHUNKS is 256)."""
+    info = PngInfo()
+    for index in range(300):
+        info.add_text(f"k{index}", "v")
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 200, 30)).save(buffer, "PNG", pnginfo=info)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -299,12 +310,20 @@ TRIGGERS: dict[str, list[Trigger]] = {
             "invalid_webhook_url",
         ),
     ],
-    "realcustom.decoding.ImageRejectedError": [
+    "realcustom.image_structure.ImageRejectedError": [
         Trigger(
             "not an image",
             request("POST", "/jobs", {**BODY, "subjects": [{"image": "bm90IGFuIGltYWdl", "target": "cat"}]}),
             422,
             "invalid_image",
+        ),
+    ],
+    "realcustom.image_structure.ImageTooComplexError": [
+        Trigger(
+            "more metadata chunks than IMAGE_MAX_METADATA_CHUNKS",
+            request("POST", "/jobs", {**BODY, "subjects": [{"image": chatty_png_b64(), "target": "cat"}]}),
+            422,
+            "image_too_complex",
         ),
     ],
     "realcustom.phrases.PhraseNotFoundError": [
