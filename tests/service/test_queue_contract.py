@@ -86,7 +86,9 @@ def make_queue(request: pytest.FixtureRequest):
     """Factory of fresh queues of one backend (Redis ones isolated by a unique key prefix)."""
 
     def factory(**overrides) -> JobQueue:
-        values = {"queue_max_depth": 8, "heartbeat_s": 0.2, "reclaim_idle_s": 0.4, **overrides}
+        # One owner may fill the queue unless a test sets a share (the global limits are tested so).
+        values = {"queue_max_depth": 8, "heartbeat_s": 0.2, "reclaim_idle_s": 0.4, "queue_key_share": 1.0}
+        values |= overrides
         if request.param in REDIS_FIXTURES:
             server = request.getfixturevalue(REDIS_FIXTURES[request.param])
             values |= {"redis_url": server.url, "queue_name": f"test-{uuid.uuid4().hex[:8]}"}

@@ -140,7 +140,10 @@ def test_terminal_scripts_schedule_the_webhook_and_claims_are_leased(topology, r
 
 def test_worker_and_dead_letter_terminal_states_schedule_their_events(redis_server) -> None:
     async def scenario() -> None:
-        config = Settings(redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}")
+        # One owner's three deliveries claimed at once: its cap of deliveries in flight allows them.
+        config = Settings(
+            redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}", webhook_concurrency_per_key=3
+        )
         queue, outbox = create_queue(config), RedisOutbox(config)
         client = redis.Redis.from_url(redis_server.url)
         done, expired = with_webhook("https://8.8.8.8/a"), with_webhook("https://8.8.8.8/b")
