@@ -310,8 +310,8 @@ class Settings(BaseSettings):
     tiers: dict[str, TierPolicy] = Field(
         default_factory=dict,
         description="Key classes as JSON, name -> {weight, priorities, queue_share, subject_share, "
-        "max_inflight_cost} (each optional), e.g. `{\"free\": {\"priorities\": [\"batch\"], "
-        "\"queue_share\": 0.1}, \"pro\": {\"weight\": 4}}`. The tier `default` (keys `API_KEY_TIERS` does "
+        'max_inflight_cost} (each optional), e.g. `{"free": {"priorities": ["batch"], '
+        '"queue_share": 0.1}, "pro": {"weight": 4}}`. The tier `default` (keys `API_KEY_TIERS` does '
         "not name, every caller of an open API) has weight 1, both priorities and the deployment's shares "
         "unless listed here.",
     )
@@ -348,7 +348,7 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest cost (megapixel-steps, realcustom/cost.py) of one request; past it 422 "
         "`request_too_costly`. Unset = `COMPUTE_DEADLINE_S / COMPUTE_S_PER_IMAGE_STEP` image-steps at the "
-        "model's native size (service/README.md, \"Cost caps\").",
+        'model\'s native size (service/README.md, "Cost caps").',
     )
     key_max_inflight_cost: float | None = Field(
         None,

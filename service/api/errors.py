@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 
 from service import metrics
 from service.errors import ApiError
-from service.queue.protocol import QueueUnavailableError
+from service.queue.protocol import QueueFullError, QueueUnavailableError
 from service.validation import MAX_REPORTED_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,13 @@ async def _queue_unavailable(_request: Request, error: Exception) -> JSONRespons
     )
 
 
+async def _limit_reached(_request: Request, error: Exception) -> JSONResponse:
+    """A limit that a route did not map itself: still the 429 that names it, never a 500."""
+    assert isinstance(error, QueueFullError)
+    metrics.REQUESTS_REJECTED.labels(error.code).inc()
+    return _reply(429, error.code, str(error), headers={"Retry-After": str(max(1, error.retry_after_s))})
+
+
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
     """Never the exception's text (it may hold internals): an id to find it in the log."""
     error_id = uuid.uuid4().hex[:12]
@@ -69,3 +76,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(QueueUnavailableError, _queue_unavailable)
+    app.add_exception_handler(QueueFullError, _limit_reached)

@@ -28,7 +28,7 @@ from service.errors import ApiError
 from service.images import MEDIA_TYPES
 from service.queue.protocol import JobQueue, JobRecord
 from service.schemas import CustomizeRequest, SubjectUpload
-from service.settings import Settings
+from service.settings import DEFAULT_TIER, Settings
 from service.subjects.resolve import resolve_subjects
 from service.subjects.store import SubjectStore
 from service.validation import build_job_spec, decode_upload, parse_json, parse_request, validation_error
@@ -71,18 +71,30 @@ class Intake:
         subjects: SubjectStore,
         accept: str | None = None,
         model: type[CustomizeRequest] = CustomizeRequest,
+        tier: str = DEFAULT_TIER,
     ) -> Accepted:
-        """Read, validate (as a `model`) and enqueue within one slot. `accept`: the Accept header of
-        a route that may answer with a raw image."""
+        """Read, validate (as a `model`) and enqueue within one slot, for a caller of key class
+        `tier`. `accept`: the Accept header of a route that may answer with a raw image."""
         arrived = time.perf_counter()
         async with self._slots:
             data = await self._read_in_time(request)
             parsed, raw_media_type = await run_in_threadpool(self._parse, data, accept, model)
             del data
             stored = await resolve_subjects(parsed, owner, subjects)
-            spec = await run_in_threadpool(
-                build_job_spec, parsed, self._settings, self._tokenizer, owner, self._decode_slots, stored
-            )
+            try:
+                spec = await run_in_threadpool(
+                    build_job_spec,
+                    parsed,
+                    self._settings,
+                    self._tokenizer,
+                    owner,
+                    self._decode_slots,
+                    stored,
+                    tier,
+                )
+            except ApiError as error:
+                results.count_refusal(error, tier, parsed.priority or "")
+                raise
             del parsed
             if spec.webhook is not None:
                 await check_webhook_url(spec.webhook.url, self._settings)

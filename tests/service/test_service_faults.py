@@ -275,7 +275,14 @@ def test_redis_restart_between_enqueue_and_consume_loses_nothing(
 def test_full_queue_gets_429_and_missed_deadline_gets_504_and_is_never_computed(
     redis_server, tmp_path: Path, cat_b64: str
 ) -> None:
-    env = queue_env(redis_server.url, QUEUE_MAX_DEPTH="2", JOB_TIMEOUT_S="1.5", QUEUE_FULL_RETRY_AFTER_S="3")
+    # One key may fill this queue (QUEUE_KEY_SHARE=1): its global depth bound is what is tested.
+    env = queue_env(
+        redis_server.url,
+        QUEUE_MAX_DEPTH="2",
+        QUEUE_KEY_SHARE="1",
+        JOB_TIMEOUT_S="1.5",
+        QUEUE_FULL_RETRY_AFTER_S="3",
+    )
     api = Api("service.api", env, tmp_path)  # no worker yet
     worker = None
     try:

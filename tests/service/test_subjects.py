@@ -66,7 +66,9 @@ def test_ids_follow_the_image_the_owner_and_the_model_version() -> None:
 
 def test_redis_store_expiry_deletion_and_the_byte_budget(redis_server) -> None:
     async def scenario() -> None:
-        settings = redis_settings(redis_server, subject_ttl_s=1, subject_max_bytes=6000, subject_key_share=1.0)
+        settings = redis_settings(
+            redis_server, subject_ttl_s=1, subject_max_bytes=6000, subject_key_share=1.0
+        )
         store = RedisSubjectStore(settings)
         keys = QueueKeys(settings.queue_name)
         client = redis.Redis.from_url(redis_server.url)

@@ -80,9 +80,14 @@ async def models(settings: SettingsDep) -> ModelInfo:
     response_class=Response,
     responses=ERROR_RESPONSES,
 )
-async def prometheus_metrics(_caller: Caller, queue: QueueDep) -> Response:
+async def prometheus_metrics(_caller: Caller, queue: QueueDep, settings: SettingsDep) -> Response:
     # On an outage the last known depth stays; readyz reports the outage.
     with contextlib.suppress(QueueUnavailableError):
         metrics.QUEUE_DEPTH.set(await queue.depth())
         metrics.QUEUE_BYTES.set(await queue.held_bytes())
+        usage = await queue.usage(settings.tier_names)
+        for tier, held in usage.tiers.items():
+            metrics.QUEUE_TIER_JOBS.labels(tier=tier).set(held.jobs)
+            metrics.QUEUE_TIER_BYTES.labels(tier=tier).set(held.bytes)
+        metrics.QUEUE_SECONDS_PER_COST.set(usage.seconds_per_cost or 0.0)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
