@@ -17,6 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The stream's consumer group (every worker is a consumer of it).
+GROUP = "workers"
+
 # Name -> key suffix (after "{<queue_name>}:"); a name ending in ":" is followed by an id.
 NAMES = {
     # The queue (redis_streams.py).
@@ -54,10 +57,11 @@ NAMES = {
 
 
 def lua_names() -> str:
-    """The names as a Lua table `N`, and `K(suffix)`: the key of a suffix in the queue of the
-    script's first key, which is always the stream."""
+    """The names as a Lua table `N`, the consumer group `GROUP`, and `K(suffix)`: the key of a
+    suffix in the queue of the script's first key, which is always the stream."""
     table = ", ".join(f"{name} = '{suffix}'" for name, suffix in NAMES.items())
     return (
+        f"local GROUP = '{GROUP}'\n"
         f"local N = {{{table}}}\n"
         f"local TAG = string.sub(KEYS[1], 1, -{len(NAMES['stream']) + 1})\n"
         "local function K(suffix) return TAG .. suffix end\n"

@@ -150,6 +150,28 @@ local function seconds_per_cost()
   return nil
 end
 
+-- The group's lag (XINFO GROUPS, what KEDA scales workers on) is the number of jobs waiting in
+-- the fair order: the group's cursor is put after the last entry this queue added, with the read
+-- counter at entries added minus jobs waiting. `sched` tracks the entries added and the last id
+-- (TAKE reads them from XINFO STREAM once, and again whenever entries it did not add appear).
+local function added_entry(msg)
+  if redis.call('HEXISTS', K(N.sched), 'added') == 1 then
+    redis.call('HINCRBY', K(N.sched), 'added', 1)
+    redis.call('HSET', K(N.sched), 'last', msg)
+  end
+end
+local function count_entries()
+  local info = fields_of(redis.call('XINFO', 'STREAM', KEYS[1]))
+  redis.call('HSET', K(N.sched), 'added', info['entries-added'], 'last', info['last-generated-id'])
+end
+local function sync_lag()
+  local tracked = redis.call('HMGET', K(N.sched), 'added', 'last')
+  if not tracked[1] then return end
+  local waiting = redis.call('ZCARD', K(N.ready .. 'interactive'))
+    + redis.call('ZCARD', K(N.ready .. 'batch'))
+  redis.call('XGROUP', 'SETID', KEYS[1], GROUP, tracked[2], 'ENTRIESREAD', tonumber(tracked[1]) - waiting)
+end
+
 -- Deliveries. drop_entry: acknowledge and delete a message; its job's payload bytes and its
 -- owner's unfinished job and cost are given back. holder: the consumer holding delivery `msg`.
 local function drop_entry(group, msg)
@@ -255,6 +277,7 @@ end
 if depth == 0 then redis.call('HSET', K(N.rate), 't', num(now)) end
 local seq = redis.call('HINCRBY', K(N.sched), 'seq', 1)
 local msg = redis.call('XADD', KEYS[1], '*', unpack(ARGV, 18))
+added_entry(msg)
 local member = string.format('%015d', seq) .. ':' .. job_id .. ':' .. msg
 count_bytes(size, owner, tier, 'job')
 redis.call('HINCRBY', okey, 'jobs', 1)
@@ -299,6 +322,8 @@ end
 local known = redis.call('XPENDING', KEYS[1], group)[1] + redis.call('ZCARD', K(N.ready .. 'interactive'))
   + redis.call('ZCARD', K(N.ready .. 'batch'))
 local strays = redis.call('XLEN', KEYS[1]) - known
+local counted = strays > 0 or redis.call('HEXISTS', K(N.sched), 'added') == 0
+if counted then count_entries() end
 local cursor, scanned = '-', 0
 while strays > 0 and #out < wanted and scanned < 1000 do
   local page = redis.call('XRANGE', KEYS[1], cursor, '+', 'COUNT', 100)
@@ -336,6 +361,7 @@ while #out < wanted do
   if class == 'batch' then redis.call('HSET', K(N.sched), 'batch_at', num(now)) end
   if f then deliver(msg) end
 end
+if counted or #out > 0 then sync_lag() end
 local newest = redis.call('XREVRANGE', K(N.arrivals), '+', '-', 'COUNT', 1)
 return {out, #newest > 0 and newest[1][1] or '0-0'}
 """,
@@ -403,6 +429,7 @@ if record[2] and redis.call('ZREM', K(N.ready .. record[3]), record[2]) == 1 and
 end
 drop_entry(ARGV[1], record[1])
 hold_record(ARGV[3], 0, f, now_s(), tonumber(ARGV[2]))
+sync_lag()
 redis.call('PUBLISH', K(N.channel), ARGV[3])
 return 'cancelled'
 """,
@@ -425,6 +452,7 @@ local entry = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if #entry == 0 then return 0 end
 local msg = redis.call('XADD', KEYS[1], '*', unpack(entry[1][2]))
+added_entry(msg)
 redis.call('XDEL', KEYS[1], ARGV[2])
 local place = redis.call('HMGET', job, 'member', 'class', 'tag')
 local f = fields_of(entry[1][2])

@@ -44,6 +44,7 @@ from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from service import metrics
 from service.queue.blobs import join_blobs, payload_size, split_blobs
+from service.queue.keys import GROUP
 from service.queue.policy import QueuePolicy, deadline_refusal, quota_refusal
 from service.queue.protocol import (
     PROGRESS_EVENTS_KEPT,
@@ -79,7 +80,6 @@ from service.queue.storage import RedisStorage
 
 logger = logging.getLogger(__name__)
 
-GROUP = "workers"
 # Waiters re-read their job at least this often, in case a wake-up was lost while Redis restarted.
 WAKE_SAFETY_INTERVAL_S = 1.0
 # Version of the stream message layout; a message of another version is dead-lettered.
