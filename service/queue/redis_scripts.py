@@ -151,9 +151,11 @@ local function seconds_per_cost()
 end
 
 -- The group's lag (XINFO GROUPS, what KEDA scales workers on) is the number of jobs waiting in
--- the fair order: the group's cursor is put after the last entry this queue added, with the read
--- counter at entries added minus jobs waiting. `sched` tracks the entries added and the last id
--- (TAKE reads them from XINFO STREAM once, and again whenever entries it did not add appear).
+-- the fair order: the group's cursor is put just past the last entry this queue added (past, so
+-- that deleting that entry leaves no tombstone at or after the cursor, which would make Redis
+-- report no lag), with the read counter at entries added minus jobs waiting. `sched` tracks the
+-- entries added and the last id (TAKE reads them from XINFO STREAM once, and again whenever
+-- entries it did not add appear).
 local function added_entry(msg)
   if redis.call('HEXISTS', K(N.sched), 'added') == 1 then
     redis.call('HINCRBY', K(N.sched), 'added', 1)
@@ -169,7 +171,9 @@ local function sync_lag()
   if not tracked[1] then return end
   local waiting = redis.call('ZCARD', K(N.ready .. 'interactive'))
     + redis.call('ZCARD', K(N.ready .. 'batch'))
-  redis.call('XGROUP', 'SETID', KEYS[1], GROUP, tracked[2], 'ENTRIESREAD', tonumber(tracked[1]) - waiting)
+  local ms, seq = string.match(tracked[2], '^(%d+)-(%d+)$')
+  local past = ms .. '-' .. string.format('%d', tonumber(seq) + 1)
+  redis.call('XGROUP', 'SETID', KEYS[1], GROUP, past, 'ENTRIESREAD', tonumber(tracked[1]) - waiting)
 end
 
 -- Deliveries. drop_entry: acknowledge and delete a message; its job's payload bytes and its
