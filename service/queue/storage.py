@@ -8,7 +8,7 @@ client of their own, opened on first use.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import redis
 from redis.asyncio.cluster import RedisCluster
@@ -64,7 +64,7 @@ class RedisStorage:
         return self._sync_scripts[source]
 
     @contextlib.asynccontextmanager
-    async def errors(self) -> Iterator[None]:
+    async def errors(self) -> AsyncIterator[None]:
         """Redis at maxmemory as QueueFullError, other failures as QueueUnavailableError."""
         try:
             yield
