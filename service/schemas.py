@@ -264,3 +264,7 @@ class ModelInfo(BaseModel):
     max_steps: int
     max_num_images: int
     max_subjects: int
+    max_request_cost: float | None = Field(
+        description="Largest cost of one request, in megapixel-steps (width x height / 10^6 x "
+        "num_inference_steps x num_images, +3 % per extra subject): `MAX_REQUEST_COST`; null = no cap."
+    )

@@ -164,7 +164,7 @@ def test_openapi_documents_priority_for_both_body_types(api: Api) -> None:
     assert "403" in jobs["responses"] and "key_queue_full" in jobs["responses"]["429"]["description"]
 
 
-def test_tier_settings_are_checked_at_start(tmp_path: Path) -> None:
+def test_tier_settings_are_checked_at_start() -> None:
     from service.settings import Settings
 
     with pytest.raises(ValueError, match="TIERS does not define"):
@@ -175,3 +175,9 @@ def test_tier_settings_are_checked_at_start(tmp_path: Path) -> None:
         Settings(tiers={"Gold Tier": {}})
     with pytest.raises(ValueError, match="could never run"):
         Settings(max_request_cost=10, key_max_inflight_cost=5)
+
+
+def test_the_models_endpoint_gives_the_cost_cap(api: Api) -> None:
+    with api.client(authorization=f"Bearer {PLAIN}") as client:
+        limits = client.get("/v1/models").json()
+    assert limits["max_request_cost"] == pytest.approx(120 / 0.5 * 128**2 / 1e6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -71,6 +72,7 @@ async def models(settings: SettingsDep) -> ModelInfo:
         max_steps=settings.max_steps,
         max_num_images=settings.max_num_images,
         max_subjects=settings.max_subjects,
+        max_request_cost=settings.request_cost_cap if math.isfinite(settings.request_cost_cap) else None,
     )
 
 
