@@ -10,7 +10,6 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
