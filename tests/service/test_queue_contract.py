@@ -388,14 +388,14 @@ def test_cost_not_job_count_decides_the_share(make_queue) -> None:
 
 def test_interactive_jobs_overtake_batch_and_batch_is_not_starved(make_queue) -> None:
     async def scenario() -> None:
-        queue = make_queue(batch_max_wait_s=0.6)
+        queue = make_queue(batch_max_wait_s=1.2)  # far longer than the takes before the sleep
         batch = [owned_spec("a", "batch") for _ in range(2)]
         interactive = [owned_spec("b") for _ in range(3)]
         for spec in batch + interactive:
             await queue.submit(spec)
         assert [await queue.position(spec.id) for spec in batch] == [3, 4]  # behind every interactive
         assert await take_one_by_one(queue, 2) == [interactive[0].id, interactive[1].id]
-        await asyncio.sleep(0.7)  # batch has waited its bound: one batch job goes first
+        await asyncio.sleep(1.3)  # batch has waited its bound: one batch job goes first
         assert await take_one_by_one(queue, 2) == [batch[0].id, interactive[2].id]
         assert await take_one_by_one(queue, 1) == [batch[1].id]  # no interactive job waits
         await queue.close()
