@@ -155,7 +155,8 @@ class WebhookStatus(BaseModel):
 
 class Outbox(Protocol):
     async def claim(self, limit: int, lease_s: float) -> list[Delivery]:
-        """Up to `limit` due deliveries, each leased for `lease_s`."""
+        """Up to `limit` due deliveries in due order, each leased for `lease_s`, with at most
+        `WEBHOOK_CONCURRENCY_PER_KEY` of one owner leased at once."""
         ...
 
     async def settle(
