@@ -65,6 +65,27 @@ def key_class(tier: str, priority: str) -> dict[str, str]:
     }
 
 
+ADMISSION_REFUSALS = Counter(
+    "realcustom_admission_refusals_total",
+    "Requests refused by a limit of the queue, the subject store or the caller's tier, by the caller's tier "
+    "(TIERS), the job's priority (`none` before it is known) and the limit's code (queue_full, "
+    "key_queue_full, key_cost_in_flight, deadline_unmeetable, subjects_full, key_subjects_full, "
+    "request_too_costly, priority_not_allowed).",
+    ["tier", "priority", "reason"],
+)
+QUEUE_TIER_JOBS = Gauge(
+    "realcustom_queue_tier_jobs", "Unfinished jobs of the keys of each tier (read at scrape time).", ["tier"]
+)
+QUEUE_TIER_BYTES = Gauge(
+    "realcustom_queue_tier_bytes",
+    "Bytes the keys of each tier hold: job payloads, kept results, stored subjects (read at scrape time).",
+    ["tier"],
+)
+QUEUE_SECONDS_PER_COST = Gauge(
+    "realcustom_queue_seconds_per_cost",
+    "Measured busy seconds per megapixel-step finished, what deadline admission estimates with (0 until "
+    "measured; read at scrape time).",
+)
 QUEUE_WAIT_SECONDS = Histogram(
     "realcustom_queue_wait_seconds",
     "Acceptance until a worker takes the job, by key class (tier, priority).",

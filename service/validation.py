@@ -21,6 +21,7 @@ from PIL import Image
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
+from realcustom.cost import generation_cost
 from realcustom.decoding import ImageRejectedError
 from realcustom.native_size import native_size
 from realcustom.phrases import PromptTooLongError, check_prompt_length, locate_phrase
@@ -29,7 +30,7 @@ from service.decoders import DecoderPool
 from service.errors import ApiError
 from service.queue.protocol import JobSpec, SubjectSpec
 from service.schemas import CustomizeRequest, JobRequest
-from service.settings import Settings
+from service.settings import DEFAULT_TIER, Settings
 from service.subjects.store import Subject
 
 # A 422 lists this many problems, then how many more there are: its size stays bounded.
@@ -111,6 +112,37 @@ def _check_settings(request: CustomizeRequest, settings: Settings) -> None:
         check_generation(request, limits=limits(settings))
     except SettingsError as error:
         raise _reject(error.field, str(error)) from None
+
+
+def _check_priority(request: CustomizeRequest, settings: Settings, tier: str) -> str:
+    """The job's priority: the one asked for, if the caller's tier allows it, else the tier's default."""
+    allowed = settings.tier_policy(tier).priorities
+    if request.priority is None:
+        return allowed[0]
+    if request.priority not in allowed:
+        raise ApiError(
+            403,
+            "priority_not_allowed",
+            f"this API key may send {' or '.join(allowed)} jobs, not {request.priority}; set `priority` to "
+            f"{allowed[0]} (or leave it out)",
+            field="priority",
+        )
+    return request.priority
+
+
+def _check_cost(request: CustomizeRequest, settings: Settings) -> float:
+    """The request's cost (realcustom/cost.py), or 422 past the cost cap of one request."""
+    cost = generation_cost(request, len(request.subjects))
+    cap = settings.request_cost_cap
+    if cost > cap:
+        raise _reject(
+            None,
+            f"this request costs {cost:.4g} megapixel-steps (width x height / 10^6 x num_inference_steps x "
+            f"num_images, +3 % per extra subject); one request may cost at most {cap:.4g}. Lower the size, "
+            "the steps or the number of images",
+            code="request_too_costly",
+        )
+    return cost
 
 
 def _locate_targets(request: CustomizeRequest, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
@@ -196,9 +228,10 @@ def build_job_spec(
     owner: str,
     decoders: DecoderPool,
     stored: dict[str, Subject] | None = None,
+    tier: str = DEFAULT_TIER,
 ) -> JobSpec:
-    """Validate a request and turn it into the job the queue carries (owned by `owner`); `stored`:
-    the subjects its `subject_id`s name, already looked up (and owned by `owner`)."""
+    """Validate a request and turn it into the job the queue carries (owned by `owner`, of key class
+    `tier`); `stored`: the subjects its `subject_id`s name, already looked up (and owned by `owner`)."""
     size = native_size(settings.model)
     request = request.model_copy(
         update={
@@ -207,6 +240,8 @@ def build_job_spec(
         }
     )
     _check_settings(request, settings)
+    priority = _check_priority(request, settings, tier)
+    _check_cost(request, settings)
     token_indices = _locate_targets(request, tokenizer)
     references = _decode_images(request, settings, decoders, owner, stored or {})
     now = time.time()
@@ -235,4 +270,7 @@ def build_job_spec(
         owner=owner,
         request_hash=request_hash(request),
         webhook=request.webhook() if isinstance(request, JobRequest) else None,
+        priority=priority,
+        tier=tier,
+        weight=settings.tier_policy(tier).weight,
     )

@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.errors import ApiError
-from service.queue.protocol import QueueUnavailableError
+from service.queue.protocol import QueueFullError, QueueUnavailableError
 from service.validation import MAX_REPORTED_ERRORS
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,13 @@ async def _queue_unavailable(_request: Request, error: Exception) -> JSONRespons
     return _reply(
         503, "queue_unavailable", "the job queue is unreachable; retry shortly", headers={"Retry-After": "1"}
     )
+
+
+async def _limit_reached(_request: Request, error: Exception) -> JSONResponse:
+    """A limit that a route did not map itself: still the 429 that names it, never a 500."""
+    assert isinstance(error, QueueFullError)
+    metrics.REQUESTS_REJECTED.labels(error.code).inc()
+    return _reply(429, error.code, str(error), headers={"Retry-After": str(max(1, error.retry_after_s))})
 
 
 async def _client_gone(_request: Request, _error: Exception) -> Response:
@@ -110,3 +117,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(QueueUnavailableError, _queue_unavailable)
     app.add_exception_handler(ClientDisconnect, _client_gone)
+    app.add_exception_handler(QueueFullError, _limit_reached)

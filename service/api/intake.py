@@ -31,7 +31,7 @@ from service.fair_slots import AsyncFairSlots
 from service.images import MEDIA_TYPES
 from service.queue.protocol import JobQueue, JobRecord
 from service.schemas import CustomizeRequest, JobRequest, SubjectUpload
-from service.settings import Settings
+from service.settings import DEFAULT_TIER, Settings
 from service.subjects.resolve import resolve_subjects
 from service.subjects.store import SubjectStore
 from service.validation import build_job_spec, decode_upload, parse_json, parse_request, validation_error
@@ -79,9 +79,10 @@ class Intake:
         subjects: SubjectStore,
         accept: str | None = None,
         model: type[CustomizeRequest] = CustomizeRequest,
+        tier: str = DEFAULT_TIER,
     ) -> Accepted:
-        """Read, validate (as a `model`) and enqueue within one slot. `accept`: the Accept header of
-        a route that may answer with a raw image."""
+        """Read, validate (as a `model`) and enqueue within one slot, for a caller of key class
+        `tier`. `accept`: the Accept header of a route that may answer with a raw image."""
         arrived = time.perf_counter()
         async with self._slots.hold(owner):
             data = await self._read_in_time(request)
@@ -91,10 +92,19 @@ class Intake:
             try:
                 stored = await resolve_subjects(parsed, owner, subjects)
                 spec = await run_in_threadpool(
-                    build_job_spec, parsed, self._settings, self._tokenizer, owner, self.decoders, stored
+                    build_job_spec,
+                    parsed,
+                    self._settings,
+                    self._tokenizer,
+                    owner,
+                    self.decoders,
+                    stored,
+                    tier,
                 )
-            except BaseException:
+            except BaseException as error:
                 webhook.cancel()
+                if isinstance(error, ApiError):
+                    results.count_refusal(error, tier, parsed.priority or "")
                 raise
             del parsed
             if webhook.done():

@@ -1,7 +1,8 @@
 """The delivery loop: every API process (and the all-in-one process) runs one.
 
-It claims due deliveries (leased, so several API replicas never send one at the same time),
-sends each in its own task, at most `WEBHOOK_CONCURRENCY` at once, and stores the outcome:
+It claims due deliveries (leased, so several API replicas never send one at the same time; at
+most `WEBHOOK_CONCURRENCY_PER_KEY` of one API key in flight, outbox.py), sends each in its own
+task, at most `WEBHOOK_CONCURRENCY` at once, and stores the outcome:
 delivered, due again after an exponential backoff with jitter, or failed after
 `WEBHOOK_MAX_ATTEMPTS`. It runs beside the API on its event loop and never touches the workers,
 so a slow or dead receiver never delays generation. A process stopped mid-attempt leaves its
@@ -103,12 +104,10 @@ class WebhookDispatcher:
                         self._tasks.add(task)
                         task.add_done_callback(self._task_done)
                 self._freed.clear()
-                if room <= 0 or len(claimed) == room:
-                    # Every slot busy and maybe more due: claim again as soon as one frees.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._freed.wait(), self._settings.webhook_poll_s)
-                else:
-                    await asyncio.sleep(self._settings.webhook_poll_s)
+                # Claim again as soon as a delivery ends (a slot frees, and its owner may have
+                # deliveries waiting for their per-key cap), else at the next poll.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), self._settings.webhook_poll_s)
         finally:
             # Interrupted attempts are sent again once their lease runs out.
             for task in list(self._tasks):

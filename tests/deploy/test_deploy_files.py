@@ -13,7 +13,7 @@ import pytest
 import yaml
 from deploy_checks import COMPOSED_TARGETS, EXTRA_TARGETS, KUSTOMIZE_TARGETS, ROOT, config, render, validate
 
-from service.queue.keys import QueueKeys
+from service.queue.keys import GROUP, QueueKeys
 from service.settings import Settings
 
 BIN = Path(sys.executable).parent
@@ -82,15 +82,12 @@ def test_every_service_variable_is_a_setting() -> None:
 
 def test_kubernetes_scaler_watches_the_service_stream() -> None:
     """KEDA must read the stream and consumer group that the Redis queue really uses."""
-    source = (ROOT / "service/queue/redis_streams.py").read_text()
-    group = re.search(r'^GROUP = "([^"]+)"', source, re.MULTILINE)
-    assert group, "service/queue/redis_streams.py no longer defines GROUP"
     prefix = Settings.model_fields["queue_name"].default
     for target in KUSTOMIZE_TARGETS:
         (scaled,) = [doc for doc in render(target) if doc["kind"] == "ScaledObject"]
         for trigger in scaled["spec"]["triggers"]:
             assert trigger["metadata"]["stream"] == QueueKeys(prefix).stream
-            assert trigger["metadata"].get("consumerGroup", group.group(1)) == group.group(1)
+            assert trigger["metadata"].get("consumerGroup", GROUP) == GROUP
 
 
 def _pins(lines: list[str]) -> dict[str, str]:

@@ -213,7 +213,10 @@ def test_terminal_scripts_schedule_the_webhook_and_claims_are_leased(topology, r
 
 def test_worker_and_dead_letter_terminal_states_schedule_their_events(redis_server) -> None:
     async def scenario() -> None:
-        config = Settings(redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}")
+        # One owner's three deliveries claimed at once: its cap of deliveries in flight allows them.
+        config = Settings(
+            redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}", webhook_concurrency_per_key=3
+        )
         queue, outbox = create_queue(config), RedisOutbox(config)
         client = redis.Redis.from_url(redis_server.url)
         done, expired = with_webhook("https://8.8.8.8/a"), with_webhook("https://8.8.8.8/b")
@@ -353,3 +356,32 @@ def test_a_burst_is_sent_as_fast_as_slots_free_not_one_batch_per_poll(receiver: 
     elapsed_s = run(scenario())
     assert len(receiver.distinct()) == 40 and len(receiver.requests) == 40
     assert elapsed_s < 3.0, elapsed_s
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis_server", "redis_cluster"])
+def test_a_key_at_its_cap_of_deliveries_in_flight_delays_only_its_own(backend, request) -> None:
+    """Claims follow due order, but one key holds at most WEBHOOK_CONCURRENCY_PER_KEY leases: its
+    other due deliveries are set aside (not in front of another key's) until a lease ends."""
+
+    async def scenario() -> None:
+        values = {"webhook_concurrency_per_key": 2, "queue_name": f"wh-{uuid.uuid4().hex[:8]}"}
+        if backend != "memory":
+            values["redis_url"] = request.getfixturevalue(backend).url
+        config = Settings(**values)
+        queue = create_queue(config)
+        outbox = create_outbox(config, queue)
+        stuck = [with_webhook("https://8.8.8.8/never", owner="owner-a") for _ in range(6)]
+        other = with_webhook("https://8.8.8.8/fine", owner="owner-b")
+        for spec in [*stuck, other]:  # the other key's delivery falls due last
+            await queue.submit(spec)
+            await queue.cancel(spec.id)
+        first = await outbox.claim(4, lease_s=30)
+        assert [delivery.job_id for delivery in first] == [stuck[0].id, stuck[1].id, other.id]
+        assert await outbox.claim(4, lease_s=30) == []  # owner-a at its cap: nothing more of it
+        assert await outbox.settle(first[0], "retry", 1, "timed out", retry_in_s=60.0)
+        [next_one] = await outbox.claim(4, lease_s=30)  # a slot of owner-a freed: its next in due order
+        assert next_one.job_id == stuck[2].id
+        await outbox.close()
+        await queue.close()
+
+    run(scenario())

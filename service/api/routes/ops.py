@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -56,6 +57,7 @@ async def models(settings: SettingsDep) -> ModelInfo:
         max_steps=settings.max_steps,
         max_num_images=settings.max_num_images,
         max_subjects=settings.max_subjects,
+        max_request_cost=settings.request_cost_cap if math.isfinite(settings.request_cost_cap) else None,
     )
 
 
@@ -65,9 +67,14 @@ async def models(settings: SettingsDep) -> ModelInfo:
     response_class=Response,
     responses=ERROR_RESPONSES,
 )
-async def prometheus_metrics(_caller: Caller, queue: QueueDep) -> Response:
+async def prometheus_metrics(_caller: Caller, queue: QueueDep, settings: SettingsDep) -> Response:
     # On an outage the last known depth stays; readyz reports the outage.
     with contextlib.suppress(QueueUnavailableError):
         metrics.QUEUE_DEPTH.set(await queue.depth())
         metrics.QUEUE_BYTES.set(await queue.held_bytes())
+        usage = await queue.usage(settings.tier_names)
+        for tier, held in usage.tiers.items():
+            metrics.QUEUE_TIER_JOBS.labels(tier=tier).set(held.jobs)
+            metrics.QUEUE_TIER_BYTES.labels(tier=tier).set(held.bytes)
+        metrics.QUEUE_SECONDS_PER_COST.set(usage.seconds_per_cost or 0.0)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
