@@ -47,15 +47,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/tmp/huggingface \
     HOST=0.0.0.0 \
-    PORT=8000
+    PORT=8000 \
+    HEALTH_PORT=8001
 RUN useradd --system --uid 10001 --user-group --no-create-home app
 COPY --from=api-build /opt/venv /opt/venv
 COPY --chmod=0755 docker/entrypoint.sh /usr/local/bin/entrypoint.sh
 WORKDIR /app
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
+# The health listener (HEALTH_PORT): probes are answered there even while client connections flood PORT.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"PORT\"]}/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"HEALTH_PORT\"]}/healthz', timeout=2)"]
 ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]
 CMD ["api"]
 

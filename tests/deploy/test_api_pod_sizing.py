@@ -172,7 +172,8 @@ def test_waiting_requests_hold_neither_their_body_nor_their_uploads(api_without_
 # held about 3 times: its bytes, the parsed JSON's base64 strings, their decoded bytes. Each of the
 # DECODE_CONCURRENCY decoder processes (service/decoders.py) takes ~25 MiB idle, its shared memory
 # (up to MAX_IMAGE_BYTES) and, while decoding, the upload and at most DECODE_MAX_BYTES (checked
-# from the header; tests/test_decode_bounds.py measures that plan against the real peak).
+# from the header; tests/test_decode_bounds.py measures that plan against the real peak). Each of
+# HTTP_MAX_CONNECTIONS connections may hold a header buffer of up to HTTP_MAX_HEADER_BYTES.
 IDLE_MIB = 160
 DECODER_PROCESS_MIB = 48
 JSON_COPIES = 3
@@ -192,6 +193,7 @@ def required(settings: Settings) -> tuple[float, float]:
         + settings.intake_concurrency * JSON_COPIES * body_mib
         + settings.decode_concurrency
         * (DECODER_PROCESS_MIB + (settings.decode_max_bytes + 2 * settings.max_image_bytes) / MIB)
+        + settings.http_max_connections * settings.http_max_header_bytes / MIB
     )
     spool = settings.intake_concurrency * body_mib + TOKENIZER_FILES_MIB
     return memory, spool

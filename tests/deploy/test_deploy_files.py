@@ -589,6 +589,20 @@ def test_api_probes_use_the_one_probe_port_setting(target: str) -> None:
     assert port in {p["name"] for p in container["ports"]}
 
 
+@pytest.mark.parametrize("target", KUSTOMIZE_TARGETS)
+def test_api_probes_go_to_the_health_listener_kept_out_of_the_service(target: str) -> None:
+    """The probes' port is the API's HEALTH_PORT (a listener a connection flood cannot starve);
+    the Service, and so the ingress, exposes only `http`."""
+    docs = render(target)
+    (container,) = _pod_spec(docs, "Deployment", "realcustom-api")["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["livenessProbe"]["httpGet"]["port"] == "health"
+    assert ports["health"] == int(env["HEALTH_PORT"]) != ports["http"] == int(env["PORT"])
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "realcustom-api")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+
+
 def test_prods_default_artifact_set_is_its_model_and_worker_image() -> None:
     """Applied by hand (not through make, which sets it from TAG), prod's artifacts set must still
     be the one of its own worker image: a set shared by two images would mix their engines."""
