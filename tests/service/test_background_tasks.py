@@ -210,7 +210,7 @@ def test_a_killed_result_listener_is_replaced_while_requests_wait(redis_server) 
             [replacement] = listeners()
             assert replacement is not listener and not replacement.done()
             # Garbage on the channel (not UTF-8) does not end it either.
-            await queue._client.publish(queue._channel, b"\xff\xfe")
+            await queue._client.publish(queue._keys.channel, b"\xff\xfe")
             await asyncio.sleep(0.3)
             [taken] = await queue.take("w1", 1, block_s=1)
             assert await queue.start("w1", taken)
