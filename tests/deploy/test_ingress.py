@@ -30,11 +30,6 @@ def api_settings(docs: list[dict]) -> Settings:
     return Settings(**{key.lower(): value for key, value in config(docs, "api").items()})
 
 
-def header_timeout_s(settings: Settings) -> float:
-    """The API's header timeout; BODY_TIMEOUT_S bounds the whole request read until it has its own."""
-    return getattr(settings, "http_header_timeout_s", settings.body_timeout_s)
-
-
 def nginx_size(text: str) -> int:
     """An nginx size (`40m`, `16k`, `1048576`) in bytes."""
     match = re.fullmatch(r"(\d+)([kKmMgG]?)", text)
@@ -90,7 +85,7 @@ def test_nginx_controller_client_limits_match_the_api() -> None:
     for target in NGINX:
         settings = api_settings(render(target))
         assert float(nginx["client-body-timeout"]) == settings.body_timeout_s
-        assert float(nginx["client-header-timeout"]) == header_timeout_s(settings)
+        assert float(nginx["client-header-timeout"]) == settings.http_header_timeout_s
         count, size = nginx["large-client-header-buffers"].split()
         assert nginx_size(size) >= settings.http_max_header_bytes and int(count) >= 2
 
