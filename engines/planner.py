@@ -11,8 +11,12 @@ No torch, no model, no I/O: the planner is tested in milliseconds (tests/engines
 Order of admission (the jobs that join, when rows are free):
 
 1. jobs already started in the queue (`WaitingJob.committed`: a previous plan admitted them);
-2. overdue jobs (waiting `max_wait` boundaries or more), in arrival order; one that does not fit
-   reserves its family (nothing else joins it until the overdue job has): the starvation bound;
+2. overdue heads: each owner's jobs form one queue per priority (by deadline, then arrival); the
+   first of such a queue (its head) that has been the head for `max_wait` boundaries or more goes
+   first, oldest first; one that does not fit reserves its family (nothing else joins it until the
+   overdue head has): the starvation bound. Ages count from becoming the head, not from arrival,
+   so an owner's own backlog never becomes "overdue" as a whole and cannot push other owners back
+   to arrival order when the worker is overloaded;
 3. interactive jobs, then batch jobs (batch fills the rows interactive jobs left): within a
    priority, owners take turns by weighted fair queuing on cost (`realcustom.cost`): the owner
    whose admitted cost / weight is lowest goes first (an owner that comes back after idling starts
@@ -166,6 +170,7 @@ class StepPlan:
     alone: tuple[Hashable, ...] = ()
     layouts: Mapping[Family, FamilyLayout] = field(default_factory=dict)
     deferred: tuple[Hashable, ...] = ()  # committed jobs that did not fit (they wait, committed)
+    reserved: frozenset = frozenset()  # families an overdue head that did not fit holds for itself
 
     @property
     def admitted(self) -> tuple[Hashable, ...]:
@@ -188,11 +193,13 @@ def layout(shape: FamilyShape, rows: Sequence[tuple[Hashable, int, bool]]) -> Fa
 
 class Planner:
     """Fair admission across owners and priorities, with a starvation bound; holds only its
-    fairness accounting (admitted cost / weight per owner) between boundaries.
+    accounting between boundaries: admitted cost / weight per owner, and since when each owner
+    queue's head has been its head.
 
-    max_wait: boundaries a job may be passed over before it is served strictly in arrival order.
-    A job then joins within max_wait + (overdue jobs ahead of it in its family + 1) x (the most
-    steps a running job has left) boundaries (tests/engines/test_planner.py checks the bound).
+    max_wait: boundaries an owner queue's head may be passed over before it goes first. A head
+    then joins within max_wait + (overdue heads ahead of it in its family + 1) x (the most steps a
+    running job has left) boundaries of becoming the head; a job with k jobs of its owner and
+    priority ahead of it, within k + 1 such bounds (tests/engines/test_planner.py checks both).
     """
 
     def __init__(self, max_wait: int = 64) -> None:
@@ -202,6 +209,8 @@ class Planner:
         self._served: dict[str, float] = {}  # admitted cost / weight per owner (virtual time)
         self._backlogged: set[str] = set()  # owners with jobs waiting at the last boundary
         self._last_start = 0.0  # virtual time of the latest admission
+        # (priority, owner) -> (its head's key, the boundary it became the head at)
+        self._heads: dict[tuple[str, str], tuple[Hashable, int]] = {}
 
     def served(self, owner: str) -> float:
         return self._served.get(owner, 0.0)
@@ -235,8 +244,7 @@ class Planner:
         committed = (job for job in boundary.waiting if job.committed)
         for job in sorted(committed, key=lambda job: (job.arrival, str(job.key))):
             (take if fits(job) else deferred.append)(job)
-        if boundary.admit:
-            self._admit(boundary, fits, take)
+        reserved = self._admit(boundary, fits, take) if boundary.admit else set()
 
         layouts = {}
         by_family: dict[Family, list[tuple[Hashable, int, bool]]] = defaultdict(list)
@@ -252,16 +260,24 @@ class Planner:
             alone=tuple(job.key for job in alone),
             layouts=layouts,
             deferred=tuple(job.key for job in deferred),
+            reserved=frozenset(reserved),
         )
 
     # ---- fair admission -------------------------------------------------------------------------
 
-    def _admit(self, boundary: Boundary, fits, take) -> None:
+    def _admit(self, boundary: Boundary, fits, take) -> set[Family]:
+        """Overdue heads, then owners in fair order per priority; the families reserved."""
         candidates = [job for job in boundary.waiting if not job.committed]
         self._catch_up({job.owner for job in candidates})
+        queues: dict[tuple[str, str], list[WaitingJob]] = defaultdict(list)
+        for job in candidates:
+            queues[job.priority, job.owner].append(job)
+        for jobs in queues.values():
+            jobs.sort(key=lambda job: (job.deadline, job.arrival, str(job.key)))
+        since = self._head_ages(boundary.step, queues)
         overdue = sorted(
-            (job for job in candidates if boundary.step - job.arrival >= self.max_wait),
-            key=lambda job: (job.arrival, str(job.key)),
+            (jobs[0] for queue, jobs in queues.items() if boundary.step - since[queue] >= self.max_wait),
+            key=lambda job: (since[job.priority, job.owner], job.arrival, str(job.key)),
         )
         reserved: set[Family] = set()
         admitted: set[Hashable] = set()
@@ -275,20 +291,36 @@ class Planner:
             else:
                 reserved.add(job.family)
         for priority in PRIORITIES:
-            queues: dict[str, list[WaitingJob]] = defaultdict(list)
-            for job in candidates:
-                if job.priority == priority and job.key not in admitted and job.family not in reserved:
-                    queues[job.owner].append(job)
-            for jobs in queues.values():
-                jobs.sort(key=lambda job: (job.deadline, job.arrival, str(job.key)))
-            while queues:
-                owner = min(queues, key=lambda o: (self.served(o), queues[o][0].arrival, o))
-                job = queues[owner].pop(0)
-                if not queues[owner]:
-                    del queues[owner]
+            turns = {
+                owner: [job for job in jobs if job.key not in admitted and job.family not in reserved]
+                for (queue_priority, owner), jobs in queues.items()
+                if queue_priority == priority
+            }
+            turns = {owner: jobs for owner, jobs in turns.items() if jobs}
+            while turns:
+                owner = min(turns, key=lambda o: (self.served(o), turns[o][0].arrival, o))
+                job = turns[owner].pop(0)
+                if not turns[owner]:
+                    del turns[owner]
                 if fits(job):
                     self._charge(job)
                     take(job)
+        return reserved
+
+    def _head_ages(self, step: int, queues: Mapping[tuple[str, str], list[WaitingJob]]) -> dict:
+        """Per owner queue, the boundary its present head became its head: kept while the head
+        stays; a head that took over from an admitted one starts now; the first head of a queue
+        this planner had not seen starts when it became ready."""
+        since = {}
+        for queue, jobs in queues.items():
+            head = jobs[0].key
+            known = self._heads.get(queue)
+            if known is not None and known[0] == head:
+                since[queue] = known[1]
+            else:
+                since[queue] = step if known is not None else min(jobs[0].arrival, step)
+        self._heads = {queue: (jobs[0].key, since[queue]) for queue, jobs in queues.items()}
+        return since
 
     def _catch_up(self, backlogged: set[str]) -> None:
         """An owner that starts waiting again resumes at the level of those that kept waiting (or

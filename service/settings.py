@@ -202,9 +202,10 @@ class Settings(BaseSettings):
     scheduler_max_wait_steps: int = Field(
         64,
         ge=0,
-        description="Starvation bound of a worker's step planner: a prepared job passed over for this many "
-        "step boundaries (by fair order across keys, or by priority) is then served in arrival order, and "
-        "its family takes no other job until it has joined.",
+        description="Starvation bound of a worker's step planner: the first prepared job of a key's queue "
+        "(per priority) passed over for this many step boundaries (by fair order across keys, or by "
+        "priority) then goes first, and its family takes no other job until it has joined. Ages count from "
+        "becoming the key's first job, so one key's backlog never turns the worker back to arrival order.",
     )
 
     # --- edge: security and limits -------------------------------------------------------------
