@@ -223,7 +223,7 @@ class GraphLoop:
             captured, calls = False, TorchUNetCalls(self.pipeline.unet)
         else:
             captured, calls = True, None
-        state.schedule.load(settings.num_inference_steps)
+        state.schedule.load(settings.num_inference_steps, **settings.schedule_options)
         state.load(self.pipeline.unet, cond, latents, settings.mask_reused_step, state.schedule)
 
         kinds = step_kinds(settings.num_inference_steps, settings.mask_reused_step)

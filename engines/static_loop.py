@@ -124,5 +124,6 @@ def bucket_state(
         bucket.height // latent_height,
         dtype,
     )
-    state.schedule = RowSchedule(settings.scheduler, bucket.batch, pipeline.device, MAX_STEPS)
+    latent_shape = tuple(state.latents.shape[1:])
+    state.schedule = RowSchedule(settings.scheduler, bucket.batch, pipeline.device, MAX_STEPS, latent_shape)
     return state
