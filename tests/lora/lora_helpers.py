@@ -154,3 +154,13 @@ def tiny_conditioning(pipeline, prompt: str, target: str, guidance: float, rows:
         guidance_scale=torch.full((rows,), guidance),
         mask_scope=torch.full((rows,), 0.25, dtype=torch.float64),
     )
+
+
+def one_of_each_kind(unet: RealCustomUNet) -> tuple[str, ...]:
+    """The first layer of each kind a LoRA targets in `unet` (for UNets other than the tiny one)."""
+    from realcustom.lora.bank import target_layers
+
+    kinds = ("attn1.to_q", "attn2.to_k", "attn2.to_out.0", "ff.net.0.proj", "proj_in", "conv1")
+    kinds += ("conv_shortcut", "downsamplers.0.conv", "time_emb_proj", "time_embedding.linear_1")
+    layers = target_layers(unet.unet, "all")
+    return tuple(next(name for name in layers if name.endswith(kind)) for kind in kinds)
