@@ -12,7 +12,8 @@ state is allocated or any step captured, slot buffers and a forward hook on ever
   `scale` [n, K] tensors the step carries in its `LoopState` (`Conditioning.lora_index/scale`
   when a request joins); a row with fewer than K adapters fills the rest with scale 0.
 
-What a bank serves is fixed at construction: its target layers (an adapter touching any other
+Slots are kept in the model's dtype, or in `dtype` (fp32 for TensorRT engines, whose inputs are
+fp32). What a bank serves is fixed at construction: its target layers (an adapter touching any other
 layer is refused with the layer's name), its rank R (ranks above R are refused; smaller ones are
 zero-padded, so every row pays for R ranks per position), K adapters per row and the slot count.
 Writing a slot while a step runs is safe only for a free slot (no row points at it); the worker
@@ -67,6 +68,7 @@ class AdapterBank:
         slots: int = 8,
         rank: int = 64,
         per_row: int = 4,
+        dtype: torch.dtype | None = None,
     ):
         if getattr(unet, "adapters", None) is not None:
             raise ValueError("this UNet already has an adapter bank")
@@ -84,7 +86,7 @@ class AdapterBank:
         self.layers: dict[str, nn.Module] = {}
         for name in names:
             layer = modules[name]
-            add_slots(layer, slots, rank)
+            add_slots(layer, slots, rank, dtype)
             layer.register_forward_hook(RowLoRAHook(self.selection))
             self.layers[name] = layer
         self.slots: list[str | None] = [None] * slots

@@ -46,8 +46,8 @@ class RowSelection:
             self.index = self.scale = None
 
 
-def add_slots(layer: nn.Module, slots: int, rank: int) -> None:
-    """Give a Linear or Conv2d layer its zeroed slot buffers."""
+def add_slots(layer: nn.Module, slots: int, rank: int, dtype: torch.dtype | None = None) -> None:
+    """Give a Linear or Conv2d layer its zeroed slot buffers (in the layer's dtype by default)."""
     weight = layer.weight
     if isinstance(layer, nn.Linear):
         down_shape, out = (layer.in_features,), layer.out_features
@@ -57,7 +57,7 @@ def add_slots(layer: nn.Module, slots: int, rank: int) -> None:
         down_shape, out = (layer.in_channels, *layer.kernel_size), layer.out_channels
     else:
         raise TypeError(f"row LoRA targets Linear and Conv2d layers, not {type(layer).__name__}")
-    options = {"dtype": weight.dtype, "device": weight.device}
+    options = {"dtype": dtype or weight.dtype, "device": weight.device}
     layer.register_buffer("lora_down", torch.zeros(slots, rank, *down_shape, **options), persistent=False)
     layer.register_buffer("lora_up", torch.zeros(slots, rank, out, **options), persistent=False)
 
@@ -89,8 +89,9 @@ class RowLoRAHook:
             raise ValueError(
                 f"{rows} rows reach a LoRA layer but {selection.index.shape[0]} rows have adapters"
             )
-        down = layer.lora_down[selection.index].flatten(1, 2)  # [n, K·R, in(, kh, kw)]
-        up = layer.lora_up[selection.index].flatten(1, 2)  # [n, K·R, out]
+        # (slots kept in another dtype, e.g. fp32 for TensorRT, are cast to the layer's)
+        down = layer.lora_down[selection.index].flatten(1, 2).to(x.dtype)  # [n, K·R, in(, kh, kw)]
+        up = layer.lora_up[selection.index].flatten(1, 2).to(x.dtype)  # [n, K·R, out]
         scale = selection.scale.to(up.dtype).repeat_interleave(rank, dim=1)  # [n, K·R]
         if isinstance(layer, nn.Conv2d):
             # Every row's A as one grouped convolution: groups = rows, K·R output channels each.
