@@ -84,10 +84,11 @@ class AdapterBank:
             raise ValueError(f"the UNet has no layer {missing[0]!r}")
         self.selection = RowSelection()
         self.layers: dict[str, nn.Module] = {}
+        self._hooks = []
         for name in names:
             layer = modules[name]
             add_slots(layer, slots, rank, dtype)
-            layer.register_forward_hook(RowLoRAHook(self.selection))
+            self._hooks.append(layer.register_forward_hook(RowLoRAHook(self.selection)))
             self.layers[name] = layer
         self.slots: list[str | None] = [None] * slots
         self.adapters: dict[str, LoRAAdapter] = {}
@@ -134,6 +135,18 @@ class AdapterBank:
             write_slot(layer, slot, None, None, 0.0)
         self.slots[slot] = None
         del self.adapters[name]
+
+    def detach(self) -> None:
+        """Take the bank off the UNet: hooks and slot buffers removed, the stock UNet again (states
+        and graphs made with the bank must not be used after this)."""
+        if self.holds:
+            raise LoRAError(f"adapters {sorted(self.holds)} are held by running requests")
+        for hook in self._hooks:
+            hook.remove()
+        for layer in self.layers.values():
+            del layer.lora_down, layer.lora_up
+        self.unet.adapters = None
+        self.layers, self.adapters, self._hooks = {}, {}, []
 
     def describe(self) -> list[dict]:
         """What is loaded (for listings): name, rank, targeted layers, source, slot."""
