@@ -12,6 +12,8 @@
 #   gpu_tests      pytest -m gpu tests/engines (tiny model, both capture paths)
 #   sd15, sdxl     benchmarks/gpu_bench.py: three-call vs batched eager vs compiled + CUDA graphs
 #   sd15_inductor  the same with inductor kernels, only when enough of the total is left
+#   lora           (only when selected) benchmarks/lora_bench.py: per-row LoRA vs fused weights,
+#                  SDXL 1024² bf16, rows 1,2,4,8 x ranks 8,32,64,128 (DEVICE_CHECK_STAGES=install,lora)
 # Each finished (or cut) stage appends one line to stages.jsonl; gpu_bench.py rewrites
 # gpu-bench.json after every measured row. Outputs go to $OUT (the device tool brings it back)
 # when set, else outputs/device-check/.
@@ -27,6 +29,7 @@ PYTHON=${PYTHON:-python3}
 KIT=${DEVICE_KIT:-outputs/device-kit}
 DRY_RUN=${DEVICE_CHECK_DRY_RUN:-0}
 TOTAL_S=${DEVICE_CHECK_TOTAL_S:-460}
+# (lora runs only when named: the default stages fill the budget)
 SELECTED=${DEVICE_CHECK_STAGES:-install,gpu_tests,sd15,sdxl,sd15_inductor}
 OUT_DIR=${OUT:-outputs/device-check}
 # The inductor stage starts only with this much of the total left (an SD-1.5 compile takes minutes).
@@ -38,7 +41,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 STAGES="$OUT_DIR/stages.jsonl"
 # Each check starts from empty result files (gpu_bench.py would add to an existing one).
-rm -f "$OUT_DIR"/{gpu-bench.json,gpu-bench.md,gpu-tests.xml,environment.json}
+rm -f "$OUT_DIR"/{gpu-bench.json,gpu-bench.md,gpu-tests.xml,environment.json,lora-bench.json,lora-bench.md}
 : >"$STAGES"
 # The project runs from source: the image cannot install it (it pins another torch).
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -50,9 +53,11 @@ if [ "$DRY_RUN" = 1 ]; then
     BENCH_OPTIONS=(--device cpu --dtype bf16 --size 64 --steps 2 --mask-reused-step 1 --runs 1)
     # The compile stage runs its control flow only: a CPU inductor compile takes many minutes.
     SD15=tiny-sd15 SDXL=tiny INDUCTOR=none INSTALL=(--dry-run)
+    LORA_OPTIONS=(--device cpu --dtype bf16 --model tiny --size 64 --rows 1,2 --ranks 4 --runs 1)
 else
     BENCH_OPTIONS=()
     SD15=sd15 SDXL=sdxl INDUCTOR=inductor INSTALL=()
+    LORA_OPTIONS=(--device cuda --dtype bf16 --model sdxl --size 1024 --rows 1,2,4,8 --ranks 8,32,64,128 --runs 10)
 fi
 
 FAILED=0
@@ -107,12 +112,15 @@ main() {
     stage sdxl 180 60 "${gpu_bench[@]}" --model "$SDXL" --runs 5 "${BENCH_OPTIONS[@]}"
     stage sd15_inductor 600 "$INDUCTOR_MIN_S" "${gpu_bench[@]}" --model "$SD15" --runs 3 \
         --compile-backend "$INDUCTOR" --loops batched,compiled "${BENCH_OPTIONS[@]}"
+    stage lora 150 30 "$PYTHON" benchmarks/lora_bench.py --out "$OUT_DIR" "${LORA_OPTIONS[@]}"
 
     echo "=== stages ($((SECONDS - START))s in all)"
     cat "$STAGES"
-    if [ -f "$OUT_DIR/gpu-bench.md" ]; then
-        cat "$OUT_DIR/gpu-bench.md"
-    fi
+    for table in gpu-bench.md lora-bench.md; do
+        if [ -f "$OUT_DIR/$table" ]; then
+            cat "$OUT_DIR/$table"
+        fi
+    done
     return "$FAILED"
 }
 
