@@ -2,8 +2,9 @@
 
 Starts `python -m service.api` on a Redis (a private redis-server unless --redis-url is given),
 reads its resident memory idle, then has N clients POST /jobs at the same moment, each with one
-20 MP photo, while sampling the process's RSS every 10 ms. Scenarios: a photo-like JPEG as a
-multipart upload and as base64 JSON, and a PNG (whose decoder cannot downscale while decoding).
+20 MP photo, while sampling the RSS of the process and of its decoder processes every 10 ms.
+Scenarios: a photo-like JPEG as a multipart upload and as base64 JSON, and a PNG (whose decoder
+cannot downscale while decoding).
 Writes benchmarks/results/api_memory.{json,md}.
 
     .venv/bin/python benchmarks/api_memory.py [--clients 20] [--megapixels 20]
@@ -85,6 +86,22 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def children(pid: int) -> list[int]:
+    """The API's child processes: its reference decoders (service/decoders.py)."""
+    pids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(child) for child in (task / "children").read_text().split()]
+    return pids
+
+
+def decoders_mib(pid: int) -> list[float]:
+    sizes = []
+    for child in children(pid):
+        with contextlib.suppress(OSError, RuntimeError):  # a decoder being replaced
+            sizes.append(rss_mib(child))
+    return sizes
 
 
 class RedisServer:
@@ -181,13 +198,17 @@ def measure(
     try:
         time.sleep(1.0)  # let start-up settle
         idle = rss_mib(api.process.pid)
-        peak = idle
+        decoders_idle = decoders_mib(api.process.pid)
+        peak, decoder_peak, total_peak = idle, max(decoders_idle), idle + sum(decoders_idle)
         stop = threading.Event()
 
         def sample() -> None:
-            nonlocal peak
+            nonlocal peak, decoder_peak, total_peak
             while not stop.is_set():
-                peak = max(peak, rss_mib(api.process.pid))
+                api_rss, decoders = rss_mib(api.process.pid), decoders_mib(api.process.pid)
+                peak = max(peak, api_rss)
+                decoder_peak = max(decoder_peak, *decoders)
+                total_peak = max(total_peak, api_rss + sum(decoders))
                 time.sleep(SAMPLE_S)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -207,6 +228,9 @@ def measure(
             "idle_rss_mib": round(idle, 1),
             "peak_rss_mib": round(peak, 1),
             "after_rss_mib": round(rss_mib(api.process.pid), 1),
+            "decoders_idle_mib": [round(size, 1) for size in decoders_idle],
+            "decoder_peak_mib": round(decoder_peak, 1),
+            "total_peak_mib": round(total_peak, 1),
             "seconds": round(elapsed, 2),
             "statuses": {str(code): statuses.count(code) for code in sorted(set(statuses))},
         }
@@ -243,14 +267,17 @@ def main() -> None:
         f"# API memory under {args.clients} concurrent {args.megapixels:g} MP uploads",
         "",
         f"`benchmarks/api_memory.py` on {report['machine']}; RSS of the `python -m service.api` process "
-        "(sampled every 10 ms), default settings (INTAKE_CONCURRENCY, DECODE_CONCURRENCY).",
+        "and of its decoder processes (sampled every 10 ms), default settings (INTAKE_CONCURRENCY, "
+        "DECODE_CONCURRENCY and their per-key shares: the clients share one address, hence one key).",
         "",
-        "| scenario | image bytes | idle RSS MiB | peak RSS MiB | after MiB | seconds | statuses |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | image bytes | API idle MiB | API peak MiB | API after MiB | decoders idle MiB | "
+        "decoder peak MiB | API + decoders peak MiB | seconds | statuses |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['scenario']} | {r['image_bytes']} | {r['idle_rss_mib']} | {r['peak_rss_mib']} | "
-        f"{r['after_rss_mib']} | {r['seconds']} | {r['statuses']} |"
+        f"{r['after_rss_mib']} | {r['decoders_idle_mib']} | {r['decoder_peak_mib']} | "
+        f"{r['total_peak_mib']} | {r['seconds']} | {r['statuses']} |"
         for r in rows
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

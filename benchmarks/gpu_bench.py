@@ -33,8 +33,10 @@ Dry run on a CPU (what the tests run; no graphs, numbers meaningless):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import platform
 import statistics
@@ -50,11 +52,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import Request, loops, parity, summarize, synthetic_request, time_once
-from engines.compiled import CompiledBackend, EagerCapture
+from engines.compiled import CompiledBackend
+from engines.graph_loop import EagerCapture, inductor_records_graphs
 from engines.static_loop import Bucket
 from realcustom.denoise import LoopResult
 from realcustom.loading import load_pipeline
 from realcustom.pipeline import RealCustomPipeline
+
+logger = logging.getLogger("gpu_bench")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOOPS = ("three_call", "batched", "compiled")
@@ -95,6 +100,19 @@ class Rows:
         scratch = path.with_suffix(path.suffix + ".tmp")
         scratch.write_text(text)
         os.replace(scratch, path)  # a reader (or a kill) never sees half a file
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Log a phase as it starts and ends (or is stopped: a stage cut by SIGINT says where it was)."""
+    logger.info("phase %s: start", name)
+    began = time.perf_counter()
+    try:
+        yield
+    except BaseException as error:
+        logger.warning("phase %s: stopped after %.1f s (%s)", name, time.perf_counter() - began, repr(error))
+        raise
+    logger.info("phase %s: done in %.1f s", name, time.perf_counter() - began)
 
 
 def synchronize(device: torch.device) -> None:
@@ -198,8 +216,9 @@ def bench(args: argparse.Namespace) -> list[dict]:
     rows = Rows(args.out, args.name, context)
 
     began = time.perf_counter()
-    pipeline, drawn_on = load(args.model, device, dtype)
-    synchronize(device)
+    with phase(f"model build ({args.model}, {context['dtype']}, {device})"):
+        pipeline, drawn_on = load(args.model, device, dtype)
+        synchronize(device)
     size = args.size or pipeline.default_size
     context["size"] = size
     rows.put(
@@ -215,7 +234,8 @@ def bench(args: argparse.Namespace) -> list[dict]:
     # Eager loops first, before the graphs' memory pool exists: each peak is the loop's own.
     results: dict[str, LoopResult] = {}
     for name in ("batched", *(n for n in selected if n == "three_call")):  # batched: the parity base
-        results[name], measured = measured_run(table[name], device)
+        with phase(f"first run ({name})"):
+            results[name], measured = measured_run(table[name], device)
         rows.put(
             "first_run", key=name, loop=name, **measured, parity=parity(results["batched"], results[name])
         )
@@ -229,10 +249,12 @@ def bench(args: argparse.Namespace) -> list[dict]:
             capture=None if on_gpu else EagerCapture(),
         )
         try:
-            _, measured = measured_run(compiled.warmup, device)
+            with phase(f"compile + capture ({args.compile_backend})"):
+                _, measured = measured_run(compiled.warmup, device)
             rows.put("capture", capture="cuda_graph" if on_gpu else "eager (CPU dry run)", **measured)
             table = loops(pipeline, request, compiled)
-            results["compiled"], measured = measured_run(table["compiled"], device)
+            with phase("first run (compiled)"):
+                results["compiled"], measured = measured_run(table["compiled"], device)
         except Exception as error:  # never run on a GPU before: record it, still time the eager loops
             traceback.print_exc()
             rows.put("capture", error=f"{type(error).__name__}: {error}")
@@ -249,9 +271,10 @@ def bench(args: argparse.Namespace) -> list[dict]:
 
     # Interleaved rounds (drift hits every loop alike); the timing rows follow each round.
     samples: dict[str, list[float]] = {name: [] for name in selected}
-    for _ in range(args.runs):
-        for name in selected:
-            samples[name].append(time_once(table[name], device))
+    for round_ in range(args.runs):
+        with phase(f"timing round {round_ + 1}/{args.runs} ({', '.join(selected)})"):
+            for name in selected:
+                samples[name].append(time_once(table[name], device))
         for name in selected:
             values = timing_values(samples[name], args.steps, samples.get("three_call"))
             rows.put("timing", key=name, loop=name, **values)
@@ -259,12 +282,13 @@ def bench(args: argparse.Namespace) -> list[dict]:
     rows.put("summary", **summary(args, medians, rows.rows, context["call"]))
 
     if "compiled" in selected:
-        kinds = compiled_step_kinds(args, pipeline, compiled, request, medians["compiled"], device)
+        with phase("step kinds (compiled)"):
+            kinds = compiled_step_kinds(args, pipeline, compiled, request, medians["compiled"], device)
         rows.put("step_kind", key="compiled", loop="compiled", **kinds)
     calls = unet_calls(pipeline, request, results["batched"].masks[0])
     call_ms = {}
     for name, fn in calls.items():
-        with torch.no_grad():
+        with phase(f"UNet call {name}"), torch.no_grad():
             fn()  # warm (cuDNN/cuBLAS choices)
             call_ms[name] = 1000 * statistics.median(time_once(fn, device) for _ in range(args.unet_repeats))
         rows.put("unet_call", key=name, unet_call=name, median_ms=call_ms[name], repeats=args.unet_repeats)
@@ -448,7 +472,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--compile-mode",
         default=None,
-        help="torch.compile mode (never 'reduce-overhead': the CUDA graphs are ours)",
+        help="torch.compile mode; on a GPU never one with inductor's own CUDA graphs ('reduce-overhead', "
+        "'max-autotune'): the CUDA graphs are ours",
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="gpu-bench", help="output file stem")
@@ -456,6 +481,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.loops = [name.strip() for name in args.loops.split(",") if name.strip()]
     if unknown := set(args.loops) - set(LOOPS):
         parser.error(f"unknown loops {sorted(unknown)}: use {', '.join(LOOPS)}")
+    if args.device.startswith("cuda") and inductor_records_graphs(args.compile_mode):
+        parser.error(
+            f"--compile-mode {args.compile_mode} turns on inductor's own CUDA graphs inside ours: "
+            "use max-autotune-no-cudagraphs or the default"
+        )
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             parser.error("no CUDA device: run on a GPU machine, or pass --device cpu for a dry run")
@@ -465,5 +495,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    # Phases (and the engines' capture lines) with wall-clock stamps: a cut stage shows how far it got.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     # Status 1 when a row records an error (the rows measured around it are kept).
     sys.exit(1 if any("error" in row for row in main()) else 0)

@@ -22,9 +22,10 @@ from PIL import Image
 
 from benchmarks.baseline_loop import three_call_denoise
 from engines.backends import EagerBackend
-from engines.jobs import GenerationJob, SubjectInput
 from engines.runner import Runner
 from realcustom.denoise import Conditioning, LoopResult, LoopSettings, denoise
+from realcustom.job_inputs import job_conditioning
+from realcustom.jobs import GenerationJob, SubjectInput
 from realcustom.pipeline import RealCustomPipeline
 
 
@@ -53,7 +54,7 @@ def synthetic_request(
         num_images=batch,
     )
     runner = Runner(pipeline, EagerBackend(pipeline), pipeline.name)
-    cond = runner.conditioning([job])
+    cond = job_conditioning(runner.pipeline, [job])
     latents = pipeline.prepare_latents([job.seed], [batch], size, size)
     settings = LoopSettings(steps, "dpm", ("max_norm",), mask_reused_step)
     encoder = pipeline.reference_encoder

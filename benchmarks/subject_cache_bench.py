@@ -24,6 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import redis
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,6 +33,7 @@ from benchmarks.cpu_bench import cpu_model
 from realcustom.decoding import decode_reference
 from realcustom.models import SDXL, TINY
 from realcustom.reference import ReferenceEncoder
+from service.queue.keys import QueueKeys
 from service.queue.protocol import SubjectSpec
 from service.settings import Settings
 from service.subjects.ids import feature_key
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             and torch.equal(shared_hit["tokens"], tokens)
         )
     finally:
-        asyncio.run(_clean(store, key))
+        asyncio.run(_clean(store, settings))
 
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -134,10 +136,16 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-async def _clean(store: RedisSubjectStore, key: str) -> None:
-    client = store._client
-    await client.delete(store._tokens_key(key), store._keys.bytes, store._keys.results)
+async def _clean(store: RedisSubjectStore, settings: Settings) -> None:
+    """Delete every key of the bench's own queue (its name is unique to this run)."""
     await store.close()
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        stale = list(client.scan_iter(match=QueueKeys(settings.queue_name).tag + ":*"))
+        if stale:
+            client.delete(*stale)
+    finally:
+        client.close()
 
 
 def write(result: dict, stem: Path) -> None:

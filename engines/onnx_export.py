@@ -52,7 +52,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.static_loop import Bucket
-from realcustom import attention
 from realcustom.pipeline import RealCustomPipeline
 
 logger = logging.getLogger(__name__)
@@ -248,23 +247,16 @@ def graph_module(pipeline: RealCustomPipeline, spec: GraphSpec) -> tuple[nn.Modu
     return (graph if bank is None else AdapterInputs(graph, bank)), outputs
 
 
-def _export_friendly_mask_resize(masks: torch.Tensor, layer_size: tuple[int, int]) -> torch.Tensor:
-    """`resize_masks_to_layer` with size= instead of a traced scale factor (which the exporter
-    cannot take). The same values: image sizes are multiples of 32, so every layer/mask ratio is
-    a power of two and bilinear sampling positions coincide (the ONNX-vs-eager tests check it)."""
-    if tuple(masks.shape[-2:]) == tuple(layer_size):
-        return masks.flatten(2)
-    return F.interpolate(masks, size=tuple(layer_size), mode="bilinear").flatten(2)
-
-
 @contextlib.contextmanager
-def _exportable_attention():
-    original = attention.resize_masks_to_layer
-    attention.resize_masks_to_layer = _export_friendly_mask_resize
+def _exportable_attention(pipeline: RealCustomPipeline):
+    """Masks resized with size= while this pipeline's UNet is traced (a setting of its own attention
+    state, restored after: nothing module-wide changes)."""
+    state = pipeline.unet.attention_state
+    previous, state.resize_by_size = state.resize_by_size, True
     try:
         yield
     finally:
-        attention.resize_masks_to_layer = original
+        state.resize_by_size = previous
 
 
 def _weight_bytes(module: nn.Module) -> int:
@@ -302,7 +294,7 @@ def export_graph(
     large = _weight_bytes(module) >= PROTOBUF_LIMIT
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         raw = Path(scratch) / path.name
-        with warnings.catch_warnings(), _exportable_attention():
+        with warnings.catch_warnings(), _exportable_attention(pipeline):
             warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
             torch.onnx.export(
                 module.eval(),

@@ -1,40 +1,42 @@
-"""Step-level batching: requests join and leave one running batch at step boundaries.
+"""Step-level batching: the executor of one family's part of a `StepPlan` (engines/planner.py).
 
 A `RunningBatch` serves one family of prepared buckets of a `GraphLoop`: same size, subject slots
-and graph settings, several row counts (e.g. 1, 2, 4, 8). Its active rows always fill rows
-[0, used) of the smallest bucket that holds them, and each step replays that bucket's captured
-step, so a lone request pays for one row, not for the largest batch. Between two steps:
+and graph settings, several row counts (e.g. 1, 2, 4, 8). It decides nothing: the planner's
+`FamilyLayout` says where each request's rows sit, which bucket steps and how many rows the
+guidance pass covers; `apply` carries it out between two steps:
 
-* finished rows leave (their x̂₀ and final masks are handed back) and cancelled rows are dropped;
-* the remaining rows are compacted, and moved to a smaller bucket's state when they fit one
+* rows of requests the layout leaves out are dropped (finished rows left with their step);
+* the remaining rows move to their new place, into the named bucket's state when it changes
   (`LoopState.copy_rows`: step index, sampler state, masks, schedule rows, conditioning, image K/V);
-* waiting requests join at row `used` (moving everyone to a larger bucket first when needed):
-  `LoopState.load_rows` writes a request's conditioning, noise and image K/V at step 0, and
-  `RowSchedule.load` gives those rows the request's own schedule.
+* joining requests are loaded at their place (`LoopState.load_rows`: conditioning, noise and
+  image K/V at step 0; `RowSchedule.load`: the request's own schedule).
 
 Each row carries its own step index, step count, guidance scale, mask scope and mask-reuse step,
 so requests with different step counts and mask-reuse steps share one UNet batch; what changes the
 captured operations (scheduler family, mask mode, overlap, size, subject slots) selects the family.
-Rows in their mask-update phase come first. A step runs a MASK_UPDATE graph while any active row
-is in that phase, the MASK_REUSE graph otherwise; when the graphs were prepared with
-`partial_guidance`, the guidance (text-only) pass covers only the smallest captured prefix (1, 2,
-4 ... rows) holding the updating rows, else every row (rows past their phase keep their masks
-either way: the step updates a row's mask only while it is in that phase). Rows past `used` are
-parked at step 0 with zero latents, so their (discarded) computation stays finite. Rows do not
-interact: a request's result does not depend on its companions beyond floating-point reduction
-order.
+A step runs the MASK_UPDATE graph whose guidance (text-only) pass covers the layout's guidance
+prefix (every row updating its masks lies inside it: checked), the MASK_REUSE graph when no row
+updates (rows past their phase keep their masks either way). Rows past `used` are parked at step 0
+with zero latents, so their (discarded) computation stays finite. Rows do not interact: a
+request's result does not depend on its companions beyond floating-point reduction order.
+
+`join`, `cancel` and `step` are the same moves for callers without a planner (tests, benchmarks):
+each lays the rows out with `engines.planner.layout`, the planner's own rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from engines.compiled import GraphLoop
+from engines.graph_loop import GraphLoop
+from engines.planner import FamilyLayout, FamilyShape, layout
 from engines.static_loop import Bucket, GraphSettings
 from realcustom.step import Conditioning, ImageKeyValues, LoopState, StepKind
+
+UPDATE = StepKind.MASK_UPDATE
 
 
 @dataclass
@@ -98,14 +100,17 @@ class RunningBatch:
             bucket = Bucket(key.batch, key.height, key.width, key.subjects)
             if bucket in buckets and key.settings == settings:
                 self.steps[bucket, StepKind(key.kind), key.guidance_rows or bucket.batch] = step
-        # Per bucket, the guidance rows its MASK_UPDATE steps cover, smallest first.
-        self.guidance_rows = {
-            bucket: sorted(
-                rows for b, kind, rows in self.steps if b == bucket and kind is StepKind.MASK_UPDATE
-            )
-            for bucket in buckets
-        }
+        # What the planner may ask of this family: its row counts and, per bucket, the guidance
+        # prefixes its MASK_UPDATE steps cover.
+        self.shape = FamilyShape(
+            tuple(bucket.batch for bucket in buckets),
+            tuple(
+                tuple(sorted(rows for b, kind, rows in self.steps if (b, kind) == (bucket, UPDATE)))
+                for bucket in buckets
+            ),
+        )
         self.bucket = buckets[0]
+        self.guidance: int | None = None  # the next step's guidance prefix (None: masks reused)
         self.slots: list[_Slot] = []
         self._park(self.state, 0)
 
@@ -133,36 +138,100 @@ class RunningBatch:
     def active(self) -> list[Hashable]:
         return [slot.request.key for slot in self.slots]
 
-    # ---- membership (between steps) -------------------------------------------------------------
+    def rows(self) -> list[tuple[Hashable, int, int, bool]]:
+        """(key, rows, steps left, updating in the next step) of every request, in row order."""
+        return [
+            (slot.request.key, slot.request.rows, slot.request.num_steps - slot.step, slot.updating())
+            for slot in self.slots
+        ]
+
+    # ---- applying a layout (between steps) ------------------------------------------------------
 
     @torch.no_grad()
+    def apply(self, plan: FamilyLayout, joining: Mapping[Hashable, RowRequest] | None = None) -> None:
+        """Lay the rows out as `plan` says: requests it leaves out are dropped, the others move to
+        their place in its bucket, `joining` requests are loaded at theirs."""
+        joining = dict(joining or {})
+        current = {slot.request.key: slot for slot in self.slots}
+        target = next((b for b in self.buckets if b.batch == plan.bucket), None)
+        if target is None or plan.used > target.batch:
+            raise ValueError(f"the plan's bucket of {plan.bucket} rows is not one of this family's")
+        updating_end = 0
+        for placement in plan.rows:
+            slot = current.get(placement.key)
+            request = slot.request if slot is not None else joining.get(placement.key)
+            if request is None:
+                raise ValueError(f"the plan places {placement.key!r}: neither running nor joining")
+            if request.rows != placement.rows:
+                raise ValueError(
+                    f"the plan gives {placement.key!r} {placement.rows} rows, not {request.rows}"
+                )
+            if request.subjects > self.subjects:
+                raise ValueError(f"{request.subjects} subjects exceed the bucket's {self.subjects} slots")
+            if slot is None or slot.updating():
+                updating_end = max(updating_end, placement.start + placement.rows)
+        if set(joining) - set(plan.keys):
+            raise ValueError("a joining request has no place in the plan")
+        if updating_end > (plan.guidance or 0):
+            raise ValueError("the plan's guidance prefix leaves out rows that update their masks")
+        moves: list[tuple[int, int]] = []
+        slots = []
+        for placement in plan.rows:
+            slot = current.get(placement.key)
+            if slot is None:
+                slot = _Slot(joining[placement.key], placement.start)
+            else:
+                moves += [(slot.start + i, placement.start + i) for i in range(placement.rows)]
+                slot.start = placement.start
+            slots.append(slot)
+        moves = [(src, dst) for src, dst in moves if src != dst or target != self.bucket]
+        destination = self.graphs.states[target, self.settings]
+        if moves:
+            destination.copy_rows(self.state, [src for src, _ in moves], [dst for _, dst in moves])
+        self.slots, self.bucket, self.guidance = slots, target, plan.guidance
+        self._park(destination, plan.used)
+        for slot in slots:
+            if slot.request.key in joining:
+                request = slot.request
+                rows = destination.load_rows(
+                    self.graphs.pipeline.unet,
+                    request.cond,
+                    request.latents,
+                    request.mask_reused_step,
+                    slot.start,
+                    request.key_values,
+                )
+                destination.schedule.load(request.num_steps, rows)
+
+    def layout(self, joining: Sequence[RowRequest] = (), leaving: Sequence[Hashable] = ()) -> FamilyLayout:
+        """The planner's layout of the rows that stay plus `joining` (callers without a planner)."""
+        rows = [(key, count, updating) for key, count, _, updating in self.rows() if key not in leaving]
+        return layout(self.shape, rows + [(request.key, request.rows, True) for request in joining])
+
+    @staticmethod
+    def _park(state: LoopState, start: int) -> None:
+        """Rows from `start` on step inside the graph too: zero latents at step 0 keep them finite
+        (slices, so no host-to-device copy at a step boundary)."""
+        if start < state.rows:
+            state.latents[start:].zero_()
+            state.step[start:].zero_()
+
+    # ---- without a planner ------------------------------------------------------------------------
+
     def join(self, request: RowRequest) -> bool:
         """Load `request` into rows at step 0; False when it does not fit now."""
         if request.subjects > self.subjects:
             raise ValueError(f"{request.subjects} subjects exceed the bucket's {self.subjects} slots")
         if request.rows > self.free_rows:
             return False
-        start = self._settle(request)
-        state = self.state
-        rows = state.load_rows(
-            self.graphs.pipeline.unet,
-            request.cond,
-            request.latents,
-            request.mask_reused_step,
-            start,
-            request.key_values,
-        )
-        state.schedule.load(request.num_steps, rows)
+        self.apply(self.layout([request]), {request.key: request})
         return True
 
-    @torch.no_grad()
     def cancel(self, key: Hashable) -> bool:
         """Drop a request's rows now (between steps); False when it is not in the batch."""
-        slot = self._find(key)
-        if slot is None:
+        if self._find(key) is None:
             return False
-        self.slots.remove(slot)
-        self._settle()
+        self.apply(self.layout(leaving=[key]))
         return True
 
     def _find(self, key: Hashable) -> _Slot | None:
@@ -174,66 +243,33 @@ class RunningBatch:
         return None if slot is None else (slot.step, slot.request.num_steps)
 
     def snapshot(self, key: Hashable) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A request's current x̂₀ [rows, C, h, w] and masks [rows, S, h, w] (copies; previews)."""
+        """A request's current x̂₀ [rows, C, h, w] and masks [rows, S, h, w] of its own S subjects
+        (copies; previews)."""
         slot = self._find(key)
         if slot is None:
             return None
         return self.state.x0[slot.rows].clone(), self.state.masks[slot.rows, : slot.request.subjects].clone()
 
-    def _settle(self, joining: RowRequest | None = None) -> int:
-        """Lay the active rows (and `joining`'s) out in rows [0, used) of the smallest bucket that
-        holds them: rows in their mask-update phase first (the guidance pass covers a prefix), then
-        in arrival order. Moves rows (mid-loop) only where their place changes; returns where
-        `joining` goes (its rows are the caller's to load)."""
-        new = None if joining is None else _Slot(joining, -1)
-        slots = sorted(self.slots + ([new] if new else []), key=lambda slot: not slot.updating())
-        used = sum(slot.request.rows for slot in slots)
-        target = next(bucket for bucket in self.buckets if bucket.batch >= used)
-        moves: list[tuple[int, int]] = []
-        start = 0
-        for slot in slots:
-            if slot is not new:
-                moves += [(slot.start + i, start + i) for i in range(slot.request.rows)]
-            slot.start = start
-            start += slot.request.rows
-        moves = [(src, dst) for src, dst in moves if src != dst or target != self.bucket]
-        destination = self.graphs.states[target, self.settings]
-        if moves:
-            destination.copy_rows(self.state, [src for src, _ in moves], [dst for _, dst in moves])
-        self.slots, self.bucket = slots, target
-        self._park(destination, used)
-        return -1 if new is None else new.start
-
-    @staticmethod
-    def _park(state: LoopState, start: int) -> None:
-        """Rows from `start` on step inside the graph too: zero latents at step 0 keep them finite
-        (slices, so no host-to-device copy at a step boundary)."""
-        if start < state.rows:
-            state.latents[start:].zero_()
-            state.step[start:].zero_()
-
     # ---- one step -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self) -> list[Finished]:
-        """Run one step for every active row; return the requests whose loop ended."""
+        """Run one step for every active row; return the requests whose loop ended (their rows
+        leave; the rest are laid out again by the planner's rule, for the next step's phases)."""
         if not self.slots:
             return []
-        updating = sum(slot.request.rows for slot in self.slots if slot.updating())
-        if updating:  # the guidance pass on the smallest captured prefix holding those rows
-            rows = next(rows for rows in self.guidance_rows[self.bucket] if rows >= updating)
-            self.steps[self.bucket, StepKind.MASK_UPDATE, rows]()
+        if self.guidance is not None:  # the guidance pass on the layout's prefix
+            self.steps[self.bucket, StepKind.MASK_UPDATE, self.guidance]()
         else:
             self.steps[self.bucket, StepKind.MASK_REUSE, self.bucket.batch]()
         self.graphs.stats["graph_replays"] += 1
         finished = []
         state = self.state
-        for slot in list(self.slots):
+        for slot in self.slots:
             slot.step += 1
             if slot.step == slot.request.num_steps:
                 latents = state.x0[slot.rows].clone()
                 masks = state.masks[slot.rows, : slot.request.subjects].clone()
                 finished.append(Finished(slot.request.key, latents, masks))
-                self.slots.remove(slot)
-        self._settle()
+        self.apply(self.layout(leaving=[done.key for done in finished]))
         return finished

@@ -1,36 +1,42 @@
-"""The worker's step-level scheduler: jobs are prepared off the stepping thread, join running
-batches at step boundaries and leave them when their own loop ends.
+"""The worker's step executor: jobs are prepared off the stepping thread, and each `StepPlan` of the
+planner (engines/planner.py) is applied to the running batches, one per family of graphs.
 
-One `RunningBatch` per family of graphs (size, subject slots, graph settings). With a backend that
-captures graphs at warm-up (`compiled`, `tensorrt`) the families are its prepared buckets; a job
-that fits none runs alone through `Runner.run` (the backend's own fallback). With `eager` the
-families are made on demand: buckets of 1, 2, 4, ... up to `max_rows` rows, stepped eagerly
-(`EagerCapture`) with the very step function the graphs capture.
+One `RunningBatch` per family (size, subject slots, graph settings). With a backend that captures
+graphs at warm-up (`compiled`, `tensorrt`: a `SteppedBackend`) the families are its prepared
+buckets; a job that fits none runs alone through `Runner.run` (the backend's own fallback). With
+`eager` the families are made on demand: buckets of 1, 2, 4, ... up to `max_rows` rows, stepped
+eagerly (`EagerCapture`) with the very step function the graphs capture.
 
-Threads: `prepare` (text, reference encoding, projector, every layer's image K/V, noise) runs on
-the preparation thread;
-`join`, `step`, `cancel`, `snapshot` and `decode` run on the stepping thread, between steps.
+What the planner reads of the executor is plain data: `Prepared.family` and `Prepared.rows` of a
+job, `running()` (every running job's rows, steps left and phase) and `shapes(families)` (what a
+family can hold). Preparing a job is one call down into the method
+(`realcustom.job_inputs.prepare_rows`), never back up.
+
+Threads: `prepare` runs on the preparation thread; `apply`, `step`, `cancel`, `snapshot` and
+`decode` run on the stepping thread, between steps.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from engines.compiled import EagerCapture, GraphLoop
-from engines.jobs import GenerationJob, GenerationOutput
+from engines.backends import step_graphs
+from engines.graph_loop import EagerCapture, GraphLoop
+from engines.planner import FamilyLayout, FamilyShape, JobShape, PreparedBucket, RunningRows, StepPlan
+from engines.planner import choose_family as plan_family
 from engines.runner import Runner
 from engines.static_loop import Bucket, GraphSettings
 from engines.step_batching import Finished, RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings
+from realcustom.job_inputs import job_outputs, prepare_rows
+from realcustom.jobs import GenerationJob, GenerationOutput
 from realcustom.pipeline import mask_to_image
 from realcustom.preview import LatentPreview
-from realcustom.settings_check import check_generation
-from realcustom.step import LoopState
 
 FamilyKey = tuple[int, int, int, GraphSettings]  # height, width, subject slots, settings
 
@@ -43,6 +49,10 @@ class Prepared:
     request: RowRequest | None
     family: FamilyKey | None
     prepare_s: float
+
+    @property
+    def rows(self) -> int:
+        return self.job.num_images
 
 
 def _family_sizes(max_rows: int) -> list[int]:
@@ -60,7 +70,7 @@ class StepScheduler:
         self.runner = runner
         self.pipeline = runner.pipeline
         self.max_rows = max_rows
-        graphs = getattr(runner.backend, "graphs", None)
+        graphs = step_graphs(runner.backend)
         self.on_demand = graphs is None  # eager: families are prepared when first needed
         # Eager families also get steps whose guidance pass covers only the rows still updating masks.
         self.graphs: GraphLoop = graphs or GraphLoop(self.pipeline, EagerCapture(), partial_guidance=True)
@@ -71,39 +81,70 @@ class StepScheduler:
 
     @torch.no_grad()
     def prepare(self, job: GenerationJob) -> Prepared:
-        """Conditioning and noise of one job (or nothing, when it has no family and runs alone)."""
+        """Conditioning, noise and image K/V of one job (or nothing, when it runs alone)."""
         started = time.perf_counter()
-        check_generation(job)
-        family = self._family_key(job)
+        family = self.choose_family(job)
         request = None
         if family is not None:
-            cond = self.runner.conditioning([job])
-            latents = self.pipeline.prepare_latents([job.seed], [job.num_images], job.height, job.width)
-            # The image K/V too, so that joining only copies rows.
-            key_values = LoopState.image_key_values(self.pipeline.unet, cond, family[2])
+            rows = prepare_rows(self.pipeline, job, subject_slots=family[2])
             request = RowRequest(
-                job.id, cond, latents, job.num_inference_steps, job.mask_reused_step, key_values
+                job.id,
+                rows.cond,
+                rows.latents,
+                job.num_inference_steps,
+                job.mask_reused_step,
+                rows.key_values,
             )
         return Prepared(job, request, family, time.perf_counter() - started)
 
-    def _family_key(self, job: GenerationJob) -> FamilyKey | None:
+    def choose_family(self, job: GenerationJob) -> FamilyKey | None:
         settings = GraphSettings.of(
             LoopSettings(job.num_inference_steps, job.scheduler, job.mask_mode, job.mask_reused_step)
         )
-        if not settings.capturable or job.num_images > self.max_rows:
-            return None
-        subjects = len(job.subjects)
-        if self.on_demand:
-            return job.height, job.width, subjects, settings
-        slots = sorted(
-            bucket.subjects
+        shape = JobShape(
+            job.height, job.width, len(job.subjects), job.num_images, settings, settings.capturable
+        )
+        prepared = None
+        if not self.on_demand:
+            prepared = [
+                PreparedBucket(b.batch, b.height, b.width, b.subjects, s) for b, s in self.graphs.states
+            ]
+        return plan_family(shape, self.max_rows, prepared)
+
+    # ---- what the planner reads ------------------------------------------------------------------
+
+    def running(self) -> list[RunningRows]:
+        """Every running job's rows, family by family in row order (owner and priority are the
+        caller's to fill in)."""
+        return [
+            RunningRows(key, family, rows, steps_left, updating)
+            for family, batch in self.batches.items()
+            for key, rows, steps_left, updating in batch.rows()
+        ]
+
+    def shapes(self, families: Iterable[FamilyKey]) -> dict[FamilyKey, FamilyShape]:
+        """What each family can hold, without making the ones that do not run yet."""
+        shapes = {}
+        for family in families:
+            batch = self.batches.get(family)
+            if batch is not None:
+                shapes[family] = batch.shape
+            elif self.on_demand:
+                shapes[family] = FamilyShape.of(_family_sizes(self.max_rows), self.graphs.partial_guidance)
+            else:
+                shapes[family] = FamilyShape.of(
+                    [bucket.batch for bucket in self._prepared_buckets(family)], self.graphs.partial_guidance
+                )
+        return shapes
+
+    def _prepared_buckets(self, family: FamilyKey) -> list[Bucket]:
+        height, width, subjects, settings = family
+        return [
+            bucket
             for bucket, prepared in self.graphs.states
             if prepared == settings
-            and (bucket.height, bucket.width) == (job.height, job.width)
-            and bucket.subjects >= subjects
-            and bucket.batch >= job.num_images
-        )
-        return (job.height, job.width, slots[0], settings) if slots else None
+            and (bucket.height, bucket.width, bucket.subjects) == (height, width, subjects)
+        ]
 
     # ---- stepping thread ------------------------------------------------------------------------
 
@@ -115,16 +156,28 @@ class StepScheduler:
                 buckets = [Bucket(rows, height, width, subjects) for rows in _family_sizes(self.max_rows)]
                 self.graphs.prepare(buckets, [settings])
             else:
-                buckets = [
-                    bucket
-                    for bucket, prepared in self.graphs.states
-                    if prepared == settings and (bucket.height, bucket.width, bucket.subjects) == family[:3]
-                ]
+                buckets = self._prepared_buckets(family)
             batch = self.batches[family] = RunningBatch(self.graphs, buckets, settings)
         return batch
 
     @torch.no_grad()
+    def apply(self, plan: StepPlan, joining: Mapping[Hashable, Prepared]) -> None:
+        """Carry out a plan's leaves and layouts (its `alone` jobs are the caller's: `run_alone`).
+        A family the plan gives no layout keeps no rows."""
+        for join in plan.joins:
+            if joining[join.key].family != join.family:
+                raise ValueError(f"the plan puts {join.key!r} in another family than it was prepared for")
+        requests = {join.key: joining[join.key].request for join in plan.joins}
+        for family, layout in plan.layouts.items():
+            batch = self.batch_for(family)
+            batch.apply(layout, {key: requests[key] for key in layout.keys if key in requests})
+        for family, batch in self.batches.items():
+            if family not in plan.layouts and batch.slots:
+                batch.apply(FamilyLayout(batch.buckets[0].batch, (), None))
+
+    @torch.no_grad()
     def join(self, prepared: Prepared) -> bool:
+        """Join one job now, by the planner's layout rule (callers without a planner)."""
         return self.batch_for(prepared.family).join(prepared.request)
 
     @torch.no_grad()
@@ -151,7 +204,7 @@ class StepScheduler:
         return sum(batch.used for batch in self.batches.values())
 
     def rows_by_batch(self) -> list[int]:
-        """Rows of every batch that stepped (what one scheduler step computes, batch by batch)."""
+        """Rows of every batch that steps (what one scheduler step computes, batch by batch)."""
         return [batch.bucket.batch for batch in self.batches.values() if batch.slots]
 
     @torch.no_grad()
@@ -168,12 +221,9 @@ class StepScheduler:
 
     @torch.no_grad()
     def decode(self, finished: Finished, job: GenerationJob, inference_s: float) -> GenerationOutput:
-        images = self.pipeline.decode(finished.latents)
-        masks = None
-        if job.return_masks:
-            size = (job.width, job.height)
-            masks = [mask_to_image(row[s], size) for row in finished.masks for s in range(len(job.subjects))]
-        return GenerationOutput(images, masks, inference_s)
+        """A finished job's images (and masks when asked); `inference_s` so far, decoding added."""
+        started = time.perf_counter() - inference_s
+        return job_outputs(self.pipeline, [job], finished.latents, finished.masks, started)[0]
 
     def run_alone(self, job: GenerationJob) -> GenerationOutput:
         """A job no running batch can hold: its whole loop, now (the backend's fallback path)."""

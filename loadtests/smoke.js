@@ -1,7 +1,10 @@
 // Smoke: two virtual users for 20 s. Every request must succeed with a decodable image.
 // CI runs this against the real service (tiny model, Redis, 2 workers) on loopback.
 import exec from 'k6/execution';
-import { customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
+import { allow429, customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
+
+// Every request must be served: a 429 fails the run (ALLOW_429=1 for overload runs).
+allow429(false);
 
 export const options = {
   summaryTrendStats,

@@ -1,9 +1,12 @@
 // Soak: a moderate constant arrival rate for a long time (default 30 min) to surface leaks,
 // slow drift in latency and stuck jobs. Run it below the sustained rate of the steady test.
 import exec from 'k6/execution';
-import { customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
+import { allow429, customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
 
 const RATE = parseFloat(__ENV.RATE || '0.5');
+
+// Every request must be served: a 429 fails the run (ALLOW_429=1 for overload runs).
+allow429(false);
 
 export const options = {
   summaryTrendStats,

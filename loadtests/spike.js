@@ -1,12 +1,15 @@
 // Spike: the base rate, then a sudden jump to SPIKE_FACTOR times it, then back. The service must
 // shed the excess with 429 + Retry-After (never 5xx) and recover at the base rate.
 import exec from 'k6/execution';
-import { customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
+import { allow429, customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
 
 const RATE = parseFloat(__ENV.RATE || '1');
 const SPIKE = RATE * parseFloat(__ENV.SPIKE_FACTOR || '5');
 // Rates are per minute so that fractional requests/s stay integers.
 const perMinute = (rate) => Math.max(1, Math.round(rate * 60));
+
+// 429 + Retry-After is the expected answer to the spike (ALLOW_429=0 makes it an error).
+allow429(true);
 
 export const options = {
   summaryTrendStats,

@@ -1,12 +1,15 @@
 // Steady: a constant arrival rate (RATE requests/s for DURATION), independent of how fast the
 // service answers, so queueing shows up as latency, 429s or dropped iterations.
 import exec from 'k6/execution';
-import { customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
+import { allow429, customize, summaryFiles, summaryTrendStats, thresholds } from './lib/customize.js';
 
 const RATE = parseFloat(__ENV.RATE || '1');
 const DURATION = __ENV.DURATION || '60s';
 // Fractional rates become N iterations per N/RATE seconds (k6 takes integer rates).
 const TIME_UNIT_MS = Math.round(1000 / RATE);
+
+// Every request must be served: a 429 fails the run (ALLOW_429=1 for overload runs).
+allow429(false);
 
 export const options = {
   summaryTrendStats,

@@ -40,6 +40,9 @@ class AttentionState:
     masks: [B, S, h_m, w_m] guidance masks at 1/16 of the image (None: ungated, as in training).
     full_probability_layers: layer ids whose full probabilities [B, heads, 77, h, w] are kept
         (debugging and parity tests only).
+    resize_by_size: a setting of the UNet, not of a call (kept across calls): masks are resized
+        to a layer with `size=` (`resize_masks_by_size`, what the ONNX exporter can trace) instead
+        of the official scale factor; the same values at sizes that are multiples of 32.
     """
 
     latent_size: tuple[int, int] = (0, 0)
@@ -51,6 +54,7 @@ class AttentionState:
     maps: dict[int, torch.Tensor] = field(default_factory=dict)
     full_probabilities: dict[int, torch.Tensor] = field(default_factory=dict)
     resized_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    resize_by_size: bool = False
 
     def reset(self) -> None:
         self.target_tokens = self.image_tokens = self.image_key_values = self.masks = None
@@ -62,7 +66,8 @@ class AttentionState:
     def masks_for_layer(self, layer_size: tuple[int, int]) -> torch.Tensor:
         """`masks` resized to one layer ([B, S, h*w]); layers of equal size share one resize per call."""
         if layer_size not in self.resized_masks:
-            self.resized_masks[layer_size] = resize_masks_to_layer(self.masks, layer_size)
+            resize = resize_masks_by_size if self.resize_by_size else resize_masks_to_layer
+            self.resized_masks[layer_size] = resize(self.masks, layer_size)
         return self.resized_masks[layer_size]
 
     @contextmanager
@@ -97,6 +102,15 @@ def resize_masks_to_layer(masks: torch.Tensor, layer_size: tuple[int, int]) -> t
             "use image sizes that are multiples of 32"
         )
     return resized.flatten(2)
+
+
+def resize_masks_by_size(masks: torch.Tensor, layer_size: tuple[int, int]) -> torch.Tensor:
+    """`resize_masks_to_layer` with size= instead of a traced scale factor (which the ONNX exporter
+    cannot take). The same values: image sizes are multiples of 32, so every layer/mask ratio is
+    a power of two and bilinear sampling positions coincide (the ONNX-vs-eager tests check it)."""
+    if tuple(masks.shape[-2:]) == tuple(layer_size):
+        return masks.flatten(2)
+    return F.interpolate(masks, size=tuple(layer_size), mode="bilinear").flatten(2)
 
 
 def _split_heads(tensor: torch.Tensor, heads: int) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """The one decoder of reference photos, for every entry point (CLI, API, worker). Torch-free.
 
 Untrusted bytes -> an upright 8-bit RGB image, with bounded memory and CPU:
-- the format and size are read from the header and checked before any pixel is decoded;
+- the structure is walked before any decoder sees the bytes (`realcustom.image_structure`: sizes,
+  JPEG scans, chunks, frames, metadata, each bounded), and the memory the decode will take is
+  computed from it (`plan_decode`, per format) and checked against `DecodeBounds.max_bytes`;
 - a JPEG larger than needed is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (`draft`);
 - the image is converted to RGB in horizontal strips, each reduced by an integer box filter, then
   the (under 2 x `max_side`) result is box-resized to a longest side of `max_side`: no full-size
-  RGBA or RGB copy is ever made, the largest buffer is the decoded source itself (at most
-  `max_pixels` x the bytes per pixel of its mode).
+  RGBA or RGB copy is ever made; the largest buffers are the decoded source and the decoder's own
+  (JPEG coefficients, WebP canvases), both counted by the plan.
 
 Deviations from the official code (`Image.open(path).convert("RGB")`, then the encoder's bilinear
 resize to R x R), also listed in service/README.md:
@@ -25,14 +27,26 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image, PngImagePlugin
+
+from realcustom.image_structure import (
+    ACCEPTED,
+    MIB,
+    DecodeBounds,
+    ImageRejectedError,
+    ImageTooComplexError,
+    Structure,
+    check_frames,
+    read_structure,
+)
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 # Largest decoded source (width x height) accepted by default; a 24 MP camera photo fits.
 DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_MIN_SIDE = 16
+DEFAULT_BOUNDS = DecodeBounds()
 # Longest side of a decoded reference: twice the 768 x 768 the released encoder squashes it to, so
 # photos up to 1536 px (DreamBench's 1280 included) stay exactly as the official code reads them,
 # and a job carries at most 7 MiB per subject.
@@ -42,7 +56,21 @@ STRIP_PIXELS = 1 << 20
 # Pillow lets the text chunks of one PNG expand to 64 MiB; reference photos need none of it.
 PngImagePlugin.MAX_TEXT_MEMORY = 1 << 20
 
-_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# Bytes per pixel of Pillow's storage (LA and PA take 4, like RGB).
+_STORAGE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# libwebp's animation decoder (Pillow's only WebP path) keeps two RGBA canvases while the image
+# lives, and hands Pillow a third copy (freed once decoded) for its own 4-byte image: 16 bytes per
+# canvas pixel at the peak, 12 kept during conversion.
+WEBP_KEPT_BYTES_PER_PIXEL = 12
+WEBP_TRANSIENT_BYTES_PER_PIXEL = 4
+# Live buffers per pixel of a strip while it is converted: with transparency the crop, RGBA, white,
+# composite and RGB (20); 16-bit the crop, rescaled, 8-bit and RGB (12); else the crop and RGB.
+STRIP_BYTES_WITH_ALPHA = 20
+STRIP_BYTES_SIXTEEN_BIT = 12
+# What a JPEG coefficient block takes (64 x 16-bit).
+JPEG_BLOCK_BYTES = 128
+# PNG raw bytes per pixel per bit of depth: the channels of each mode Pillow decodes PNGs to.
+_PNG_CHANNELS = {"1": 1, "L": 1, "I;16": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _WITH_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 _WHITE = (255, 255, 255, 255)
@@ -59,31 +87,108 @@ _ORIENTATION = {
 _EXIF_ORIENTATION_TAG = 0x0112
 
 
-class ImageRejectedError(ValueError):
-    """The bytes are not an image we accept; the message says what to change."""
-
-
 @dataclass(frozen=True)
-class ImageHeader:
-    """What the header says, before any pixel is decoded."""
+class DecodePlan:
+    """How an image will be decoded, and the memory that takes, from its structure alone."""
 
-    format: str
-    width: int
-    height: int
-    mode: str
+    structure: Structure
+    draft: tuple[int, int] | None  # JPEG: the size asked of libjpeg's DCT scaling
+    decoded: tuple[int, int]  # size of the decoded source
+    factor: int  # integer box reduction of the strips
+    source_bytes: int  # the decoded source, and what its decoder keeps while it lives (WebP)
+    decoder_bytes: int  # the decoder's buffers, freed when decoding ends (JPEG coefficients)
+    conversion_bytes: int  # strips, the reduced image, the resized and transposed copies
 
     @property
-    def decode_bytes(self) -> int:
-        """Memory the decoded source will take (the largest buffer of a decode)."""
-        return self.width * self.height * _BYTES_PER_PIXEL.get(self.mode, 4)
+    def peak_bytes(self) -> int:
+        """The source lives throughout; the decoder's buffers are gone before conversion starts."""
+        return self.source_bytes + max(self.decoder_bytes, self.conversion_bytes)
+
+
+def _storage(mode: str) -> int:
+    return _STORAGE_BYTES.get(mode, 4)
+
+
+def _strip_bytes(mode: str) -> int:
+    if mode in _WITH_ALPHA or mode in ("P", "PA"):
+        return STRIP_BYTES_WITH_ALPHA
+    if mode in _SIXTEEN_BIT:
+        return STRIP_BYTES_SIXTEEN_BIT
+    return _storage(mode) + 4
+
+
+def _jpeg_draft_scale(width: int, height: int, target: tuple[int, int]) -> int:
+    """The scale Pillow's `JpegImageFile.draft` picks for `target` (its own rule)."""
+    scale = min(width // target[0], height // target[1])
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
+def _jpeg_coefficient_bytes(structure: Structure) -> int:
+    """libjpeg's whole-image coefficient buffer (progressive or multi-scan files), as jdcoefct.c
+    allocates it: per component, its blocks rounded up to whole MCUs, 128 bytes each, at full
+    resolution whatever the output scale."""
+    if not structure.full_coefficient_buffer:
+        return 0
+    h_max = max(h for h, _ in structure.sampling)
+    v_max = max(v for _, v in structure.sampling)
+    total = 0
+    for h, v in structure.sampling:
+        columns = -(-structure.width * h // (h_max * 8))
+        rows = -(-structure.height * v // (v_max * 8))
+        total += -(-columns // h) * h * -(-rows // v) * v * JPEG_BLOCK_BYTES
+    return total
+
+
+def plan_decode(structure: Structure, max_side: int = REFERENCE_MAX_SIDE) -> DecodePlan:
+    """What `decode_reference` will do with an image of this structure, and its memory: a function
+    of the header only (documented in service/README.md)."""
+    width, height = structure.width, structure.height
+    factor = max(1, max(width, height) // max_side)
+    draft = None
+    decoded = (width, height)
+    if structure.format == "JPEG":
+        if factor > 1:
+            draft = (math.ceil(width / factor), math.ceil(height / factor))
+            scale = _jpeg_draft_scale(width, height, draft)
+            decoded = (-(-width // scale), -(-height // scale))
+            factor = max(1, max(decoded) // max_side)
+        # libjpeg's line buffers: a few rows of MCUs per component (context rows for upsampling).
+        v_max = max(v for _, v in structure.sampling)
+        line_buffers = width * len(structure.sampling) * 8 * v_max * 4
+        source = decoded[0] * decoded[1] * _storage(structure.mode)
+        decoder = _jpeg_coefficient_bytes(structure) + line_buffers
+    elif structure.format == "PNG":
+        row = math.ceil(width * _PNG_CHANNELS.get(structure.mode, 4) * structure.bit_depth / 8) + 1
+        source, decoder = width * height * _storage(structure.mode), 2 * row
+    else:
+        source = width * height * WEBP_KEPT_BYTES_PER_PIXEL
+        decoder = width * height * WEBP_TRANSIENT_BYTES_PER_PIXEL
+    conversion = _conversion_bytes(structure.mode, decoded, factor, max_side)
+    return DecodePlan(structure, draft, decoded, factor, source, decoder, conversion)
+
+
+def _conversion_bytes(mode: str, size: tuple[int, int], factor: int, max_side: int) -> int:
+    """Strips and the reduced image (unless an RGB source is used as is), the box resize (Pillow
+    resizes rows first, into an image of the new width and the old height) and the upright copy."""
+    width, height = size
+    reduced = size
+    total = 0
+    if not (mode == "RGB" and factor == 1):
+        rows = factor * max(1, STRIP_PIXELS // (width * factor))
+        reduced = (-(-width // factor), -(-height // factor))
+        total += min(rows, height) * width * _strip_bytes(mode) + reduced[0] * reduced[1] * 4
+    final = reduced
+    if max(reduced) > max_side:
+        scale = max_side / max(reduced)
+        final = (round(reduced[0] * scale), round(reduced[1] * scale))
+        total += final[0] * reduced[1] * 4 + final[0] * final[1] * 4
+    return total + final[0] * final[1] * 4
 
 
 def _open(data: bytes) -> Image.Image:
-    if not data:
-        raise ImageRejectedError("the image is empty; send a PNG, JPEG or WebP file")
     try:
         # Pillow only warns between 1x and 2x its own bomb limit; ours is explicit and checked from
-        # the header by the caller.
+        # the header before.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
@@ -92,13 +197,12 @@ def _open(data: bytes) -> Image.Image:
             f"the image expands to too many pixels ({error}); send a smaller image"
         ) from None
     except Image.UnidentifiedImageError:
-        raise ImageRejectedError("the data is not a PNG, JPEG or WebP image; send one of those") from None
+        raise ImageRejectedError(f"the data is not a PNG, JPEG or WebP image; {ACCEPTED}") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageRejectedError(f"the image could not be read ({error}); is it truncated?") from None
 
 
-def _check_header(image: Image.Image, max_pixels: int, min_side: int) -> ImageHeader:
-    width, height = image.size
+def _check_size(width: int, height: int, max_pixels: int, min_side: int) -> None:
     if width * height > max_pixels:
         raise ImageRejectedError(
             f"the image is {width}x{height} pixels, more than the {max_pixels} allowed; send a smaller image"
@@ -107,14 +211,42 @@ def _check_header(image: Image.Image, max_pixels: int, min_side: int) -> ImageHe
         raise ImageRejectedError(
             f"the image is {width}x{height} pixels; each side must be at least {min_side}"
         )
-    return ImageHeader(str(image.format), width, height, image.mode)
 
 
-def read_header(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
-) -> ImageHeader:
-    """Format, size and mode from the header (checked against the limits); decodes no pixel."""
-    return _check_header(_open(data), max_pixels, min_side)
+def read_plan(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_side: int = REFERENCE_MAX_SIDE,
+    bounds: DecodeBounds = DEFAULT_BOUNDS,
+) -> DecodePlan:
+    """The structure of `data` checked against every limit and bound, and its decode plan; decodes
+    no pixel and does not call Pillow."""
+    structure = read_structure(data, bounds)
+    _check_size(structure.width, structure.height, max_pixels, min_side)
+    plan = plan_decode(structure, max_side)
+    _check_bytes(plan, bounds)
+    return plan
+
+
+def _check_bytes(plan: DecodePlan, bounds: DecodeBounds) -> None:
+    structure = plan.structure
+    if plan.peak_bytes > bounds.max_bytes:
+        raise ImageTooComplexError(
+            f"decoding this {structure.width}x{structure.height} {_describe(structure)} would take "
+            f"{plan.peak_bytes / MIB:.0f} MiB, more than the {bounds.max_bytes / MIB:.0f} MiB allowed; "
+            "send a smaller image"
+        )
+
+
+def _describe(structure: Structure) -> str:
+    if structure.format == "JPEG":
+        kind = "progressive " if structure.full_coefficient_buffer else ""
+        return f"{kind}JPEG with {len(structure.sampling)} components"
+    if structure.format == "WEBP":
+        return "WebP (16 bytes per pixel to decode)"
+    return f"{structure.mode} PNG"
 
 
 def decode_reference(
@@ -123,22 +255,32 @@ def decode_reference(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int = DEFAULT_MIN_SIDE,
     max_side: int = REFERENCE_MAX_SIDE,
+    bounds: DecodeBounds = DEFAULT_BOUNDS,
 ) -> Image.Image:
-    """PNG/JPEG/WebP bytes -> upright 8-bit RGB, longest side <= `max_side`, or ImageRejectedError."""
+    """PNG/JPEG/WebP bytes -> upright 8-bit RGB, longest side <= `max_side`, or ImageRejectedError
+    (ImageTooComplexError when the structure is past one of `bounds`)."""
+    plan = read_plan(data, max_pixels=max_pixels, min_side=min_side, max_side=max_side, bounds=bounds)
+    structure = plan.structure
     image = _open(data)
-    header = _check_header(image, max_pixels, min_side)
-    factor = max(1, max(header.width, header.height) // max_side)
+    # Pillow must see what the plan was made for, else the plan's bound would not hold.
+    if (image.format not in (structure.format, "MPO")) or image.size != (structure.width, structure.height):
+        raise ImageRejectedError("the image's headers disagree with each other; is it corrupt?")
+    if image.mode != structure.mode:  # e.g. a WebP whose alpha flag says otherwise: plan again
+        plan = plan_decode(replace(structure, mode=image.mode), max_side)
+        _check_bytes(plan, bounds)
+    check_frames(getattr(image, "n_frames", 1), bounds)
     try:
         orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
-        if factor > 1 and header.format == "JPEG":
+        if plan.draft is not None:
             # DCT-domain downscaling: decodes at most the size the reduction needs.
-            image.draft(None, (math.ceil(header.width / factor), math.ceil(header.height / factor)))
-            factor = max(1, max(image.size) // max_side)
+            image.draft(None, plan.draft)
         image.load()
-        rgb = _to_rgb_reduced(image, factor)
+        rgb = _to_rgb_reduced(image, plan.factor)
         if max(rgb.size) > max_side:  # the reduced image is under 2 x max_side: fit it exactly
             scale = max_side / max(rgb.size)
             rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BOX)
+    except MemoryError:
+        raise ImageTooComplexError("decoding the image ran out of memory; send a smaller image") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageRejectedError(f"the image could not be decoded ({error}); is it truncated?") from None
     transpose = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None

@@ -1,7 +1,7 @@
 """The one check of a generation's settings, shared by the pipeline, the runner and the API edge.
 
 Torch-free, so the API validates with exactly the rules the pipeline applies. Anything that has the
-attributes of `GenerationSettings` (a pipeline call's arguments, `engines.jobs.GenerationJob`, the
+attributes of `GenerationSettings` (a pipeline call's arguments, `realcustom.jobs.GenerationJob`, the
 API's request) can be checked; `Limits` adds the service's own bounds on top of the model's rules.
 """
 

@@ -27,6 +27,19 @@ REQUESTS_REJECTED = Counter(
     "Requests refused with an error reply, by its code (invalid_image, queue_full, ...).",
     ["reason"],
 )
+# The HTTP edge (service/api/http_protocol.py, service/background.py).
+HTTP_CONNECTIONS_CLOSED = Counter(
+    "realcustom_http_connections_closed_total",
+    "Connections the API's HTTP server closed on its own, by reason: header_timeout, body_timeout, silent "
+    "(nothing sent within the header timeout), evicted (past HTTP_MAX_CONNECTIONS), header_too_large, "
+    "ambiguous_framing, malformed_request, not_implemented.",
+    ["reason"],
+)
+BACKGROUND_RESTARTS = Counter(
+    "realcustom_background_task_restarts_total",
+    "Restarts of the API process' background tasks after they ended, by task.",
+    ["task"],
+)
 JOBS_FINISHED = Counter(
     "realcustom_jobs_finished_total", "Jobs finished by workers, by terminal state.", ["state"]
 )
@@ -35,15 +48,60 @@ QUEUE_BYTES = Gauge(
     "realcustom_queue_bytes",
     "Bytes held against QUEUE_MAX_BYTES: payloads of unfinished jobs and kept results (read at scrape time).",
 )
+# Key classes (bounded labels): the owner's tier and the job's priority. A tier label is kept for the
+# first MAX_TIER_LABELS tiers a process sees (tiers come from settings, a handful); others are "other".
+MAX_TIER_LABELS = 16
+PRIORITY_LABELS = ("interactive", "batch")
+_tiers: set[str] = set()
+
+
+def key_class(tier: str, priority: str) -> dict[str, str]:
+    """The `tier` and `priority` labels of a job, bounded whatever its spec says."""
+    if tier not in _tiers and len(_tiers) < MAX_TIER_LABELS and tier.isidentifier() and len(tier) <= 32:
+        _tiers.add(tier)
+    return {
+        "tier": tier if tier in _tiers else "other",
+        "priority": priority if priority in PRIORITY_LABELS else "other",
+    }
+
+
+ADMISSION_REFUSALS = Counter(
+    "realcustom_admission_refusals_total",
+    "Requests refused by a limit of the queue, the subject store or the caller's tier, by the caller's tier "
+    "(TIERS), the job's priority (`none` before it is known) and the limit's code (queue_full, "
+    "key_queue_full, key_cost_in_flight, deadline_unmeetable, subjects_full, key_subjects_full, "
+    "request_too_costly, priority_not_allowed).",
+    ["tier", "priority", "reason"],
+)
+QUEUE_TIER_JOBS = Gauge(
+    "realcustom_queue_tier_jobs", "Unfinished jobs of the keys of each tier (read at scrape time).", ["tier"]
+)
+QUEUE_TIER_BYTES = Gauge(
+    "realcustom_queue_tier_bytes",
+    "Bytes the keys of each tier hold: job payloads, kept results, stored subjects (read at scrape time).",
+    ["tier"],
+)
+QUEUE_SECONDS_PER_COST = Gauge(
+    "realcustom_queue_seconds_per_cost",
+    "Measured busy seconds per megapixel-step finished, what deadline admission estimates with (0 until "
+    "measured; read at scrape time).",
+)
 QUEUE_WAIT_SECONDS = Histogram(
-    "realcustom_queue_wait_seconds", "Acceptance until a worker takes the job.", buckets=LATENCY_BUCKETS
+    "realcustom_queue_wait_seconds",
+    "Acceptance until a worker takes the job, by key class (tier, priority).",
+    ["tier", "priority"],
+    buckets=LATENCY_BUCKETS,
 )
 INFERENCE_SECONDS = Histogram(
     "realcustom_inference_seconds",
     "Compute time of one job: its first step until its images are decoded.",
     buckets=LATENCY_BUCKETS,
 )
-ROWS_IN_FLIGHT = Gauge("realcustom_rows_in_flight", "Rows (images) in this worker's running batches.")
+ROWS_IN_FLIGHT = Gauge(
+    "realcustom_rows_in_flight",
+    "Rows (images) in this worker's running batches, by key class (tier, priority).",
+    ["tier", "priority"],
+)
 JOINS_PER_STEP = Histogram(
     "realcustom_joins_per_step",
     "Jobs that joined a running batch at one step boundary.",

@@ -144,6 +144,13 @@ class CustomizeRequest(BaseModel):
         "png", description="Encoding of the returned images; absent = the image type of `Accept`, else PNG."
     )
     return_masks: bool = Field(False, description="Also return the subject masks (PNG).")
+    priority: Literal["interactive", "batch"] | None = Field(
+        None,
+        description="`interactive` jobs are taken before `batch` jobs, which run when no interactive job "
+        "waits (at least one every `BATCH_MAX_WAIT_S` while they wait). Absent = `interactive`, or `batch` "
+        "for an API key whose tier allows only batch (403 `priority_not_allowed` for a priority the key's "
+        "tier does not allow).",
+    )
 
 
 def _split_events(value: Any) -> Any:
@@ -243,7 +250,7 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "not_ready"]
+    status: Literal["ok", "not_ready", "failing"]
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -257,3 +264,7 @@ class ModelInfo(BaseModel):
     max_steps: int
     max_num_images: int
     max_subjects: int
+    max_request_cost: float | None = Field(
+        description="Largest cost of one request, in megapixel-steps (width x height / 10^6 x "
+        "num_inference_steps x num_images, +3 % per extra subject): `MAX_REQUEST_COST`; null = no cap."
+    )

@@ -7,11 +7,35 @@ the environment at import time: processes call :func:`load_settings` in their en
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from realcustom.native_size import native_size
+
+PRIORITIES = ("interactive", "batch")
+# The key class of keys `API_KEY_TIERS` does not name (and of every caller of an open API).
+DEFAULT_TIER = "default"
+# Tier names are metric labels and parts of Redis members: short, no separators.
+TIER_NAME = r"^[a-z0-9_-]{1,32}$"
+
+
+class TierPolicy(BaseModel):
+    """One key class of `TIERS`: its fair-share weight, the priorities its keys may use, its shares.
+    A share left out is the deployment's (`QUEUE_KEY_SHARE`, `SUBJECT_KEY_SHARE`, `KEY_MAX_INFLIGHT_COST`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float = Field(1.0, gt=0, le=1000, description="Fair-share weight of each key of the tier.")
+    priorities: tuple[Literal["interactive", "batch"], ...] = Field(
+        PRIORITIES, min_length=1, description="Priorities its keys may ask for; the first is their default."
+    )
+    queue_share: float | None = Field(None, gt=0, le=1, description="Share of the queue one key may hold.")
+    subject_share: float | None = Field(None, gt=0, le=1, description="Share of SUBJECT_MAX_BYTES per key.")
+    max_inflight_cost: float | None = Field(None, gt=0, description="Unfinished cost one key may have.")
 
 
 class Settings(BaseSettings):
@@ -174,6 +198,15 @@ class Settings(BaseSettings):
         "taken (another worker on the host) falls back to a free port, with a warning.",
     )
 
+    # --- worker: fair step planning (engines/planner.py) ----------------------------------------
+    scheduler_max_wait_steps: int = Field(
+        64,
+        ge=0,
+        description="Starvation bound of a worker's step planner: a prepared job passed over for this many "
+        "step boundaries (by fair order across keys, or by priority) is then served in arrival order, and "
+        "its family takes no other job until it has joined.",
+    )
+
     # --- edge: security and limits -------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -205,19 +238,55 @@ class Settings(BaseSettings):
         description="Generation requests whose body is read and validated at once; others wait (bounds "
         "the API's memory: JSON bodies are held in memory while parsed).",
     )
-    decode_concurrency: int = Field(
-        1, ge=1, description="Reference images decoded at once in the API (each takes up to ~100 MB)."
+    intake_concurrency_per_key: int = Field(
+        2,
+        ge=1,
+        description="Of `intake_concurrency`, the most one API key (or client address when open) holds; "
+        "its other requests wait behind its own, and waiting keys are served round robin.",
     )
     body_timeout_s: float = Field(
-        30.0, gt=0, description="Longest time a client may take to send a request body (408 past it)."
+        30.0,
+        gt=0,
+        description="Longest time a client may take to send a request body: 408 and the connection closed. "
+        "Counted by the HTTP server while it reads the body (not while a request waits for an intake slot "
+        "with its body unread), and by the intake from the moment it has a slot.",
     )
     http_limit_concurrency: int = Field(
-        1000, ge=1, description="Open connections + tasks uvicorn serves at once; beyond it 503."
+        1000,
+        ge=1,
+        description="Requests in progress the HTTP server serves at once; beyond it 503 `server_busy` "
+        "(+ Retry-After, connection closed). Idle connections and connections still sending their headers "
+        "do not count (see `http_max_connections`).",
     )
     http_keep_alive_s: int = Field(5, ge=1, description="Idle keep-alive connections are closed after this.")
     http_max_header_bytes: int = Field(
-        16384, ge=1024, description="Largest request line + headers uvicorn buffers (h11)."
+        16384,
+        ge=1024,
+        description="Largest request line + headers, complete or not; past it 431 and the connection closed.",
     )
+    # --- edge: HTTP server (service/api/http_protocol.py, service/api/health.py) -----------------
+    health_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="Port of the health listener: `/healthz` and `/readyz` on a listener of their own (on "
+        "`host`) that no flood of client connections on `port` can starve; point the probes at it. 0 = a "
+        "free port (logged); a taken port falls back to a free one, with a warning.",
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest time a client may take to send a request line and headers, from its connection "
+        "(or from the first byte after a keep-alive reply): 408 and the connection closed (a connection that "
+        "sent nothing is just closed).",
+    )
+    http_max_connections: int = Field(
+        2000,
+        ge=1,
+        description="Open connections on `port`; a new one past it closes the oldest connection that has no "
+        "request in progress (idle, or still sending its headers), or itself when every one has one.",
+    )
+
     cancel_wait_s: float = Field(
         2.5,
         ge=0,
@@ -237,6 +306,60 @@ class Settings(BaseSettings):
         8,
         ge=1,
         description="Event streams one API key (or client address when open) holds at once; beyond it 429.",
+    )
+
+    # --- reference decoding (realcustom/decoding.py, service/decoders.py) ------------------------
+    decode_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Decoder processes of the API: reference images decoded at once (each process takes "
+        "at most `decode_max_bytes` while decoding).",
+    )
+    decode_concurrency_per_key: int = Field(
+        1,
+        ge=1,
+        description="Of `decode_concurrency`, the most one API key (or client address) decodes at once; "
+        "its other images wait behind its own, and waiting keys are served round robin.",
+    )
+    decode_max_bytes: int = Field(
+        160 * 2**20,
+        ge=16 * 2**20,
+        description="Memory one reference decode may take, computed from the image's header before "
+        "decoding (per format: service/README.md); past it 422 `image_too_complex`. Also sets the decoder "
+        "process's address-space limit.",
+    )
+    decode_cpu_s: float = Field(
+        5.0,
+        gt=0,
+        description="CPU seconds one decode may take in its decoder process (RLIMIT_CPU, whole seconds); "
+        "past it the process is killed (and restarted) and the request gets 422 `image_too_complex`.",
+    )
+    jpeg_max_scans: int = Field(
+        64,
+        ge=1,
+        description="Most scans (SOS segments) of a JPEG; each is a pass over every coefficient block. "
+        "libjpeg's progressive encoding writes 6 (grey), 10 (colour) or 18 (CMYK).",
+    )
+    image_max_chunks: int = Field(
+        8192,
+        ge=16,
+        description="Most structural units of an image (PNG chunks, JPEG marker segments, WebP RIFF "
+        "chunks), walked before decoding.",
+    )
+    image_max_metadata_chunks: int = Field(
+        256,
+        ge=0,
+        description="Most metadata units of an image: PNG ancillary chunks (the animation's aside), "
+        "JPEG APPn and COM segments, WebP ICCP/EXIF/XMP and unknown chunks.",
+    )
+    image_max_metadata_bytes: int = Field(
+        4 * 2**20, ge=0, description="Most bytes those metadata units may hold together."
+    )
+    image_max_frames: int = Field(
+        1000,
+        ge=1,
+        description="Most frames of an animated PNG, animated WebP or multi-picture JPEG (only the first "
+        "is decoded; the others are still parsed).",
     )
 
     # --- webhooks (service/webhooks) -----------------------------------------------------------
@@ -260,6 +383,13 @@ class Settings(BaseSettings):
     webhook_connect_timeout_s: float = Field(5.0, gt=0, description="Connect (and TLS) timeout.")
     webhook_timeout_s: float = Field(10.0, gt=0, description="Longest wait for the receiver's reply.")
     webhook_concurrency: int = Field(8, ge=1, description="Webhooks one API process sends at once.")
+    webhook_concurrency_per_key: int = Field(
+        2,
+        ge=1,
+        description="Webhooks of one API key in flight at once across every API process: a key whose "
+        "receiver never answers holds at most this many delivery slots, and its other due deliveries "
+        "wait for them while other keys' are claimed in due order.",
+    )
     webhook_poll_s: float = Field(
         1.0, gt=0, description="How often the delivery loop looks for due webhooks."
     )
@@ -273,6 +403,62 @@ class Settings(BaseSettings):
         pattern=r"^https?://[^/]+$",
         description="Scheme and host of the API as clients reach it (e.g. `https://api.example.com`): the "
         "result URLs of webhooks are absolute under it; unset = paths (`/jobs/<id>`).",
+    )
+
+    # --- tenants: key classes, shares, priorities (service/README.md, "Tenants") -------------------
+    tiers: dict[str, TierPolicy] = Field(
+        default_factory=dict,
+        description="Key classes as JSON, name -> {weight, priorities, queue_share, subject_share, "
+        'max_inflight_cost} (each optional), e.g. `{"free": {"priorities": ["batch"], '
+        '"queue_share": 0.1}, "pro": {"weight": 4}}`. The tier `default` (keys `API_KEY_TIERS` does '
+        "not name, every caller of an open API) has weight 1, both priorities and the deployment's shares "
+        "unless listed here.",
+    )
+    api_key_tiers: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON object API key -> tier name (a key of `API_KEYS`, a tier of `TIERS`); keys not "
+        "named are in the tier `default`.",
+    )
+    queue_key_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of `QUEUE_MAX_DEPTH` jobs and of `QUEUE_MAX_BYTES` one API key may hold (its "
+        "unfinished jobs, their payloads and its kept results); past it that key gets 429 `key_queue_full` "
+        "while other keys still find room.",
+    )
+    subject_key_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of `SUBJECT_MAX_BYTES` the stored subjects of one API key may hold; past it "
+        "`POST /subjects` of that key gets 429 `key_subjects_full`.",
+    )
+    batch_max_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="Starvation bound of `batch` jobs: they are taken only when no `interactive` job waits, "
+        "except that while batch jobs wait, one is taken at least every this many seconds.",
+    )
+
+    # --- cost caps and admission (cost = megapixels x steps x images, realcustom/cost.py) -----------
+    max_request_cost: float | None = Field(
+        None,
+        gt=0,
+        description="Largest cost (megapixel-steps, realcustom/cost.py) of one request; past it 422 "
+        "`request_too_costly`. Unset = `COMPUTE_DEADLINE_S / COMPUTE_S_PER_IMAGE_STEP` image-steps at the "
+        'model\'s native size (service/README.md, "Cost caps").',
+    )
+    key_max_inflight_cost: float | None = Field(
+        None,
+        gt=0,
+        description="Cost one API key may have unfinished (queued and running) at once; past it 429 "
+        "`key_cost_in_flight`. Unset = 8 x the request cost cap.",
+    )
+    deadline_admission: bool = Field(
+        True,
+        description="Refuse (429 `deadline_unmeetable`) a job that the work queued ahead of it, at the "
+        "throughput the queue measured, would keep from finishing before its deadline (`JOB_TIMEOUT_S`).",
     )
 
     @field_validator("webhook_secret", mode="before")
@@ -303,9 +489,33 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_health_port(self) -> Settings:
+        if self.health_port and self.health_port == self.port:
+            raise ValueError("HEALTH_PORT must differ from PORT (or be 0: a free port)")
+        return self
+
+    @model_validator(mode="after")
     def _check_sides(self) -> Settings:
         if self.min_side % 32 or self.max_side % 32 or self.min_side > self.max_side:
             raise ValueError("min_side and max_side must be multiples of 32 with min_side <= max_side")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tiers(self) -> Settings:
+        for name in self.tiers:
+            if not re.match(TIER_NAME, name):
+                raise ValueError(f"TIERS: tier name {name!r} must match {TIER_NAME} (it is a metric label)")
+        for key, tier in self.api_key_tiers.items():
+            if tier != DEFAULT_TIER and tier not in self.tiers:
+                raise ValueError(f"API_KEY_TIERS names tier {tier!r}, which TIERS does not define")
+            if key not in self.api_keys:
+                raise ValueError("API_KEY_TIERS names a key that is not in API_KEYS (keys must be accepted)")
+        for name in (DEFAULT_TIER, *self.tiers):
+            if self.key_cost_cap(name) < self.request_cost_cap:
+                raise ValueError(
+                    f"tier {name!r}: its in-flight cost cap {self.key_cost_cap(name):g} is below the request "
+                    f"cost cap {self.request_cost_cap:g}, so its largest requests could never run"
+                )
         return self
 
     @property
@@ -316,6 +526,44 @@ class Settings(BaseSettings):
     def subject_budget(self) -> int:
         """`subject_max_bytes`, or its default."""
         return self.queue_max_bytes // 2 if self.subject_max_bytes is None else self.subject_max_bytes
+
+    @property
+    def request_cost_cap(self) -> float:
+        """`max_request_cost`, or its default: the image-steps at native size that the compute
+        deadline's fixed part covers at its per-image-step allowance (service/README.md)."""
+        if self.max_request_cost is not None:
+            return self.max_request_cost
+        if self.compute_s_per_image_step == 0:
+            return float("inf")
+        native_megapixels = native_size(self.model) ** 2 / 1e6
+        return self.compute_deadline_s / self.compute_s_per_image_step * native_megapixels
+
+    def tier_policy(self, tier: str) -> TierPolicy:
+        """The policy of `tier` with every share resolved (an unknown tier is `default`'s)."""
+        policy = self.tiers.get(tier) or self.tiers.get(DEFAULT_TIER) or TierPolicy()
+        return policy.model_copy(
+            update={
+                "queue_share": policy.queue_share or self.queue_key_share,
+                "subject_share": policy.subject_share or self.subject_key_share,
+                "max_inflight_cost": self.key_cost_cap(tier),
+            }
+        )
+
+    def key_cost_cap(self, tier: str) -> float:
+        policy = self.tiers.get(tier) or self.tiers.get(DEFAULT_TIER) or TierPolicy()
+        if policy.max_inflight_cost is not None:
+            return policy.max_inflight_cost
+        if self.key_max_inflight_cost is not None:
+            return self.key_max_inflight_cost
+        return 8 * self.request_cost_cap
+
+    def tier_of_key(self, key: str) -> str:
+        return self.api_key_tiers.get(key, DEFAULT_TIER)
+
+    @property
+    def tier_names(self) -> list[str]:
+        """Every configured key class (the bounded values of the `tier` metric label)."""
+        return list(dict.fromkeys([DEFAULT_TIER, *self.tiers]))
 
     @property
     def reference_version(self) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import threading
 import time
 import uuid
 from typing import Any
@@ -22,14 +21,16 @@ from PIL import Image
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
-from realcustom.decoding import ImageRejectedError, decode_reference
+from realcustom.cost import generation_cost
+from realcustom.decoding import ImageRejectedError
 from realcustom.native_size import native_size
 from realcustom.phrases import PromptTooLongError, check_prompt_length, locate_phrase
 from realcustom.settings_check import Limits, SettingsError, check_generation
+from service.decoders import DecoderPool
 from service.errors import ApiError
 from service.queue.protocol import JobSpec, SubjectSpec
 from service.schemas import CustomizeRequest, JobRequest
-from service.settings import Settings
+from service.settings import DEFAULT_TIER, Settings
 from service.subjects.store import Subject
 
 # A 422 lists this many problems, then how many more there are: its size stays bounded.
@@ -113,6 +114,37 @@ def _check_settings(request: CustomizeRequest, settings: Settings) -> None:
         raise _reject(error.field, str(error)) from None
 
 
+def _check_priority(request: CustomizeRequest, settings: Settings, tier: str) -> str:
+    """The job's priority: the one asked for, if the caller's tier allows it, else the tier's default."""
+    allowed = settings.tier_policy(tier).priorities
+    if request.priority is None:
+        return allowed[0]
+    if request.priority not in allowed:
+        raise ApiError(
+            403,
+            "priority_not_allowed",
+            f"this API key may send {' or '.join(allowed)} jobs, not {request.priority}; set `priority` to "
+            f"{allowed[0]} (or leave it out)",
+            field="priority",
+        )
+    return request.priority
+
+
+def _check_cost(request: CustomizeRequest, settings: Settings) -> float:
+    """The request's cost (realcustom/cost.py), or 422 past the cost cap of one request."""
+    cost = generation_cost(request, len(request.subjects))
+    cap = settings.request_cost_cap
+    if cost > cap:
+        raise _reject(
+            None,
+            f"this request costs {cost:.4g} megapixel-steps (width x height / 10^6 x num_inference_steps x "
+            f"num_images, +3 % per extra subject); one request may cost at most {cap:.4g}. Lower the size, "
+            "the steps or the number of images",
+            code="request_too_costly",
+        )
+    return cost
+
+
 def _locate_targets(request: CustomizeRequest, tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Token indices of every target (the phrases' one implementation: realcustom.phrases)."""
     for field, prompt in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
@@ -134,9 +166,10 @@ def _locate_targets(request: CustomizeRequest, tokenizer: PreTrainedTokenizerBas
 
 
 def decode_upload(
-    data: bytes, field: str, settings: Settings, decode_slots: threading.Semaphore
+    data: bytes, field: str, settings: Settings, decoders: DecoderPool, owner: str
 ) -> Image.Image:
-    """One uploaded photo, size-checked then decoded (a bounded number at a time: each may take ~100 MB)."""
+    """One uploaded photo, size-checked, then decoded by a decoder process in `owner`'s fair turn
+    (its cost bounded by its header, then by the process's limits)."""
     if len(data) > settings.max_image_bytes:
         raise _reject(
             field,
@@ -146,18 +179,16 @@ def decode_upload(
             status_code=413,
         )
     try:
-        with decode_slots:
-            return decode_reference(
-                data, max_pixels=settings.max_image_pixels, min_side=settings.min_image_side
-            )
-    except ImageRejectedError as error:
-        raise _reject(field, str(error), code="invalid_image") from None
+        return decoders.decode(data, owner)
+    except ImageRejectedError as error:  # invalid_image, or image_too_complex past a cost bound
+        raise _reject(field, str(error), code=error.code) from None
 
 
 def _decode_images(
     request: CustomizeRequest,
     settings: Settings,
-    decode_slots: threading.Semaphore,
+    decoders: DecoderPool,
+    owner: str,
     stored: dict[str, Subject],
 ) -> list[tuple[Image.Image, bool]]:
     """(image, from a stored subject) per subject: each distinct upload decoded once, stored
@@ -171,7 +202,7 @@ def _decode_images(
             continue
         if subject.image not in decoded:
             field = f"subjects[{index}].image"
-            decoded[subject.image] = decode_upload(subject.image, field, settings, decode_slots)
+            decoded[subject.image] = decode_upload(subject.image, field, settings, decoders, owner)
         references.append((decoded[subject.image], False))
     return references
 
@@ -195,11 +226,12 @@ def build_job_spec(
     settings: Settings,
     tokenizer: PreTrainedTokenizerBase,
     owner: str,
-    decode_slots: threading.Semaphore,
+    decoders: DecoderPool,
     stored: dict[str, Subject] | None = None,
+    tier: str = DEFAULT_TIER,
 ) -> JobSpec:
-    """Validate a request and turn it into the job the queue carries (owned by `owner`); `stored`:
-    the subjects its `subject_id`s name, already looked up (and owned by `owner`)."""
+    """Validate a request and turn it into the job the queue carries (owned by `owner`, of key class
+    `tier`); `stored`: the subjects its `subject_id`s name, already looked up (and owned by `owner`)."""
     size = native_size(settings.model)
     request = request.model_copy(
         update={
@@ -208,8 +240,10 @@ def build_job_spec(
         }
     )
     _check_settings(request, settings)
+    priority = _check_priority(request, settings, tier)
+    _check_cost(request, settings)
     token_indices = _locate_targets(request, tokenizer)
-    references = _decode_images(request, settings, decode_slots, stored or {})
+    references = _decode_images(request, settings, decoders, owner, stored or {})
     now = time.time()
     return JobSpec(
         id=uuid.uuid4().hex,
@@ -236,4 +270,7 @@ def build_job_spec(
         owner=owner,
         request_hash=request_hash(request),
         webhook=request.webhook() if isinstance(request, JobRequest) else None,
+        priority=priority,
+        tier=tier,
+        weight=settings.tier_policy(tier).weight,
     )

@@ -1,17 +1,34 @@
-"""Shared test set-up: one thread (tiny calls vary 100x with two), fixture locations."""
+"""Shared test set-up: one thread (tiny calls vary 100x with two), fixture locations.
+
+torch is never imported here: torch-free tests (the planner, contracts) run without it. Whatever
+test imports it runs single-threaded all the same.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 
 import pytest
-import torch
 
-torch.set_num_threads(1)
+
+def _one_thread() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def pytest_collection_finish(session) -> None:
+    _one_thread()  # test modules that import torch at the top were imported by now
+
+
+def pytest_runtest_setup(item) -> None:
+    _one_thread()  # and those that import it inside a test
+
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DREAMBENCH = PROJECT_ROOT / "examples" / "dreambench"

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from realcustom.cli import read_image
-from realcustom.decoding import REFERENCE_MAX_SIDE, ImageRejectedError, decode_reference, read_header
+from realcustom.decoding import REFERENCE_MAX_SIDE, ImageRejectedError, decode_reference, read_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,14 @@ def test_sixteen_bit_is_rescaled_not_clipped() -> None:
     assert official(encode(gray16))[0, 0].tolist() == [255, 255, 255]  # the official path clips
 
 
+@pytest.mark.parametrize(("value", "expected"), [(60000, 234), (32767, 127), (65535, 255), (383, 1)])
+def test_sixteen_bit_is_divided_by_256(value: int, expected: int) -> None:
+    """Values where /256 and /255 part ways (60000: 234.4 vs 235.3; 32767: 127.99 vs 128.5),
+    truncated or rounded alike."""
+    gray16 = Image.fromarray(np.full((64, 64), value, dtype=np.uint16))
+    assert decode_reference(encode(gray16)).getpixel((0, 0)) == (expected,) * 3
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied(orientation: int) -> None:
     exif = Image.Exif()
@@ -107,6 +115,22 @@ def test_large_images_are_reduced_like_a_full_size_composite_then_box_filter() -
     assert np.array_equal(np.asarray(decoded), np.asarray(reference))
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_large_opaque_images_are_reduced_like_the_whole_image_box_filtered(mode: str) -> None:
+    """An RGB (or L) source over 2 x max_side goes through the strips' integer reduction (factor 2
+    here, several strips), then the box resize: equal to reducing the whole converted image."""
+    width, height = 2 * REFERENCE_MAX_SIDE + 400, 1300
+    source = noise(width, height, seed=3).convert(mode)
+    reference = source.convert("RGB").reduce(2)
+    scale = REFERENCE_MAX_SIDE / max(reference.size)
+    reference = reference.resize(
+        (round(reference.width * scale), round(reference.height * scale)), Image.Resampling.BOX
+    )
+    decoded = decode_reference(encode(source))
+    assert decoded.size == (REFERENCE_MAX_SIDE, round(650 * scale))
+    assert np.array_equal(np.asarray(decoded), np.asarray(reference))
+
+
 def test_large_jpegs_decode_at_reduced_scale(dreambench_dir: Path) -> None:
     photo = Image.open(dreambench_dir / "cat.jpg").convert("RGB").resize((5632, 4224))  # 23.8 MP, 4:3
     data = encode(photo, "JPEG", quality=90)
@@ -126,7 +150,7 @@ def test_limits_at_their_exact_values() -> None:
     assert decode_reference(data, min_side=50).size == (64, 50)
     with pytest.raises(ImageRejectedError, match="at least 51"):
         decode_reference(data, min_side=51)
-    assert read_header(data).decode_bytes == 64 * 50 * 4
+    assert read_plan(data).source_bytes == 64 * 50 * 4
 
 
 @pytest.mark.parametrize(
@@ -150,14 +174,15 @@ def test_the_cli_reads_with_the_same_decoder(tmp_path: Path) -> None:
 
 
 PEAK_SCRIPT = """
-import io, json, resource, sys
+import io, json, sys
 from PIL import Image
 from realcustom.decoding import decode_reference
+def peak_kib():  # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec)
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 data = open(sys.argv[1], "rb").read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 image = decode_reference(data)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"size": image.size, "growth_mib": (after - before) / 1024}))
+print(json.dumps({"size": image.size, "growth_mib": (peak_kib() - before) / 1024}))
 """
 
 

@@ -11,7 +11,7 @@ import torch
 from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 from PIL import Image
 
-from engines.compiled import EagerCapture, GraphLoop
+from engines.graph_loop import EagerCapture, GraphLoop
 from engines.static_loop import Bucket, GraphSettings
 from engines.step_batching import RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings, LoopTrace, denoise

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from engines.backends import select_backend
-from engines.jobs import GenerationJob, SubjectInput
 from engines.runner import Runner
+from realcustom.jobs import GenerationJob, SubjectInput
 from realcustom.loading import load_pipeline
 from realcustom.models import SPECS
 from realcustom.native_size import SPEC_SIZES, native_size
@@ -71,6 +71,24 @@ def test_invalid_past_the_limits(overrides: dict, field: str, message: str) -> N
     with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace("]", r"\]")) as raised:
         check_generation(replace(Request(), **overrides), limits=LIMITS)
     assert raised.value.field == field
+
+
+@pytest.mark.parametrize(("overrides", "field", "message"), INVALID)
+def test_every_request_of_a_batch_is_checked(overrides: dict, field: str, message: str) -> None:
+    """The runner checks a batch in one call: an invalid request anywhere in it is found, valid ones
+    around it pass, and the first invalid one is the one reported."""
+    valid = [replace(Request(), **VALID[index]) for index in range(3)]
+    check_generation(*valid, limits=LIMITS)
+    invalid = replace(Request(), **overrides)
+    for position in range(len(valid) + 1):
+        batch = [*valid[:position], invalid, *valid[position:]]
+        with pytest.raises(SettingsError) as raised:
+            check_generation(*batch, limits=LIMITS)
+        assert raised.value.field == field and message in str(raised.value)
+    first, second = replace(Request(), width=100), replace(Request(), num_images=5)
+    with pytest.raises(SettingsError) as raised:
+        check_generation(Request(), first, second, limits=LIMITS)
+    assert raised.value.field == "width"
 
 
 def test_the_model_has_no_deployment_limits() -> None:

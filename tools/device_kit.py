@@ -14,11 +14,14 @@ Standard library only: `install` runs under the device's python before anything 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.metadata
 import json
+import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
@@ -30,7 +33,23 @@ CARRY_LIMIT_BYTES = 64 * 2**20
 MANIFEST = "kit.json"
 # Never replaced by the kit: the image's CUDA builds and what they were built against.
 IMAGE_OWNED = ("torch", "transformers", "numpy", "triton")
-# What the device image holds of what the kit's wheels require (/work/.library/device/KINDS.md,
+# Versions recorded in environment.json: the image's builds, the kit, and what diffusers picks up
+# from the image when present (peft, accelerate) or what the stages use (pytest, requests).
+RECORDED = (
+    *IMAGE_OWNED,
+    "diffusers",
+    "open-clip-torch",
+    "huggingface-hub",
+    "safetensors",
+    "pillow",
+    "peft",
+    "accelerate",
+    "pytest",
+    "requests",
+    "onnx",
+    "onnxruntime",
+)
+# What the device image holds of what the kit's wheels require (the device tool's KINDS.md,
 # its package list of 2026-11-17; versions where its pip list gives them). `build` checks that
 # every requirement of a resolved kit wheel is here or in the kit.
 DEVICE_IMAGE = {
@@ -221,12 +240,20 @@ def install_plan(manifest: dict) -> dict[str, list[dict]]:
     return plan
 
 
-def pip_commands(kit: Path, missing: list[dict], constraints: Path) -> list[list[str]]:
-    """pip calls from the kit alone: resolved (requirements checked against the image) or --no-deps."""
+def pip_commands(kit: Path, missing: list[dict], constraints: Path, target: Path | None) -> list[list[str]]:
+    """pip calls from the kit alone: resolved (requirements checked against the image) or --no-deps.
+
+    With `target` (the image's environment is read-only) everything goes there `--no-deps`: pip
+    ignores the installed packages for a --target install, and `build` already checked that the
+    kit and the image together meet every requirement.
+    """
     base = [
         sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(kit),
         "--disable-pip-version-check", "--no-compile", "--quiet", "--constraint", str(constraints),
     ]  # fmt: skip
+    if target is not None:
+        every = [f"{e['name']}=={e['version']}" for e in missing]
+        return [[*base, "--target", str(target), "--no-deps", *every]] if every else []
     commands = []
     resolved = [f"{e['name']}=={e['version']}" for e in missing if e["deps"]]
     if resolved:
@@ -237,21 +264,79 @@ def pip_commands(kit: Path, missing: list[dict], constraints: Path) -> list[list
     return commands
 
 
-def install(kit: Path, report: Path | None, dry_run: bool) -> int:
+def environment_writable() -> bool:
+    """Whether pip can install into this interpreter's own site-packages."""
+    return os.access(sysconfig.get_paths()["purelib"], os.W_OK)
+
+
+def imported_modules(paths: list[Path]) -> list[str]:
+    """Every module the files import by absolute name (what a later stage will import)."""
+    names: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+    names.discard("__future__")
+    return sorted(names)
+
+
+# Run by a fresh interpreter that sees what was just installed (the --target folder included):
+# every module imported, and the versions that matter, as one JSON line.
+_PROBE = """
+import importlib, importlib.metadata, json, sys, traceback
+modules, packages = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+errors = {}
+for name in modules:
+    try:
+        importlib.import_module(name)
+    except BaseException as error:
+        errors[name] = traceback.format_exception_only(error)[-1].strip()
+versions = {}
+for name in packages:
+    try:
+        versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        versions[name] = None
+print(json.dumps({"import_errors": errors, "versions": versions}))
+"""
+
+
+def probe(modules: list[str], packages: list[str], site: Path | None) -> dict:
+    """Import `modules` and read the versions of `packages` in a new interpreter (`site` on its path)."""
+    env = dict(os.environ)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(modules), json.dumps(packages)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if run.returncode != 0 or not run.stdout.strip():
+        return {"import_errors": {"<probe>": (run.stderr or "no output").strip()[-2000:]}, "versions": {}}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def install(
+    kit: Path, report: Path | None, dry_run: bool, site: Path, check: list[Path], force_site: bool
+) -> int:
     if not (kit / MANIFEST).is_file():
         print(f"no device kit at {kit}: run `make device-kit` there and carry its folder", file=sys.stderr)
         return 2
     manifest = json.loads((kit / MANIFEST).read_text())
     plan = install_plan(manifest)
-    image = {
-        name: installed_version(name) for name in (*IMAGE_OWNED, "huggingface-hub", "safetensors", "pillow")
-    }
+    image = {name: installed_version(name) for name in RECORDED}
+    target = site if force_site or not environment_writable() else None
     result = {
         "python": sys.version.split()[0],
         "image": image,
         "present": {e["name"]: e["installed"] for e in plan["present"]},
         "missing": [f"{e['name']}=={e['version']}" for e in plan["missing"]],
         "dry_run": dry_run,
+        # Where the kit went: None = the image's own environment; else a folder on PYTHONPATH.
+        "site": None if target is None else str(target),
         "commands": [],
         "installed": {},
     }
@@ -262,12 +347,19 @@ def install(kit: Path, report: Path | None, dry_run: bool) -> int:
         constraints.write_text(
             "".join(f"{name}=={v}\n" for name, v in image.items() if name in IMAGE_OWNED and v)
         )
-        for command in pip_commands(kit, plan["missing"], constraints):
+        for command in pip_commands(kit, plan["missing"], constraints, target):
             result["commands"].append(" ".join(command[command.index("install") :]))
             if not dry_run and subprocess.run(command).returncode != 0:
                 status = 1
+    # What every later stage imports, imported now: a missing module fails here, not in a stage.
+    kit_names = [e["name"] for e in manifest["wheels"]]
+    probed = probe(imported_modules(check), [*RECORDED, *kit_names], target)
+    result["imports"] = {"modules": imported_modules(check), "errors": probed["import_errors"]}
+    result["versions"] = probed["versions"]
+    if probed["import_errors"]:
+        status = 1
     if not dry_run:
-        result["installed"] = {e["name"]: installed_version(e["name"]) for e in plan["missing"]}
+        result["installed"] = {e["name"]: probed["versions"].get(e["name"]) for e in plan["missing"]}
         if any(version is None for version in result["installed"].values()):
             status = 1
     text = json.dumps(result, indent=2)
@@ -291,11 +383,27 @@ def main(argv: list[str] | None = None) -> int:
     install_cmd.add_argument(
         "--dry-run", action="store_true", help="report what would be installed, install nothing"
     )
+    install_cmd.add_argument(
+        "--site",
+        type=Path,
+        default=Path("/tmp/realcustom-site"),
+        help="where the kit goes (--target) when the image's environment is not writable",
+    )
+    install_cmd.add_argument(
+        "--force-site", action="store_true", help="install into --site even if the environment is writable"
+    )
+    install_cmd.add_argument(
+        "--check-imports",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="files whose imports must all succeed after the install (the later stages' entry points)",
+    )
     args = parser.parse_args(argv)
     if args.command == "build":
         build(args.out)
         return 0
-    return install(args.kit, args.report, args.dry_run)
+    return install(args.kit, args.report, args.dry_run, args.site, args.check_imports, args.force_site)
 
 
 if __name__ == "__main__":

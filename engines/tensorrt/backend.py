@@ -24,7 +24,8 @@ from typing import Protocol
 
 import torch
 
-from engines.compiled import CudaGraphCapture, GraphBackend, GraphLoop, WarmupCapture
+from engines.compiled import GraphBackend
+from engines.graph_loop import CudaGraphCapture, GraphLoop, WarmupCapture
 from engines.static_loop import Bucket, GraphSettings
 from engines.tensorrt import tensorrt_unavailable_reason
 from engines.tensorrt.cache import BuildSettings, EngineCache

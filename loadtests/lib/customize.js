@@ -1,10 +1,13 @@
-// Shared by every scenario: builds POST /customize requests from the DreamBench photos and
-// checks each answer. Configuration comes from the environment (-e NAME=value or exported):
-//   BASE_URL      service root, loopback only (default http://127.0.0.1:8000)
+// Shared by every scenario: builds POST /customize and POST /jobs requests from the DreamBench
+// photos and checks each answer. Configuration comes from the environment (-e NAME=value or exported):
+//   BASE_URL      service root (default http://127.0.0.1:8000): a loopback address, or, with
+//                 IN_CLUSTER=1, a Kubernetes Service name (*.svc[.cluster.local]): the k6 Operator's
+//                 TestRun (k8s/loadtest) runs the scripts inside the cluster against the Service
 //   FIXTURES_DIR  directory with the DreamBench photos (default: the repository's examples/dreambench)
 //   API_KEY       bearer token, when the service has API_KEYS set
 //   WIDTH HEIGHT STEPS   request size (default 128x128, 8 steps: the tiny model on CPU)
-//   ALLOW_429     "1" for overload runs: 429 is then an expected answer, not an error
+//   ALLOW_429     "1": 429 is an expected answer (overload runs), "0": it is an error; unset: the
+//                 scenario's own expectation (spike expects 429s, the others do not)
 import http from 'k6/http';
 import { check } from 'k6';
 import encoding from 'k6/encoding';
@@ -18,11 +21,16 @@ const HEIGHT = parseInt(__ENV.HEIGHT || '128', 10);
 const STEPS = parseInt(__ENV.STEPS || '8', 10);
 // The official setting reuses the mask from step 12 of 50; keep that proportion.
 const MASK_REUSED_STEP = Math.max(1, Math.round((STEPS * 12) / 50));
-export const ALLOW_429 = __ENV.ALLOW_429 === '1';
 
-// Load generation is for this machine only: refuse anything but a loopback address.
-if (!/^https?:\/\/(127\.\d+\.\d+\.\d+|\[::1\]|localhost)(:\d+)?(\/|$)/.test(BASE_URL)) {
-  throw new Error(`BASE_URL must be a loopback address, got ${BASE_URL}`);
+// Load generation is for this machine, or from inside a cluster to its own Service: refuse any
+// other target. The in-cluster case is an explicit opt-in (IN_CLUSTER=1), and even then only a
+// cluster-internal Service name is accepted, never an external or raw IP address.
+const LOOPBACK = /^https?:\/\/(127\.\d+\.\d+\.\d+|\[::1\]|localhost)(:\d+)?(\/|$)/;
+const CLUSTER_SERVICE = /^https?:\/\/[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\.svc(\.cluster\.local)?(:\d+)?(\/|$)/;
+if (!LOOPBACK.test(BASE_URL) && !(__ENV.IN_CLUSTER === '1' && CLUSTER_SERVICE.test(BASE_URL))) {
+  throw new Error(
+    `BASE_URL must be a loopback address (or, with IN_CLUSTER=1, a cluster Service *.svc), got ${BASE_URL}`,
+  );
 }
 
 // (photo, class word) pairs from DreamBench; the class word is the target phrase.
@@ -45,6 +53,18 @@ const PROMPTS = [
   'a red {}',
 ];
 
+// Whether 429 (queue full, rate limit) is an expected answer: the scenario says (allow429), the
+// environment may override it (ALLOW_429=1 or 0).
+let allowed429 = false;
+
+/** Called once by each scenario at init, before its thresholds: its own expectation about 429s. */
+export function allow429(scenarioDefault) {
+  allowed429 = __ENV.ALLOW_429 === undefined || __ENV.ALLOW_429 === '' ? scenarioDefault : __ENV.ALLOW_429 === '1';
+  const ok = allowed429 ? http.expectedStatuses({ min: 200, max: 299 }, 429) : http.expectedStatuses({ min: 200, max: 299 });
+  http.setResponseCallback(ok);
+  return allowed429;
+}
+
 export const serverErrors = new Rate('server_errors');
 export const transportErrors = new Rate('transport_errors');
 export const rejected = new Rate('rejected_429');
@@ -52,8 +72,6 @@ export const accepted = new Counter('accepted_jobs');
 export const badImages = new Counter('bad_images');
 export const inferenceSeconds = new Trend('inference_seconds');
 
-const OK_STATUSES = ALLOW_429 ? http.expectedStatuses({ min: 200, max: 299 }, 429) : http.expectedStatuses(200);
-http.setResponseCallback(OK_STATUSES);
 
 /** The request body of iteration `n`: rotates through subjects and prompts, seed = n. */
 export function requestBody(n) {
@@ -72,22 +90,35 @@ export function requestBody(n) {
   });
 }
 
-/** One POST /customize with its checks. `n` makes each request distinct. */
-export function customize(n) {
-  const headers = { 'Content-Type': 'application/json' };
+/** Request headers: JSON, and the API key when one is set. */
+export function headers(json = true) {
+  const result = json ? { 'Content-Type': 'application/json' } : {};
   if (__ENV.API_KEY) {
-    headers.Authorization = `Bearer ${__ENV.API_KEY}`;
+    result.Authorization = `Bearer ${__ENV.API_KEY}`;
   }
-  const response = http.post(`${BASE_URL}/customize`, requestBody(n), {
-    headers,
-    timeout: __ENV.REQUEST_TIMEOUT || '120s',
-    tags: { name: 'customize' },
-  });
+  return result;
+}
+
+/** Counts a response's error classes; true when it is a 429 (checked for its Retry-After). */
+export function countErrors(response) {
   transportErrors.add(response.status === 0);
   serverErrors.add(response.status >= 500);
   rejected.add(response.status === 429);
   if (response.status === 429) {
     check(response, { '429 carries Retry-After': (r) => Boolean(r.headers['Retry-After']) });
+    return true;
+  }
+  return false;
+}
+
+/** One POST /customize with its checks. `n` makes each request distinct. */
+export function customize(n) {
+  const response = http.post(`${BASE_URL}/customize`, requestBody(n), {
+    headers: headers(),
+    timeout: __ENV.REQUEST_TIMEOUT || '120s',
+    tags: { name: 'customize' },
+  });
+  if (countErrors(response)) {
     return response;
   }
   const ok = check(response, {
@@ -136,13 +167,19 @@ function crc32(bytes, start, end) {
   return (crc ^ 0xffffffff) >>> 0;
 }
 
-export function isPng(b64, width, height) {
+export function isPng(b64, width = WIDTH, height = HEIGHT) {
   let bytes;
   try {
-    bytes = new Uint8Array(encoding.b64decode(b64, 'std'));
+    bytes = encoding.b64decode(b64, 'std');
   } catch (error) {
     return false;
   }
+  return isPngBytes(bytes, width, height);
+}
+
+/** isPng for raw bytes (an ArrayBuffer, e.g. a `responseType: 'binary'` body). */
+export function isPngBytes(buffer, width = WIDTH, height = HEIGHT) {
+  const bytes = new Uint8Array(buffer);
   if (bytes.length < 8 || SIGNATURE.some((value, i) => bytes[i] !== value)) {
     return false;
   }
@@ -179,16 +216,17 @@ export function isPng(b64, width, height) {
 // Percentiles the summary reports (k6's default has no p99).
 export const summaryTrendStats = ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'];
 
-/** Thresholds shared by every scenario; `latency` = {p95, p99} in milliseconds. */
-export function thresholds(latency) {
+/** Thresholds shared by every scenario; `latency` = {p95, p99} in milliseconds, of `trend` (the
+ * synchronous requests' durations by default). Call allow429() first. */
+export function thresholds(latency, trend = 'http_req_duration{name:customize,status:200}') {
   const result = {
     server_errors: ['rate==0'],
     transport_errors: ['rate==0'],
     bad_images: ['count==0'],
     checks: ['rate==1'],
-    'http_req_duration{name:customize,status:200}': [`p(95)<${latency.p95}`, `p(99)<${latency.p99}`],
+    [trend]: [`p(95)<${latency.p95}`, `p(99)<${latency.p99}`],
   };
-  if (!ALLOW_429) {
+  if (!allowed429) {
     result.rejected_429 = ['rate==0'];
     result.http_req_failed = ['rate==0'];
   }

@@ -14,7 +14,8 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
+M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD_BYTES = 128 * 1024
 ARENA_MAX = 2
@@ -30,3 +31,27 @@ def tune_allocator() -> None:
         return
     if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_ARENA_MAX, ARENA_MAX)):
         logger.warning("mallopt refused the allocator settings; memory may stay high after load peaks")
+
+
+# The decoder processes (service/decoder_process.py): one thread, one reference after another. With
+# glibc's defaults the decode, `tobytes` and their chunks grow and trim the heap on every image
+# (measured: ~4000 page faults, 3x the decode's time for a 1280 px photo); buffers under 16 MiB
+# (a reference's) stay in the heap for the next image, larger ones (a 25 MP source) are mmap'd and
+# returned at once, and at most 32 MiB of free heap is kept.
+DECODER_MMAP_THRESHOLD_BYTES = 16 * 2**20
+DECODER_TRIM_THRESHOLD_BYTES = 32 * 2**20
+
+
+def tune_decoder_allocator() -> None:
+    """Call at the decoder process's start. A no-op (logged) where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        logger.info("not glibc: allocator left at its defaults")
+        return
+    if not (
+        mallopt(M_MMAP_THRESHOLD, DECODER_MMAP_THRESHOLD_BYTES)
+        and mallopt(M_TRIM_THRESHOLD, DECODER_TRIM_THRESHOLD_BYTES)
+    ):
+        logger.warning("mallopt refused the decoder's allocator settings; decoding may be slower")

@@ -13,7 +13,7 @@ from service.api.ratelimit import RateLimiter, retry_after_header
 from service.errors import ApiError
 from service.queue.protocol import JobQueue
 from service.schemas import JobRequest
-from service.settings import Settings
+from service.settings import DEFAULT_TIER, Settings
 from service.subjects.store import SubjectStore
 from service.webhooks.outbox import Outbox
 
@@ -73,6 +73,12 @@ def owner_of(caller: str) -> str:
     return hashlib.sha256(f"owner\0{caller}".encode()).hexdigest()
 
 
+def tier_of(caller: str, settings: Settings) -> str:
+    """The caller's key class (`API_KEY_TIERS`); every caller of an open API is in `default`."""
+    kind, _, key = caller.partition(":")
+    return settings.tier_of_key(key) if kind == "key" else DEFAULT_TIER
+
+
 def enforce_rate_limit(request: Request, caller: Caller) -> str:
     limiter: RateLimiter | None = request.app.state.rate_limiter
     if limiter is not None:
@@ -120,6 +126,7 @@ async def accept_customize(
         idempotency_key,
         request.app.state.subjects,
         accept or "application/json",
+        tier=tier_of(caller, request.app.state.settings),
     )
 
 
@@ -128,7 +135,13 @@ async def accept_job(
 ) -> Accepted:
     intake: Intake = request.app.state.intake
     return await intake.enqueue(
-        request, owner_of(caller), queue, idempotency_key, request.app.state.subjects, model=JobRequest
+        request,
+        owner_of(caller),
+        queue,
+        idempotency_key,
+        request.app.state.subjects,
+        model=JobRequest,
+        tier=tier_of(caller, request.app.state.settings),
     )
 
 

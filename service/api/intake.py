@@ -1,17 +1,17 @@
 """From an HTTP request to an enqueued job, with bounded memory and off the event loop.
 
-A bounded number of requests read, validate and enqueue at once (`INTAKE_CONCURRENCY`): the
-others wait with their bodies still in the kernel's socket buffers, so at most that many JSON
-bodies and decoded jobs sit in memory. Parsing, the tokenizer and image decoding run in a worker
-thread, decoding a bounded number of images at a time (`DECODE_CONCURRENCY`), so the event loop
-keeps answering probes. Multipart uploads are spooled to disk by the form parser and read in the
-worker thread.
+A bounded number of requests read, validate and enqueue at once (`INTAKE_CONCURRENCY`, at most
+`INTAKE_CONCURRENCY_PER_KEY` per API key, waiting keys served round robin: service/fair_slots.py):
+the others wait with their bodies still in the kernel's socket buffers, so at most that many JSON
+bodies and decoded jobs sit in memory. Parsing and the tokenizer run in a worker thread, images
+are decoded by `DECODE_CONCURRENCY` decoder processes (service/decoders.py, fair across keys
+too), so the event loop keeps answering probes. Multipart uploads are spooled to disk by the form
+parser and read in the worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +24,14 @@ from starlette.requests import Request
 from transformers import PreTrainedTokenizerBase
 
 from service.api import results
+from service.api.ratelimit import retry_after_header
+from service.decoders import DecoderPool
 from service.errors import ApiError
+from service.fair_slots import AsyncFairSlots
 from service.images import MEDIA_TYPES
 from service.queue.protocol import JobQueue, JobRecord
-from service.schemas import CustomizeRequest, SubjectUpload
-from service.settings import Settings
+from service.schemas import CustomizeRequest, JobRequest, SubjectUpload
+from service.settings import DEFAULT_TIER, Settings
 from service.subjects.resolve import resolve_subjects
 from service.subjects.store import SubjectStore
 from service.validation import build_job_spec, decode_upload, parse_json, parse_request, validation_error
@@ -59,8 +62,13 @@ class Intake:
     def __init__(self, settings: Settings, tokenizer: PreTrainedTokenizerBase) -> None:
         self._settings = settings
         self._tokenizer = tokenizer
-        self._slots = asyncio.Semaphore(settings.intake_concurrency)
-        self._decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
+        self._slots = AsyncFairSlots(settings.intake_concurrency, settings.intake_concurrency_per_key)
+        # Jobs ready but for their webhook host's resolution, waiting outside the slots.
+        self._resolving = asyncio.Semaphore(settings.intake_concurrency)
+        self.decoders = DecoderPool(settings)
+
+    def close(self) -> None:
+        self.decoders.close()
 
     async def enqueue(
         self,
@@ -71,38 +79,80 @@ class Intake:
         subjects: SubjectStore,
         accept: str | None = None,
         model: type[CustomizeRequest] = CustomizeRequest,
+        tier: str = DEFAULT_TIER,
     ) -> Accepted:
-        """Read, validate (as a `model`) and enqueue within one slot. `accept`: the Accept header of
-        a route that may answer with a raw image."""
+        """Read, validate (as a `model`) and enqueue within one slot, for a caller of key class
+        `tier`. `accept`: the Accept header of a route that may answer with a raw image."""
         arrived = time.perf_counter()
-        async with self._slots:
+        async with self._slots.hold(owner):
             data = await self._read_in_time(request)
             parsed, raw_media_type = await run_in_threadpool(self._parse, data, accept, model)
             del data
-            stored = await resolve_subjects(parsed, owner, subjects)
-            spec = await run_in_threadpool(
-                build_job_spec, parsed, self._settings, self._tokenizer, owner, self._decode_slots, stored
-            )
+            webhook = self._check_webhook(parsed)
+            try:
+                stored = await resolve_subjects(parsed, owner, subjects)
+                spec = await run_in_threadpool(
+                    build_job_spec,
+                    parsed,
+                    self._settings,
+                    self._tokenizer,
+                    owner,
+                    self.decoders,
+                    stored,
+                    tier,
+                )
+            except BaseException as error:
+                webhook.cancel()
+                if isinstance(error, ApiError):
+                    results.count_refusal(error, tier, parsed.priority or "")
+                raise
             del parsed
-            if spec.webhook is not None:
-                await check_webhook_url(spec.webhook.url, self._settings)
+            if webhook.done():
+                await webhook
+                return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type, arrived)
+            if self._resolving.locked():
+                webhook.cancel()
+                raise ApiError(
+                    503,
+                    "webhook_checks_busy",
+                    "too many webhook hosts are being resolved at once; retry shortly",
+                    field="webhook_url",
+                    headers=retry_after_header(1),
+                )
+            await self._resolving.acquire()
+        try:
+            await webhook
             return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type, arrived)
+        finally:
+            self._resolving.release()
 
-    async def decode_subject(self, request: Request) -> Image.Image:
+    def _check_webhook(self, request: CustomizeRequest) -> asyncio.Future[None]:
+        """The check of the request's webhook URL, started now (it resolves the host)."""
+        target = request.webhook() if isinstance(request, JobRequest) else None
+        if target is None:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        check = asyncio.ensure_future(check_webhook_url(target.url, self._settings))
+        # A check cancelled or never awaited (the request failed first) must not log its error.
+        check.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return check
+
+    async def decode_subject(self, request: Request, owner: str) -> Image.Image:
         """`POST /subjects`: its one photo (JSON `image` or multipart file `image`), decoded as
-        `/customize` decodes references, within one intake slot."""
-        async with self._slots:
+        `/customize` decodes references, within one intake slot of `owner`."""
+        async with self._slots.hold(owner):
             data = await self._read_in_time(request, subject_upload=True)
-            return await run_in_threadpool(self._decode_subject, data)
+            return await run_in_threadpool(self._decode_subject, data, owner)
 
-    def _decode_subject(self, data: Any) -> Image.Image:
+    def _decode_subject(self, data: Any, owner: str) -> Image.Image:
         if isinstance(data, bytes):
             data = parse_json(data)
         try:
             upload = SubjectUpload.model_validate(data)
         except ValidationError as error:
             raise validation_error(error) from None
-        return decode_upload(upload.image, "image", self._settings, self._decode_slots)
+        return decode_upload(upload.image, "image", self._settings, self.decoders, owner)
 
     async def _read_in_time(self, request: Request, subject_upload: bool = False) -> Any:
         """The body, or 408 when it takes longer than BODY_TIMEOUT_S to arrive."""
@@ -114,6 +164,7 @@ class Intake:
                 408,
                 "body_timeout",
                 f"the request body took longer than {self._settings.body_timeout_s:.0f} s to arrive",
+                headers={"Connection": "close"},  # the rest of the body may still come: no next request
             ) from None
 
     async def _read(self, request: Request, subject_upload: bool = False) -> Any:

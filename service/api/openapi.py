@@ -15,6 +15,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, description in (
         (400, "Malformed body"),
         (401, "Missing or wrong API key"),
+        (403, "The API key's tier does not allow this `priority`"),
         (404, "No such job of this caller"),
         (406, "The Accept header cannot be met"),
         (408, "The body took longer than BODY_TIMEOUT_S to arrive"),
@@ -23,9 +24,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (415, "Unsupported content type"),
         (
             422,
-            "Invalid field, or an Idempotency-Key reused with another body: the message says what to change",
+            "Invalid field, a request over the cost cap (`request_too_costly`), or an Idempotency-Key reused "
+            "with another body: the message says what to change",
         ),
-        (429, "Queue full or rate limit hit; see Retry-After"),
+        (
+            429,
+            "A limit refuses the request for now (`code` names it: queue_full, key_queue_full, "
+            "key_cost_in_flight, deadline_unmeetable, subjects_full, key_subjects_full, rate_limited, "
+            "too_many_streams); see Retry-After",
+        ),
         (500, "The generation failed, or an internal error (with an id to report)"),
         (503, "Queue unreachable; see Retry-After"),
         (

@@ -15,6 +15,33 @@ from service.images import MEDIA_TYPES
 from service.queue.protocol import JobQueue, JobRecord, JobSpec, JobState, QueueFullError
 from service.schemas import CustomizeResponse, JobStatusResponse, Timings
 
+# Refusals counted by tier and priority: admission's own (a bounded set of codes, every other
+# error reply is counted by realcustom_requests_rejected_total alone).
+ADMISSION_CODES = frozenset(
+    {
+        "queue_full",
+        "key_queue_full",
+        "key_cost_in_flight",
+        "deadline_unmeetable",
+        "subjects_full",
+        "key_subjects_full",
+        "request_too_costly",
+        "priority_not_allowed",
+    }
+)
+
+
+def count_refusal(error: ApiError, tier: str, priority: str) -> None:
+    if error.code in ADMISSION_CODES:
+        metrics.ADMISSION_REFUSALS.labels(tier=tier, priority=priority or "none", reason=error.code).inc()
+
+
+def refusal(error: QueueFullError, tier: str, priority: str = "") -> ApiError:
+    """A limit's refusal as the 429 that names it (counted by tier and priority)."""
+    reply = ApiError(429, error.code, str(error), headers=retry_after_header(error.retry_after_s))
+    count_refusal(reply, tier, priority)
+    return reply
+
 
 async def submit(queue: JobQueue, spec: JobSpec, idempotency_key: str | None) -> JobRecord:
     """Enqueue; an Idempotency-Key is scoped to the job's owner and bound to its request."""
@@ -24,9 +51,7 @@ async def submit(queue: JobQueue, spec: JobSpec, idempotency_key: str | None) ->
     try:
         record = await queue.submit(spec, scoped_key)
     except QueueFullError as error:
-        raise ApiError(
-            429, "queue_full", str(error), headers=retry_after_header(error.retry_after_s)
-        ) from None
+        raise refusal(error, spec.tier, spec.priority) from None
     if record.id == spec.id:
         metrics.JOBS_ACCEPTED.inc()
     elif record.request_hash != spec.request_hash:

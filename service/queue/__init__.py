@@ -1,8 +1,10 @@
 """Job queue: one protocol (`protocol.py`), an in-process and a Redis Streams backend."""
 
 from service.queue.memory import InProcessQueue
+from service.queue.policy import QueuePolicy
 from service.queue.protocol import JobQueue
 from service.queue.redis_streams import RedisStreamsQueue
+from service.queue.storage import RedisStorage
 from service.settings import Settings
 
 # Workers count as ready while their last heartbeat is younger than this many periods.
@@ -14,14 +16,7 @@ def create_queue(settings: Settings) -> JobQueue:
     worker_ttl_s = settings.heartbeat_s * WORKER_TTL_HEARTBEATS
     if settings.redis_url:
         return RedisStreamsQueue(
-            url=settings.redis_url,
-            password=settings.redis_password.get_secret_value() if settings.redis_password else None,
-            sentinel_password=(
-                settings.redis_sentinel_password.get_secret_value()
-                if settings.redis_sentinel_password
-                else None
-            ),
-            prefix=settings.queue_name,
+            RedisStorage(settings),
             max_depth=settings.queue_max_depth,
             max_bytes=settings.queue_max_bytes,
             retry_after_s=settings.queue_full_retry_after_s,
@@ -31,6 +26,7 @@ def create_queue(settings: Settings) -> JobQueue:
             worker_ttl_s=worker_ttl_s,
             ack_replicas=settings.redis_ack_replicas,
             ack_timeout_ms=settings.redis_ack_timeout_ms,
+            policy=QueuePolicy.from_settings(settings),
         )
     return InProcessQueue(
         max_depth=settings.queue_max_depth,
@@ -38,4 +34,5 @@ def create_queue(settings: Settings) -> JobQueue:
         retry_after_s=settings.queue_full_retry_after_s,
         result_ttl_s=settings.result_ttl_s,
         worker_ttl_s=worker_ttl_s,
+        policy=QueuePolicy.from_settings(settings),
     )

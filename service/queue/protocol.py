@@ -220,11 +220,17 @@ class TakenJob(BaseModel):
 
 
 class QueueFullError(Exception):
-    """The queue is at a limit (`reason`: jobs, bytes or Redis memory); retry after `retry_after_s`."""
+    """A limit refuses the job (`code` names which, `reason` says why); retry after `retry_after_s`.
 
-    def __init__(self, reason: str, retry_after_s: int) -> None:
+    Codes: `queue_full` (the queue's depth, bytes, or Redis memory), `key_queue_full` (the owner's
+    share of them), `key_cost_in_flight` (the owner's unfinished cost), `deadline_unmeetable` (the
+    work ahead would keep it past its deadline), `subjects_full`, `key_subjects_full` (the subject
+    budget, the owner's share of it)."""
+
+    def __init__(self, reason: str, retry_after_s: int, code: str = "queue_full") -> None:
         super().__init__(f"{reason}; retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s
+        self.code = code
 
     @classmethod
     def for_bytes(cls, held: int, size: int, limit: int, retry_after_s: int) -> QueueFullError:
@@ -233,6 +239,22 @@ class QueueFullError(Exception):
             f"limit of {limit}",
             retry_after_s,
         )
+
+
+class TierUsage(BaseModel):
+    """What the keys of one tier hold in the queue (metrics)."""
+
+    jobs: int = Field(0, description="Unfinished jobs.")
+    bytes: int = Field(0, description="Bytes of their payloads, kept results and stored subjects.")
+
+
+class QueueUsage(BaseModel):
+    """The queue's load as the metrics endpoint reports it."""
+
+    tiers: dict[str, TierUsage] = Field(default_factory=dict)
+    seconds_per_cost: float | None = Field(
+        None, description="Measured busy seconds per unit of cost finished (None until measured)."
+    )
 
 
 class QueueUnavailableError(Exception):
@@ -265,7 +287,8 @@ class JobQueue(Protocol):
         ...
 
     async def position(self, job_id: str) -> int | None:
-        """Queued jobs accepted before this one and not started yet; None when it is not queued."""
+        """Queued jobs that will be handed to workers before this one, in the fair order as it stands
+        (a batch job counts every interactive one); 0 once a worker took it; None when not queued."""
         ...
 
     async def watch(self, job_id: str, previews: bool, ttl_s: float) -> None:
@@ -281,6 +304,10 @@ class JobQueue(Protocol):
         """Bytes counted against the byte budget: payloads of unfinished jobs, results still kept."""
         ...
 
+    async def usage(self, tiers: list[str]) -> QueueUsage:
+        """Jobs and bytes held by the keys of each of `tiers`, and the measured throughput."""
+        ...
+
     async def ready_workers(self) -> int:
         """Workers that reported ready within the last few heartbeats."""
         ...
@@ -289,8 +316,8 @@ class JobQueue(Protocol):
 
     # --- worker side ---------------------------------------------------------------------------
     async def take(self, worker: str, max_jobs: int, block_s: float) -> list[TakenJob]:
-        """Up to `max_jobs` jobs (waiting at most `block_s` for the first), including jobs
-        reclaimed from workers that died."""
+        """Up to `max_jobs` jobs (waiting at most `block_s` for the first): jobs reclaimed from
+        workers that died first, then in the tenant-fair order (service/queue/fair.py)."""
         ...
 
     async def start(self, worker: str, job: TakenJob) -> bool:

@@ -1,23 +1,28 @@
 """Redis Streams queue: many API processes and many workers on any machines.
 
 Layout under the `queue_name` prefix `p`, every key inside the hash tag `{p}` so that a queue lives in
-one Redis Cluster slot (`keys.py`):
+one Redis Cluster slot (every name is in `keys.py`):
 - `{p}:stream`: one message per accepted job, consumer group `workers`. Fields: `id`, `deadline`,
-  `v` (message format), `size` (payload bytes), `spec` (the job's JSON without its images),
-  `blobs` (their count) and `blob:<i>` (each image as raw bytes, see `blobs.py`). Messages are
+  `v` (message format), `size` (payload bytes), `owner`, `tier`, `class` (priority) and `cost` (for
+  the owner's counters and the fair order), `spec` (the job's JSON without its images), `blobs`
+  (their count) and `blob:<i>` (each image as raw bytes, see `blobs.py`). Messages are
   acknowledged and deleted only once their job's terminal record is stored, so the stream length
   is the number of unfinished jobs (the bounded depth).
+- `{p}:ready:<class>`, `{p}:active:<class>`, `{p}:sched`, `{p}:owner:<owner>`: the tenant-fair order
+  of the jobs no worker took yet (`fair.py`) and each owner's counters (jobs, bytes, cost, subject
+  bytes, queued cost, finish tags); `take` hands out the head of the order (redis_scripts.TAKE).
 - `{p}:job:<id>`: hash with the job's `state`, `worker`, `fence` (ownership token), `error`,
-  `result` (+ `rblob:<i>` raw result images), `meta` and stream id.
-- `{p}:bytes`, `{p}:results`: the byte budget: bytes held (payloads of unfinished jobs + results not
-  yet expired) and the sizes and expiry times of stored results.
+  `result` (+ `rblob:<i>` raw result images), `meta`, stream id and place in the fair order.
+- `{p}:bytes`, `{p}:held`, `{p}:totals`, `{p}:tiers`: the byte budget (bytes held, the expiring
+  holdings: results, subjects, tokens) and the totals by kind and by tier.
+- `{p}:rate`: the measured throughput (deadline admission, `policy.py`).
 - `{p}:dead`: dead letters (messages no worker could read), bounded.
 - `{p}:idem:<key>`: idempotency key -> job id.
 - `{p}:workers`: sorted set worker -> last heartbeat (readiness).
 - `{p}:done`: pub/sub channel carrying the ids of finished jobs, so waiting requests wake at once.
-- `{p}:webhook:<id>`, `{p}:webhooks`: a finished job's webhook delivery and the due times of all of
-  them, written by the scripts that store terminal states (`service/webhooks/outbox.py`).
-- `{p}:waiting`: sorted set job id -> acceptance time of the jobs not started yet (queue positions).
+- `{p}:arrivals`: capped stream written at every submit and release: an idle taker blocks on it.
+- `{p}:webhook:<id>`, `{p}:webhooks`, `{p}:webhook-leases:<owner>`: a finished job's webhook delivery,
+  the due times of all of them and each owner's deliveries in flight (`service/webhooks/outbox.py`).
 - `{p}:events:<id>`: stream of a running job's newest progress events (capped, expires after its last
   event); `{p}:watch:<id>`: present while a client watches the job with previews (expires). A
   cancellation request of a running job is the field `cancel` of its hash.
@@ -34,14 +39,13 @@ import time
 from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from service import metrics
 from service.queue.blobs import join_blobs, payload_size, split_blobs
-from service.queue.connect import connect_async
-from service.queue.keys import QueueKeys
+from service.queue.keys import GROUP
+from service.queue.policy import QueuePolicy, deadline_refusal, quota_refusal
 from service.queue.protocol import (
     PROGRESS_EVENTS_KEPT,
     JobMeta,
@@ -52,8 +56,10 @@ from service.queue.protocol import (
     JobState,
     QueueFullError,
     QueueUnavailableError,
+    QueueUsage,
     StepSignals,
     TakenJob,
+    TierUsage,
 )
 from service.queue.redis_scripts import (
     CANCEL,
@@ -68,11 +74,12 @@ from service.queue.redis_scripts import (
     SIGNALS,
     START,
     SUBMIT,
+    TAKE,
 )
+from service.queue.storage import RedisStorage
 
 logger = logging.getLogger(__name__)
 
-GROUP = "workers"
 # Waiters re-read their job at least this often, in case a wake-up was lost while Redis restarted.
 WAKE_SAFETY_INTERVAL_S = 1.0
 # Version of the stream message layout; a message of another version is dead-lettered.
@@ -84,8 +91,8 @@ DEAD_LETTER_FIELD_MAX = 16 * 1024
 FORGET_WORKER_S = 3600
 # A job's progress log lives this long after its last event (a late client still replays it).
 PROGRESS_EVENTS_TTL_S = 60
-# Most members `position` checks per call (those that no longer wait are dropped as it goes).
-POSITION_SCAN_MAX = 100
+# A cost cap of "no limit", as Lua reads it.
+UNLIMITED = 1e308
 
 
 def encode_job(spec: JobSpec) -> tuple[list[bytes | str | int], int]:
@@ -93,7 +100,8 @@ def encode_job(spec: JobSpec) -> tuple[list[bytes | str | int], int]:
     document, blobs = split_blobs(spec)
     size = payload_size(document, blobs)
     fields: list[bytes | str | int] = ["id", spec.id, "deadline", repr(spec.deadline), "v", MESSAGE_FORMAT]
-    fields += ["size", size, "spec", document, "blobs", len(blobs)]
+    fields += ["size", size, "owner", spec.owner, "tier", spec.tier, "class", spec.priority]
+    fields += ["cost", repr(spec.cost), "spec", document, "blobs", len(blobs)]
     for index, blob in enumerate(blobs):
         fields += [f"blob:{index}", blob]
     return fields, size
@@ -139,9 +147,7 @@ class RedisStreamsQueue:
 
     def __init__(
         self,
-        url: str,
-        password: str | None,
-        prefix: str,
+        storage: RedisStorage,
         max_depth: int,
         max_bytes: int,
         retry_after_s: int,
@@ -149,39 +155,36 @@ class RedisStreamsQueue:
         job_timeout_s: float,
         reclaim_idle_s: float,
         worker_ttl_s: float,
-        sentinel_password: str | None = None,
         ack_replicas: int = 0,
         ack_timeout_ms: int = 100,
+        policy: QueuePolicy | None = None,
     ) -> None:
-        # An explicit password overrides one in the URL; None keeps the URL's.
-        self._client = connect_async(url, password, sentinel_password, health_check_interval=10)
-        if ack_replicas and isinstance(self._client, RedisCluster):
+        self.storage = storage
+        self._client = storage.client
+        if ack_replicas and storage.clustered:
             raise ValueError(
                 "REDIS_ACK_REPLICAS is not supported with redis+cluster:// (WAIT must run on the "
                 "connection of the write, which a cluster pipeline does not guarantee); set it to 0"
             )
         self._ack_replicas = ack_replicas
         self._ack_timeout_ms = ack_timeout_ms
-        self._keys = QueueKeys(prefix)
+        self._keys = storage.keys
         self._stream = self._keys.stream
-        self._channel = self._keys.channel
-        self._workers_key = self._keys.workers
-        self._bytes_key = self._keys.bytes
-        self._results_key = self._keys.results
-        self._dead_key = self._keys.dead
         self._max_depth = max_depth
         self._max_bytes = max_bytes
         self._retry_after_s = retry_after_s
         self._result_ttl_s = result_ttl_s
+        self._policy = policy or QueuePolicy()
         # A queued job's record must outlive its deadline, plus the time to read its result.
         self._record_ttl_s = int(job_timeout_s) + result_ttl_s + 1
         self._reclaim_idle_ms = int(reclaim_idle_s * 1000)
         self._worker_ttl_s = worker_ttl_s
         self._scripts = {
-            name: self._client.register_script(source)
+            name: storage.script(source)
             for name, source in (
                 ("group", GROUP_CREATE),
                 ("submit", SUBMIT),
+                ("take", TAKE),
                 ("start", START),
                 ("finish", FINISH),
                 ("cancel", CANCEL),
@@ -235,30 +238,40 @@ class RedisStreamsQueue:
     async def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobRecord:
         meta = spec.meta().model_dump_json()
         fields, size = encode_job(spec)
-        idem_keys = [self._keys.idem(idempotency_key)] if idempotency_key else []
-        keys = [self._stream, self._job_key(spec.id), self._bytes_key, self._results_key, self._keys.waiting]
-        keys += idem_keys
+        cost = spec.cost
+        quota = self._policy.quota(spec.tier)
         args = [
             self._max_depth,
             self._max_bytes,
             spec.id,
             meta,
             self._record_ttl_s,
-            time.time(),
             size,
+            spec.owner,
+            spec.tier,
+            spec.priority,
+            repr(spec.weight),
+            repr(cost),
+            quota.jobs if quota else self._max_depth,
+            quota.bytes if quota else self._max_bytes,
+            repr(min(quota.cost, UNLIMITED)) if quota else repr(UNLIMITED),
+            repr(spec.deadline),
+            int(self._policy.deadline_admission),
+            idempotency_key or "",
             *fields,
         ]
+        keys = [self._stream]
         try:
             async with self._redis() as client:
                 if not self._ack_replicas:
-                    outcome, value = await self._scripts["submit"](keys=keys, args=args, client=client)
+                    reply = await self._scripts["submit"](keys=keys, args=args, client=client)
                 else:
                     # WAIT counts the writes of its own connection: one pipeline, one connection.
                     async with client.pipeline(transaction=False) as pipe:
                         await self._scripts["submit"](keys=keys, args=args, client=pipe)
                         pipe.execute_command("WAIT", self._ack_replicas, self._ack_timeout_ms)
-                        (outcome, value), acked = await pipe.execute()
-                    if outcome == b"new" and int(acked) < self._ack_replicas:
+                        reply, acked = await pipe.execute()
+                    if reply[0] == b"new" and int(acked) < self._ack_replicas:
                         metrics.UNREPLICATED_ACCEPTS.inc()
                         logger.warning(
                             "job %s accepted with %s of %d replicas acknowledging it within %d ms: "
@@ -274,13 +287,23 @@ class RedisStreamsQueue:
                     "the queue's Redis is at its memory limit", self._retry_after_s
                 ) from error
             raise
-        outcome, value = outcome.decode(), value.decode()
+        outcome, values = reply[0].decode(), [value.decode() for value in reply[1:]]
         if outcome == "full":
-            raise QueueFullError(f"the queue holds {value} jobs, its limit", self._retry_after_s)
+            raise QueueFullError(f"the queue holds {values[0]} jobs, its limit", self._retry_after_s)
         if outcome == "bytes":
-            raise QueueFullError.for_bytes(int(value), size, self._max_bytes, self._retry_after_s)
+            raise QueueFullError.for_bytes(int(values[0]), size, self._max_bytes, self._retry_after_s)
+        if outcome == "quota":
+            jobs, held, inflight = int(values[0]), int(values[1]), float(values[2])
+            refusal = quota_refusal(quota, jobs, held, inflight, size, cost, self._retry_after_s)
+            assert refusal is not None, "SUBMIT and quota_refusal disagree"
+            raise refusal
+        if outcome == "deadline":
+            ahead, rate, now = (float(value) for value in values)
+            refusal = deadline_refusal(ahead, cost, rate, now, spec.deadline)
+            assert refusal is not None, "SUBMIT and deadline_refusal disagree"
+            raise refusal
         if outcome == "existing":
-            existing = await self.get(value)
+            existing = await self.get(values[0])
             if existing is not None:
                 return existing
             raise QueueUnavailableError("the job of this Idempotency-Key has just expired; retry")
@@ -308,9 +331,9 @@ class RedisStreamsQueue:
         )
 
     async def wait(self, job_id: str, timeout_s: float) -> JobRecord | None:
-        self._ensure_listener()
         give_up = time.monotonic() + max(timeout_s, 0.0)
         while True:
+            self._ensure_listener()  # each round: a listener that ended is replaced within a second
             wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(job_id, set()).add(wake)
             try:
@@ -336,6 +359,9 @@ class RedisStreamsQueue:
 
     def _ensure_listener(self) -> None:
         if self._listener is None or self._listener.done():
+            if self._listener is not None:
+                ended = "was cancelled" if self._listener.cancelled() else repr(self._listener.exception())
+                logger.error("the result listener ended (%s); starting a new one", ended)
             self._listener = asyncio.create_task(self._listen(), name="redis-done-listener")
 
     async def _listen(self) -> None:
@@ -343,12 +369,12 @@ class RedisStreamsQueue:
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._channel)
+                await pubsub.subscribe(self._keys.channel)
                 # Anything finished while we were not subscribed is caught by the waiters' re-read.
                 self._wake_all()
                 async for message in pubsub.listen():
                     if message["type"] == "message":
-                        self._wake(message["data"].decode())
+                        self._wake(message["data"].decode(errors="replace"))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
@@ -372,16 +398,7 @@ class RedisStreamsQueue:
             # Requested first: a job that starts before CANCEL runs is still ended by its worker.
             await self._scripts["request_cancel"](keys=[self._job_key(job_id)], client=client)
             await self._scripts["cancel"](
-                keys=[
-                    self._job_key(job_id),
-                    self._stream,
-                    self._channel,
-                    self._bytes_key,
-                    self._keys.webhooks_due,
-                    self._keys.webhook(job_id),
-                ],
-                args=[GROUP, self._result_ttl_s, job_id],
-                client=client,
+                keys=[self._stream], args=[GROUP, self._result_ttl_s, job_id], client=client
             )
         return await self.get(job_id)
 
@@ -392,11 +409,25 @@ class RedisStreamsQueue:
     async def held_bytes(self) -> int:
         """Bytes counted against `max_bytes` (expired results are subtracted at the next submit)."""
         async with self._redis() as client:
-            return int(await client.get(self._bytes_key) or 0)
+            return int(await client.get(self._keys.bytes) or 0)
+
+    async def usage(self, tiers: list[str]) -> QueueUsage:
+        async with self._redis() as client:
+            counts = await client.hgetall(self._keys.tiers)
+            rate = await client.hmget(self._keys.rate, "c", "b")
+        count = {name.decode(): int(value) for name, value in counts.items()}
+        finished, busy_s = float(rate[0] or 0), float(rate[1] or 0)
+        return QueueUsage(
+            tiers={
+                tier: TierUsage(jobs=count.get(f"{tier}:jobs", 0), bytes=count.get(f"{tier}:bytes", 0))
+                for tier in tiers
+            },
+            seconds_per_cost=busy_s / finished if finished > 0 else None,
+        )
 
     async def ready_workers(self) -> int:
         async with self._redis() as client:
-            return int(await client.zcount(self._workers_key, time.time() - self._worker_ttl_s, "+inf"))
+            return int(await client.zcount(self._keys.workers, time.time() - self._worker_ttl_s, "+inf"))
 
     async def ping(self) -> bool:
         try:
@@ -420,11 +451,7 @@ class RedisStreamsQueue:
 
     async def position(self, job_id: str) -> int | None:
         async with self._redis() as client:
-            ahead = await self._scripts["position"](
-                keys=[self._keys.waiting, self._job_key(job_id)],
-                args=[job_id, self._job_key(""), POSITION_SCAN_MAX],
-                client=client,
-            )
+            ahead = await self._scripts["position"](keys=[self._stream], args=[job_id], client=client)
         return None if int(ahead) < 0 else int(ahead)
 
     async def watch(self, job_id: str, previews: bool, ttl_s: float) -> None:
@@ -437,20 +464,12 @@ class RedisStreamsQueue:
         messages = await self._reclaim(worker, max_jobs)
         if len(messages) < max_jobs:
             try:
-                async with self._redis() as client:
-                    replies = await client.xreadgroup(
-                        GROUP,
-                        worker,
-                        {self._stream: ">"},
-                        count=max_jobs - len(messages),
-                        block=max(int(block_s * 1000), 1) if not messages else None,
-                    )
+                messages += await self._take_fair(
+                    worker, max_jobs - len(messages), block_s if not messages else 0
+                )
             except QueueUnavailableError:
                 if not messages:
-                    raise
-                replies = []  # keep what was reclaimed; the next call reads new messages
-            for _stream, new in replies or []:
-                messages += new
+                    raise  # else keep what was reclaimed; the next call takes new jobs
         taken: list[TakenJob] = []
         for message_id, fields in messages:
             if not fields:  # deleted while pending (cancelled)
@@ -461,6 +480,24 @@ class RedisStreamsQueue:
             except (KeyError, ValueError, TypeError, IndexError) as error:
                 await self._dead_letter(worker, message_id, fields, f"{type(error).__name__}: {error}")
         return taken
+
+    async def _take_fair(
+        self, worker: str, count: int, block_s: float
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The head of the fair order (TAKE); with nothing there, wait up to `block_s` for an arrival
+        (a small stream every submit and release writes to), then try once more."""
+        args = [GROUP, worker, count, self._policy.batch_max_wait_s]
+        async with self._redis() as client:
+            entries, newest = await self._scripts["take"](keys=[self._stream], args=args, client=client)
+            if not entries and block_s > 0:
+                arrived = await client.xread(
+                    {self._keys.arrivals: newest}, count=1, block=max(int(block_s * 1000), 1)
+                )
+                if arrived:
+                    entries, _newest = await self._scripts["take"](
+                        keys=[self._stream], args=args, client=client
+                    )
+        return [(message_id, _pairs(flat)) for message_id, flat in entries]
 
     async def _reclaim(self, worker: str, max_jobs: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Take over jobs whose worker stopped refreshing them (it died)."""
@@ -475,7 +512,8 @@ class RedisStreamsQueue:
         for _message_id, fields in messages:
             if fields:
                 logger.warning(
-                    "reclaimed job %s from a worker that stopped", fields.get(b"id", b"?").decode()
+                    "reclaimed job %s from a worker that stopped",
+                    fields.get(b"id", b"?").decode(errors="replace"),
                 )
         return messages
 
@@ -489,17 +527,7 @@ class RedisStreamsQueue:
         try:
             async with self._redis() as client:
                 moved = await self._scripts["dead_letter"](
-                    keys=[
-                        self._stream,
-                        self._dead_key,
-                        self._bytes_key,
-                        self._channel,
-                        *(
-                            [self._job_key(job_id), self._keys.webhooks_due, self._keys.webhook(job_id)]
-                            if job_id
-                            else []
-                        ),
-                    ],
+                    keys=[self._stream],
                     args=[
                         GROUP,
                         message_id,
@@ -522,7 +550,7 @@ class RedisStreamsQueue:
                 "dead-lettered message %s (job %s) to %s: %s",
                 message_id.decode(),
                 job_id,
-                self._dead_key,
+                self._keys.dead,
                 reason,
             )
 
@@ -530,9 +558,7 @@ class RedisStreamsQueue:
         async with self._redis() as client:
             fence = int(
                 await self._scripts["start"](
-                    keys=[self._job_key(job.spec.id), self._stream, self._bytes_key, self._keys.waiting],
-                    args=[GROUP, job.token, worker, job.spec.id],
-                    client=client,
+                    keys=[self._stream], args=[GROUP, job.token, worker, job.spec.id], client=client
                 )
             )
         if fence > 0:
@@ -551,15 +577,7 @@ class RedisStreamsQueue:
         worker = record.worker or self._taken_by.get(job.token, "")
         async with self._redis() as client:
             stored = await self._scripts["finish"](
-                keys=[
-                    self._job_key(job.spec.id),
-                    self._stream,
-                    self._channel,
-                    self._bytes_key,
-                    self._results_key,
-                    self._keys.webhooks_due,
-                    self._keys.webhook(job.spec.id),
-                ],
+                keys=[self._stream],
                 args=[
                     GROUP,
                     job.token,
@@ -570,7 +588,6 @@ class RedisStreamsQueue:
                     document,
                     self._result_ttl_s,
                     job.spec.id,
-                    time.time() + self._result_ttl_s,
                     payload_size(document, blobs),
                     *result_fields,
                 ],
@@ -607,9 +624,7 @@ class RedisStreamsQueue:
         worker = self._taken_by.get(job.token, "")
         async with self._redis() as client:
             await self._scripts["release"](
-                keys=[self._job_key(job.spec.id), self._stream, self._bytes_key, self._keys.waiting],
-                args=[GROUP, job.token, worker, job.spec.enqueued_at, job.spec.id],
-                client=client,
+                keys=[self._stream], args=[GROUP, job.token, worker, job.spec.id], client=client
             )
         self._forget(worker, job)
 
@@ -623,7 +638,7 @@ class RedisStreamsQueue:
         now = time.time()
         async with self._redis() as client:
             lost = await self._scripts["heartbeat"](
-                keys=[self._workers_key, self._stream],
+                keys=[self._stream],
                 args=[
                     GROUP,
                     worker,
@@ -643,4 +658,9 @@ class RedisStreamsQueue:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        await self._client.aclose()
+        await self.storage.close()
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A message's fields as Lua returns them (a flat list) as XREADGROUP's reply has them."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -6,6 +6,7 @@ from PIL import Image
 
 from service.errors import ApiError
 from service.schemas import CustomizeRequest, SubjectInfo
+from service.settings import DEFAULT_TIER
 from service.subjects.ids import feature_key, subject_id
 from service.subjects.store import Subject, SubjectStore
 
@@ -40,11 +41,11 @@ async def resolve_subjects(request: CustomizeRequest, owner: str, store: Subject
     return stored
 
 
-def new_subject(image: Image.Image, owner: str, version: str) -> Subject:
-    """A subject of a normalised image (expiry set by the store)."""
+def new_subject(image: Image.Image, owner: str, version: str, tier: str = DEFAULT_TIER) -> Subject:
+    """A subject of a normalised image, of an owner of key class `tier` (expiry set by the store)."""
     rgb = image.tobytes()
     key = feature_key(rgb, image.width, image.height, version)
-    return Subject(subject_id(owner, key), owner, key, image.width, image.height, rgb, 0.0)
+    return Subject(subject_id(owner, key), owner, key, image.width, image.height, rgb, 0.0, tier)
 
 
 def info(subject: Subject) -> SubjectInfo:

@@ -1,7 +1,8 @@
 """The delivery loop: every API process (and the all-in-one process) runs one.
 
-It claims due deliveries (leased, so several API replicas never send one at the same time),
-sends each in its own task, at most `WEBHOOK_CONCURRENCY` at once, and stores the outcome:
+It claims due deliveries (leased, so several API replicas never send one at the same time; at
+most `WEBHOOK_CONCURRENCY_PER_KEY` of one API key in flight, outbox.py), sends each in its own
+task, at most `WEBHOOK_CONCURRENCY` at once, and stores the outcome:
 delivered, due again after an exponential backoff with jitter, or failed after
 `WEBHOOK_MAX_ATTEMPTS`. It runs beside the API on its event loop and never touches the workers,
 so a slow or dead receiver never delays generation. A process stopped mid-attempt leaves its
@@ -23,6 +24,7 @@ from datetime import UTC, datetime
 from redis.exceptions import RedisError
 
 from service import metrics
+from service.background import BackgroundTasks
 from service.queue.protocol import JobQueue, JobRecord, JobState, QueueUnavailableError
 from service.settings import Settings
 from service.webhooks.addresses import RESOLVE_TIMEOUT_S, WebhookUrlError, parse_target, resolve
@@ -34,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 # A lease outlives the longest attempt (resolve + connect + reply) by this much.
 LEASE_MARGIN_S = 10.0
+DISPATCHER_TASK = "webhook-dispatcher"
 
 
 def message_id(job_id: str) -> str:
@@ -101,12 +104,10 @@ class WebhookDispatcher:
                         self._tasks.add(task)
                         task.add_done_callback(self._task_done)
                 self._freed.clear()
-                if room <= 0 or len(claimed) == room:
-                    # Every slot busy and maybe more due: claim again as soon as one frees.
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._freed.wait(), self._settings.webhook_poll_s)
-                else:
-                    await asyncio.sleep(self._settings.webhook_poll_s)
+                # Claim again as soon as a delivery ends (a slot frees, and its owner may have
+                # deliveries waiting for their per-key cap), else at the next poll.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._freed.wait(), self._settings.webhook_poll_s)
         finally:
             # Interrupted attempts are sent again once their lease runs out.
             for task in list(self._tasks):
@@ -177,12 +178,12 @@ class WebhookDispatcher:
 
 
 @contextlib.asynccontextmanager
-async def delivering(outbox: Outbox, queue: JobQueue, settings: Settings) -> AsyncIterator[None]:
-    """Run the delivery loop for the duration of the block."""
-    task = asyncio.create_task(WebhookDispatcher(outbox, queue, settings).run(), name="webhook-dispatcher")
+async def delivering(
+    outbox: Outbox, queue: JobQueue, settings: Settings, background: BackgroundTasks
+) -> AsyncIterator[None]:
+    """Run the delivery loop for the duration of the block, a fresh one whenever it ends."""
+    background.keep_running(DISPATCHER_TASK, lambda: WebhookDispatcher(outbox, queue, settings).run())
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await background.stop_task(DISPATCHER_TASK)

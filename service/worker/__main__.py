@@ -13,8 +13,10 @@ from service.logs import configure_logging
 from service.queue import create_queue
 from service.queue.capacity import check_or_exit
 from service.settings import Settings, load_settings
+from service.worker.driver import check_driver_or_exit
 from service.worker.health import Progress, serve_health
 from service.worker.loop import ComputeDeadlineExceeded, Worker
+from service.worker.subject_cache import TokenCache
 
 logger = logging.getLogger("service.worker")
 
@@ -37,7 +39,8 @@ async def serve(settings: Settings, progress: Progress) -> None:
     if stopping.is_set():
         return
     queue = create_queue(settings)
-    worker = Worker(queue, runner, settings, settings.worker_name, progress)
+    tokens = TokenCache.from_settings(settings)
+    worker = Worker(queue, runner, settings, settings.worker_name, tokens, progress)
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait([task, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -62,6 +65,7 @@ def main() -> None:
             "`python -m service` (API + in-process queue + worker in one process)."
         )
         sys.exit(2)
+    check_driver_or_exit(settings.device)
     check_or_exit(settings, logger)
     progress = Progress(settings.worker_stall_s)
     serve_health(settings.worker_metrics_host, settings.worker_metrics_port, progress)

@@ -1,19 +1,18 @@
-"""Between queue jobs (bytes, JSON) and the runner's jobs (PIL images)."""
+"""Between queue jobs (bytes, JSON) and the method's jobs (realcustom.jobs: PIL images)."""
 
 from __future__ import annotations
 
 import time
 
-from engines.jobs import GenerationJob, GenerationOutput, SubjectInput
+from realcustom.jobs import GenerationJob, GenerationOutput, SubjectInput
 from service.images import encode_image
 from service.queue.protocol import JobResult, JobSpec
-from service.worker.subject_cache import process_cache
+from service.worker.subject_cache import TokenCache
 
 
-def to_generation_job(spec: JobSpec) -> GenerationJob:
-    """The job as the runner takes it; the references were decoded once, at the edge, and those
+def to_generation_job(spec: JobSpec, cache: TokenCache) -> GenerationJob:
+    """The job as the method takes it; the references were decoded once, at the edge, and those
     whose tokens a worker computed before come with them (service/worker/subject_cache.py)."""
-    cache = process_cache()
     subjects = tuple(
         SubjectInput(
             image=subject.to_image(),

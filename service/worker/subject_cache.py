@@ -21,7 +21,7 @@ import torch
 
 from service import metrics
 from service.queue.protocol import QueueUnavailableError, SubjectSpec
-from service.settings import Settings, load_settings
+from service.settings import Settings
 from service.subjects.ids import feature_key
 from service.subjects.store import StoredTokens, SubjectStore, process_store
 
@@ -40,6 +40,12 @@ def from_stored(stored: StoredTokens) -> torch.Tensor:
 
 
 class TokenCache:
+    """One per worker process (one runner), made by its entry point and handed to the worker."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenCache:
+        return cls(settings.subject_cache_size, process_store(settings), settings.reference_version)
+
     def __init__(self, capacity: int, store: SubjectStore | None, version: str) -> None:
         self._capacity = capacity
         self._version = version
@@ -106,19 +112,3 @@ class TokenCache:
                 logger.info("subject tokens %s not shared: the queue's byte budget is full", key[:12])
         except Exception as error:  # sharing is an optimisation: never fail a job for it
             logger.warning("could not share subject tokens %s: %s", key[:12], error)
-
-
-_cache: TokenCache | None = None
-_cache_lock = threading.Lock()
-
-
-def process_cache(settings: Settings | None = None) -> TokenCache:
-    """This process' cache (one runner per process), made on first use from its settings."""
-    global _cache
-    with _cache_lock:
-        if _cache is None:
-            settings = settings or load_settings()
-            _cache = TokenCache(
-                settings.subject_cache_size, process_store(settings), settings.reference_version
-            )
-        return _cache

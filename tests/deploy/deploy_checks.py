@@ -1,19 +1,27 @@
 """Offline checks of the deployment files, shared by `make lint-deploy` and tests/deploy.
 
-Run as a script it renders every kustomize target and validates each object:
+Run as a script it renders every kustomize target (each overlay, and each prod overlay composed
+with every provider profile and ingress component) and validates each object:
     python tests/deploy/deploy_checks.py
 
 Built-in kinds are checked (strict: unknown fields fail) against the Kubernetes JSON schemas
 shipped by `kubernetes-validate`, for the oldest and the newest Kubernetes version we support.
-Custom resources (KEDA, Prometheus Operator) have no schema there: they are checked against the
-subsets below, written from the upstream CRDs for exactly the fields these manifests use.
+Custom resources have no schema there. The redis-operator's and Gateway API's are checked against
+their upstream CRDs' schemas (tests/deploy/crd_schemas, vendored by tools/vendor_crd_schemas.py),
+made strict the way the API server's strict field validation is: an unknown field fails. KEDA
+and Prometheus Operator resources are checked against the subsets below, written from the
+upstream CRDs for exactly the fields these manifests use.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +31,20 @@ import yaml
 from keda_rules import KEDA_VERSIONS, scaled_object_errors
 
 ROOT = Path(__file__).resolve().parents[2]
-KUSTOMIZE_TARGETS = ("k8s/base", "k8s/overlays/dev", "k8s/overlays/prod")
+KUSTOMIZE_TARGETS = ("k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/overlays/prod-ha")
+# prod and prod-ha are applied with one provider profile and, optionally, one ingress component:
+# `make deploy OVERLAY=prod-ha PROVIDER=gke INGRESS=gateway-api` composes them in this order.
+PROD_OVERLAYS = ("k8s/overlays/prod", "k8s/overlays/prod-ha")
+# Applied on their own, beside an overlay: the in-cluster load test.
+EXTRA_TARGETS = ("k8s/loadtest",)
+PROVIDERS = ("gke", "eks", "aks", "gpu-operator")
+INGRESSES = ("ingress-nginx", "gateway-api")
+COMPOSED_TARGETS = tuple(
+    f"{overlay}+{ingress}+{provider}"
+    for overlay in PROD_OVERLAYS
+    for provider in PROVIDERS
+    for ingress in INGRESSES
+)
 # preStop `sleep` (beta, on by default) first appears in 1.30; 1.37 is the newest schema shipped.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 
@@ -88,8 +109,8 @@ def _resource(api_version: str, kind: str, spec: dict[str, Any]) -> dict[str, An
     }
 
 
-# keda.sh/v1alpha1 ScaledObject (KEDA 2.15+), redis-streams triggers only; what KEDA makes of the
-# values, per version, is checked by keda_rules.py.
+# keda.sh/v1alpha1 ScaledObject (KEDA 2.15+), the Redis streams triggers only (single server,
+# Sentinel, Cluster: one parser); what KEDA makes of the values, per version, is keda_rules.py's.
 _REDIS_STREAMS_METADATA = {
     "type": "object",
     "required": ["stream"],
@@ -97,8 +118,12 @@ _REDIS_STREAMS_METADATA = {
         key: {"type": "string"}
         for key in (
             "address",
+            "addresses",
             "host",
+            "hosts",
             "port",
+            "ports",
+            "sentinelMaster",
             "stream",
             "consumerGroup",
             "pendingEntriesCount",
@@ -166,7 +191,9 @@ SCALED_OBJECT = _resource(
                     "type": "object",
                     "required": ["type", "metadata"],
                     "properties": {
-                        "type": {"const": "redis-streams"},
+                        "type": {
+                            "enum": ["redis-streams", "redis-sentinel-streams", "redis-cluster-streams"]
+                        },
                         "name": {"type": "string"},
                         "metricType": {"enum": ["AverageValue", "Value"]},
                         "authenticationRef": {
@@ -232,6 +259,47 @@ TRIGGER_AUTHENTICATION = _resource(
         "additionalProperties": False,
     },
 )
+CRD_SCHEMAS = Path(__file__).resolve().parent / "crd_schemas"
+# (apiVersion, kind) -> the vendored upstream schemas it must pass (each supported release).
+VENDORED_SCHEMAS = {
+    ("redis.redis.opstreelabs.in/v1beta2", "RedisReplication"): (
+        "ot-redis-operator-v0.26.0-redisreplications",
+    ),
+    ("redis.redis.opstreelabs.in/v1beta2", "RedisSentinel"): ("ot-redis-operator-v0.26.0-redissentinels",),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): (
+        "gateway-api-v1.2.0-httproutes",
+        "gateway-api-v1.6.1-httproutes",
+    ),
+    ("gateway.networking.k8s.io/v1", "Gateway"): (
+        "gateway-api-v1.2.0-gateways",
+        "gateway-api-v1.6.1-gateways",
+    ),
+    ("k6.io/v1alpha1", "TestRun"): ("k6-operator-v1.6.0-testruns",),
+}
+
+
+def strict_schema(node: Any) -> Any:
+    """A CRD schema where an object with declared properties refuses any other field, as the API
+    server's strict field validation does (it would otherwise drop a misspelt field silently)."""
+    if isinstance(node, dict):
+        node = {key: strict_schema(value) for key, value in node.items()}
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [strict_schema(item) for item in node]
+    return node
+
+
+@cache
+def vendored_schema(name: str) -> dict[str, Any]:
+    return strict_schema(json.loads((CRD_SCHEMAS / f"{name}.json").read_text()))
+
+
 CUSTOM_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION,
@@ -249,17 +317,68 @@ def kubectl() -> str:
     return found
 
 
-def render(target: str) -> list[dict[str, Any]]:
-    """The objects `kubectl kustomize` builds from a kustomize directory."""
+def compose(overlay: str, components: list[str], directory: Path, extra: str = "") -> Path:
+    """A kustomization in `directory` with `overlay` as its resource and `components` (paths under
+    k8s/components) applied in order, as `make deploy` writes it; `extra` is appended."""
+    lines = ["resources:", f"  - {os.path.relpath(ROOT / overlay, directory)}"]
+    if components:
+        lines.append("components:")
+        lines += [f"  - {os.path.relpath(ROOT / 'k8s/components' / c, directory)}" for c in components]
+    (directory / "kustomization.yaml").write_text("\n".join(lines) + "\n" + extra)
+    return directory
+
+
+def composed_parts(target: str) -> tuple[str, list[str]]:
+    """`k8s/overlays/prod+ingress-nginx+gke` -> the overlay and its components (ingress, provider)."""
+    overlay, *parts = target.split("+")
+    ingress = [part for part in parts if part in INGRESSES]
+    provider = [f"providers/{part}" for part in parts if part in PROVIDERS]
+    return overlay, ingress + provider
+
+
+def build(directory: Path) -> list[dict[str, Any]]:
     output = subprocess.run(
-        [kubectl(), "kustomize", str(ROOT / target)], check=True, capture_output=True, text=True
+        [kubectl(), "kustomize", str(directory)], check=True, capture_output=True, text=True
     ).stdout
     return [doc for doc in yaml.safe_load_all(output) if doc]
+
+
+@cache
+def _render(target: str) -> str:
+    if "+" not in target:
+        return json.dumps(build(ROOT / target))
+    overlay, components = composed_parts(target)
+    with tempfile.TemporaryDirectory() as directory:
+        return json.dumps(build(compose(overlay, components, Path(directory))))
+
+
+def render(target: str) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` builds from a kustomize directory, or from a prod overlay
+    composed with components (`overlay+component+...`, see COMPOSED_TARGETS). A fresh copy each
+    call (callers may change it), rendered once per process."""
+    return json.loads(_render(target))
+
+
+def config(docs: list[dict[str, Any]], role: str) -> dict[str, str]:
+    """The data of the generated ConfigMap `realcustom-<role>-config` (role: api or worker)."""
+    (found,) = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].rsplit("-", 1)[0] == f"realcustom-{role}-config"
+    ]
+    return found.get("data", {})
 
 
 def validate(doc: dict[str, Any]) -> list[str]:
     """Schema errors of one object (empty when valid) for every supported Kubernetes version."""
     name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+    vendored = VENDORED_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
+    if vendored is not None:
+        return [
+            f"{name} ({schema}): {'.'.join(map(str, e.path))}: {e.message}"
+            for schema in vendored
+            for e in jsonschema.Draft202012Validator(vendored_schema(schema)).iter_errors(doc)
+        ]
     custom = CUSTOM_SCHEMAS.get((doc.get("apiVersion"), doc.get("kind")))
     if custom is not None:
         validator = jsonschema.Draft202012Validator(custom)
@@ -281,7 +400,7 @@ def validate(doc: dict[str, Any]) -> list[str]:
 
 def main() -> int:
     failures = 0
-    for target in KUSTOMIZE_TARGETS:
+    for target in KUSTOMIZE_TARGETS + COMPOSED_TARGETS + EXTRA_TARGETS:
         docs = render(target)
         errors = [error for doc in docs for error in validate(doc)]
         for error in errors:

@@ -25,11 +25,15 @@ BUCKETS = "1x128x128,2x128x128"
 def _job_argv(model: str, buckets: str, out: Path) -> list[str]:
     """The Job's `python -m engines.export` arguments, with its environment filled in; on the CPU."""
     (job,) = [
-        d for d in render("k8s/overlays/prod") if d["kind"] == "Job" and "engine" in d["metadata"]["name"]
+        d
+        for d in render("k8s/overlays/prod+ingress-nginx+gke")
+        if d["kind"] == "Job" and "engine" in d["metadata"]["name"]
     ]
     (container,) = job["spec"]["template"]["spec"]["containers"]
     shell = container["args"][-1].replace("$MODEL", model).replace("$BUCKETS", buckets)
-    words = shlex.split(shell)
+    # The export, then the clean-up of old artifact sets: the export's command is the first.
+    (export_command,) = [part for part in shell.split(";") if "engines.export" in part]
+    words = shlex.split(export_command)
     argv = words[words.index("engines.export") + 1 :]
     argv[argv.index("--device") + 1] = "cpu"  # no GPU here; graphs are exported in fp32 either way
     argv[argv.index("--out") + 1] = str(out)

@@ -76,27 +76,45 @@ def _names(docs: list[dict]) -> set[tuple[str, str]]:
     return {(doc["kind"], re.sub(r"-[a-z0-9]{10}$", "", doc["metadata"]["name"])) for doc in docs}
 
 
-def _config_name(docs: list[dict]) -> str:
-    (name,) = [
-        d["metadata"]["name"]
+def _config(docs: list[dict], role: str = "worker") -> dict:
+    (found,) = [
+        d
         for d in docs
-        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("realcustom-config")
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith(f"realcustom-{role}-config")
     ]
-    return name
+    return found
 
 
 @pytest.fixture(scope="module")
 def prod_docs() -> list[dict]:
-    return render("k8s/overlays/prod")
+    return render("k8s/overlays/prod+ingress-nginx+gke")
 
 
 def test_deploy_applies_everything_but_the_on_demand_jobs(tmp_path: Path, prod_docs: list[dict]) -> None:
     calls = _make(
-        "deploy", tmp_path, REGISTRY="registry.example/team", TAG="v1", OVERLAY="prod", API_KEYS="k1,k2"
+        "deploy",
+        tmp_path,
+        REGISTRY="registry.example/team",
+        TAG="v1",
+        OVERLAY="prod",
+        PROVIDER="gke",
+        INGRESS="ingress-nginx",
+        API_KEYS="k1,k2",
     )
     applied = _applied(calls)
     expected = {(kind, name) for kind, name in _names(prod_docs) if kind != "Job"}
     assert _names(applied) == expected
+    # The provider profile and the ingress component are composed, the artifacts set is the image's.
+    (worker,) = [
+        d for d in applied if d["kind"] == "Deployment" and d["metadata"]["name"] == "realcustom-worker"
+    ]
+    assert (
+        worker["spec"]["template"]["spec"]["affinity"]
+        == next(
+            d for d in prod_docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "realcustom-worker"
+        )["spec"]["template"]["spec"]["affinity"]
+    )
+    assert _config(applied)["data"]["ARTIFACT_SET"] == "ckpts-1-v1"
     images = {
         c["image"]
         for doc in applied
@@ -116,7 +134,12 @@ def test_on_demand_job_replaces_its_last_run_with_the_workers_config(
     target: str, job: str, tmp_path: Path, prod_docs: list[dict]
 ) -> None:
     calls = _make(
-        target, tmp_path, REGISTRY="registry.example/team", TAG="v2", GPU_PRODUCT="NVIDIA-H100-80GB-HBM3"
+        target,
+        tmp_path,
+        REGISTRY="registry.example/team",
+        TAG="v2",
+        PROVIDER="gke",
+        GPU_KIND="nvidia-h100-80gb",
     )
     kinds = [call["args"][:2] for call in calls]
     # The previous run goes first (a Job's pod template is immutable), the wait comes last.
@@ -124,10 +147,34 @@ def test_on_demand_job_replaces_its_last_run_with_the_workers_config(
     assert calls[0]["args"][2:5] == ["delete", "job", job]
     assert "get" in calls[-1]["args"] and job in calls[-1]["args"]
     applied = _applied(calls)
-    assert _names(applied) == {("ConfigMap", "realcustom-config"), ("Job", job)}
-    # The same ConfigMap (same content hash) as `make deploy` gives the workers.
-    assert _config_name(applied) == _config_name(prod_docs)
+    assert _names(applied) == {("ConfigMap", "realcustom-worker-config"), ("Job", job)}
+    # The same ConfigMap as `make deploy` gives the workers of this image (its artifacts set).
+    deployed = _applied(
+        _make("deploy", tmp_path, REGISTRY="registry.example/team", TAG="v2", OVERLAY="prod", PROVIDER="gke")
+    )
+    assert _config(applied)["metadata"]["name"] == _config(deployed)["metadata"]["name"]
     (pod,) = [d["spec"]["template"]["spec"] for d in applied if d["kind"] == "Job"]
     assert pod["containers"][0]["image"] == "registry.example/team/realcustom-worker:v2"
     if job == "realcustom-engine-build":
-        assert pod["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+        # On the GPU kind asked for, by the provider's GPU-kind label, besides its GPU node affinity.
+        assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+        assert "nodeAffinity" in pod["affinity"]
+
+
+def test_prod_without_a_provider_profile_is_refused(tmp_path: Path) -> None:
+    """prod's GPU workers cannot be scheduled without one: say so instead of applying them."""
+    result = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "deploy",
+            "REGISTRY=r",
+            "OVERLAY=prod-ha",
+            f"KUBECTL={tmp_path}/none",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and "needs PROVIDER=one of gke eks aks gpu-operator" in result.stderr

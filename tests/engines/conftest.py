@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from engines.jobs import GenerationJob, SubjectInput
+from realcustom.jobs import GenerationJob, SubjectInput
 
 RED = Image.new("RGB", (64, 64), (200, 20, 20))
 GREEN = Image.new("RGB", (64, 64), (20, 200, 20))

@@ -13,15 +13,19 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy
 import pytest
 import torch
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "device_check.sh"
-STAGES = ["install", "gpu_tests", "sd15", "sdxl", "sd15_inductor", "lora"]
+STAGES = ["install", "gpu_tests", "sd15", "sdxl", "gpu_inductor", "sd15_inductor", "lora"]
+# Recorded beside torch/transformers: diffusers imports whatever peft/accelerate the image has.
+RECORDED = {"torch", "transformers", "diffusers", "peft", "accelerate", "pytest", "requests"}
 CARRY_LIMIT = 64 * 2**20
 
 
@@ -107,7 +111,9 @@ def test_kit_install_plans_only_what_the_interpreter_lacks(tmp_path):
     resolved, alone = result["commands"]
     assert "--no-index" in resolved and resolved.endswith("realcustom-absent-probe==1.0")
     assert "--no-deps" in alone and alone.endswith("realcustom-absent-vocabulary==2.0")
-    assert result["image"]["torch"] == torch.__version__ and result["installed"] == {}
+    # Metadata may say 2.11.0 where torch.__version__ says 2.11.0+cu130: versions, not strings.
+    assert Version(result["image"]["torch"]).public == Version(torch.__version__).public
+    assert result["installed"] == {}
 
 
 def test_kit_install_without_a_kit_says_how_to_make_one(tmp_path):
@@ -146,25 +152,117 @@ def test_device_kit_requirements_are_met_by_the_kit_or_the_device_image(kit):
     assert unmet.startswith("importlib-metadata needs lazy-importer") and "not in the kit" in unmet
 
 
+def _plan(output: str) -> dict[str, str]:
+    return {line.split()[1]: line for line in output.splitlines() if line.startswith("plan: ")}
+
+
+def test_device_check_plan_keeps_inductor_out_of_gpu_tests_and_cuts_with_sigint(tmp_path):
+    run = _run_check(tmp_path, tmp_path / "no-kit", DEVICE_CHECK_STAGES="none")
+    plan = _plan(run.stdout)
+    assert list(plan) == STAGES
+    assert all("timeout -s INT -k " in line for line in plan.values())
+    assert "gpu\\ and\\ not\\ inductor" in plan["gpu_tests"]
+    assert "gpu\\ and\\ inductor" in plan["gpu_inductor"]
+    assert "--check-imports" in plan["install"]
+    # The full-size inductor compile cannot fit a default window: never in the default plan.
+    default = _plan(_run_check(tmp_path / "default", tmp_path / "no-kit", DEVICE_CHECK_TOTAL_S="0").stdout)
+    assert "not selected" in default["sd15_inductor"] and "not selected" not in default["gpu_inductor"]
+
+
 @pytest.mark.slow
 def test_device_check_dry_run_runs_every_stage_and_writes_rows(tmp_path, kit):
     run = _run_check(tmp_path, kit)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     stages = _stages(tmp_path)
     assert list(stages) == STAGES
-    assert stages.pop("lora")["status"] == "skipped"  # only when named
-    assert all(stage["status"] == "passed" for stage in stages.values()), stages
+    assert all(stages[name]["status"] == "passed" for name in STAGES[:-2]), stages
+    assert stages["sd15_inductor"]["status"] == stages["lora"]["status"] == "skipped"  # only when named
     environment = json.loads((tmp_path / "environment.json").read_text())
     assert environment["dry_run"] and environment["missing"] == []  # this venv has the whole kit
-    assert (tmp_path / "gpu-tests.xml").is_file()
+    assert environment["site"] is None  # this venv is writable
+    assert set(environment["versions"]) >= RECORDED
+    assert environment["versions"]["diffusers"] == environment["image"]["diffusers"]
+    assert environment["imports"]["errors"] == {}
+    assert {"engines.compiled", "benchmarks.harness", "realcustom.loading"} <= set(
+        environment["imports"]["modules"]
+    )
+    assert (tmp_path / "gpu-tests.xml").is_file() and (tmp_path / "gpu-inductor-tests.xml").is_file()
     rows = json.loads((tmp_path / "gpu-bench.json").read_text())["rows"]
-    summaries = [r["model"] for r in rows if r["row"] == "summary"]
-    assert summaries == ["tiny-sd15", "tiny", "tiny-sd15"]  # sd15, sdxl, then the compile stage
-    # The compile stage times only the batched and compiled loops.
-    last = [r for r in rows if r["row"] == "timing" and r["call"] == rows[-1]["call"]]
-    assert {r["loop"] for r in last} == {"batched", "compiled"}
+    assert [r["model"] for r in rows if r["row"] == "summary"] == ["tiny-sd15", "tiny"]
     log = (tmp_path / "device-check.log").read_text()
     assert "=== stages" in log and "| compiled |" in log
+    assert "phase model build (tiny, bfloat16, cpu): done in" in log
+
+
+@pytest.mark.slow
+def test_device_check_named_inductor_bench_times_batched_and_compiled(tmp_path, kit):
+    run = _run_check(tmp_path, kit, DEVICE_CHECK_STAGES="sd15_inductor")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert _stages(tmp_path)["sd15_inductor"]["status"] == "passed"
+    rows = json.loads((tmp_path / "gpu-bench.json").read_text())["rows"]
+    assert {r["loop"] for r in rows if r["row"] == "timing"} == {"batched", "compiled"}
+
+
+@pytest.mark.slow
+def test_a_cut_stage_says_which_phase_it_was_in(tmp_path, kit):
+    """SIGINT, not SIGTERM: the bench logs the phase it was stopped in and its traceback, and the
+    rows it measured stay in gpu-bench.json."""
+    run = _run_check(
+        tmp_path,
+        kit,
+        DEVICE_CHECK_STAGES="sd15",
+        DEVICE_CHECK_BUDGET_SD15="25",
+        DEVICE_CHECK_BENCH_ARGS="--runs 1000000",
+    )
+    assert run.returncode != 0
+    assert _stages(tmp_path)["sd15"]["status"] == "timed_out"
+    log = (tmp_path / "device-check.log").read_text()
+    assert re.search(r"phase [^:]+: stopped after [\d.]+ s \(KeyboardInterrupt", log), log[-3000:]
+    assert "KeyboardInterrupt" in log.split("phase model build")[-1]
+    rows = json.loads((tmp_path / "gpu-bench.json").read_text())["rows"]
+    assert [r["row"] for r in rows][:1] == ["load"]
+
+
+def _wheel(folder: Path, name: str, version: str, module: str) -> Path:
+    """A minimal pure-Python wheel (PEP 427) holding one module."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = {
+        f"{module}.py": "VALUE = 1\n",
+        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{path},,\n" for path in files) + f"{dist}.dist-info/RECORD,,\n"
+    path = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for member, text in {**files, f"{dist}.dist-info/RECORD": record}.items():
+            wheel.writestr(member, text)
+    return path
+
+
+def test_kit_installs_into_a_site_folder_when_the_environment_is_read_only(tmp_path):
+    """--force-site takes the path of a read-only image: everything --no-deps into --site, then the
+    import check sees it there (with the folder on PYTHONPATH, as device_check.sh sets)."""
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    wheel = _wheel(kit, "realcustom-site-probe", "1.0", "realcustom_site_probe")
+    entry = {"name": "realcustom-site-probe", "version": "1.0", "deps": True, "file": wheel.name}
+    (kit / "kit.json").write_text(json.dumps({"wheels": [entry]}))
+    stage = tmp_path / "stage.py"
+    stage.write_text("import realcustom_site_probe\n")
+    site, report = tmp_path / "site", tmp_path / "environment.json"
+    command = [sys.executable, str(ROOT / "tools" / "device_kit.py"), "install", "--kit", str(kit)]
+    command += ["--site", str(site), "--report", str(report), "--check-imports", str(stage)]
+    planned = subprocess.run([*command, "--dry-run"], capture_output=True, text=True)
+    assert planned.returncode == 1  # nothing installed: the import check names what is missing
+    assert "realcustom_site_probe" in json.loads(report.read_text())["imports"]["errors"]
+    run = subprocess.run([*command, "--force-site"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(report.read_text())
+    assert result["site"] == str(site) and (site / "realcustom_site_probe.py").is_file()
+    (resolved,) = result["commands"]
+    assert f"--target {site} --no-deps" in resolved
+    assert result["installed"] == {"realcustom-site-probe": "1.0"}
+    assert result["imports"] == {"modules": ["realcustom_site_probe"], "errors": {}}
 
 
 @pytest.mark.slow
@@ -176,9 +274,8 @@ def test_device_check_stage_over_its_budget_is_cut_and_the_next_still_runs(tmp_p
     assert stages["sd15"]["status"] == "timed_out" and stages["sd15"]["rc"] == 124
     assert stages["sd15"]["budget_s"] == 2 and stages["sd15"]["seconds"] <= 2 + 10
     assert stages["sdxl"]["status"] == "passed"
-    assert {stages[name]["status"] for name in ("install", "gpu_tests", "sd15_inductor", "lora")} == {
-        "skipped"
-    }
+    skipped = ("install", "gpu_tests", "gpu_inductor", "sd15_inductor", "lora")
+    assert {stages[name]["status"] for name in skipped} == {"skipped"}
     rows = json.loads((tmp_path / "gpu-bench.json").read_text())["rows"]
     assert {r["model"] for r in rows if r["row"] == "summary"} == {"tiny"}
 

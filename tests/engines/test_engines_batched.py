@@ -11,16 +11,18 @@ from PIL import Image
 
 from benchmarks.baseline_loop import three_call_denoise
 from engines.backends import EagerBackend, select_backend
-from engines.compiled import CompiledBackend, EagerCapture
-from engines.jobs import GenerationJob, SubjectInput
+from engines.compiled import CompiledBackend
+from engines.graph_loop import EagerCapture
 from engines.runner import Runner, load_runner
 from engines.static_loop import Bucket, GraphSettings
 from realcustom.denoise import LoopSettings, denoise
+from realcustom.job_inputs import job_conditioning
+from realcustom.jobs import GenerationJob, SubjectInput
 
 
 def _inputs(pipeline, jobs):
     runner = Runner(pipeline, EagerBackend(pipeline), "tiny")
-    cond = runner.conditioning(jobs)
+    cond = job_conditioning(runner.pipeline, jobs)
     first = jobs[0]
     latents = pipeline.prepare_latents(
         [j.seed for j in jobs], [j.num_images for j in jobs], first.height, first.width
@@ -204,7 +206,7 @@ def test_batched_runner_uses_the_token_indices_the_job_carries(tiny_pipeline):
             num_inference_steps=2,
             mask_reused_step=1,
         )
-        return runner.conditioning([job]).target_tokens[0, 0]
+        return job_conditioning(runner.pipeline, [job]).target_tokens[0, 0]
 
     located = tau(())  # no indices: located by the runner
     assert located.nonzero().flatten().tolist() == [3]

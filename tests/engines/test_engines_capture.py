@@ -17,12 +17,14 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 from engines.backends import EagerBackend
-from engines.compiled import CompiledBackend, GraphLoop, WarmupCapture
-from engines.jobs import GenerationJob, SubjectInput
+from engines.compiled import CompiledBackend
+from engines.graph_loop import GraphLoop, WarmupCapture
 from engines.runner import Runner
 from engines.static_loop import Bucket, GraphSettings
 from engines.step_batching import RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings, denoise
+from realcustom.job_inputs import job_conditioning
+from realcustom.jobs import GenerationJob, SubjectInput
 from realcustom.loading import load_pipeline
 from realcustom.models import TINY_UNET
 from realcustom.step import LoopState
@@ -81,7 +83,7 @@ def test_capture_compiles_each_step_kind_once_without_autograd(
     assert dict(counters["graph_break"]) == {}, counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2  # one graph per step kind, no recompile
 
-    cond = Runner(pipeline, EagerBackend(pipeline), "capture").conditioning(multi_jobs)
+    cond = job_conditioning(pipeline, multi_jobs)
     latents = pipeline.prepare_latents([1, 2], [1, 2], 64, 64)
     settings = LoopSettings(4, scheduler, ("max_norm",), 2)  # U, U, R, R: both kinds replayed
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -126,7 +128,7 @@ def test_step_level_batch_replays_compiled_partial_guidance_steps_without_recomp
         job = GenerationJob(
             key, "a dog on a sofa", (SubjectInput(image, "dog"),), 64, 64, steps, 3.5, 0.25, reuse, seed
         )
-        cond = runner.conditioning([job])
+        cond = job_conditioning(runner.pipeline, [job])
         return RowRequest(key, cond, pipeline.prepare_latents([seed], [1], 64, 64), steps, reuse)
 
     first, second = row("first", 1, 5, 1), row("second", 2, 4, 3)

@@ -7,12 +7,12 @@ import math
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from engines.backends import EagerBackend
-from engines.compiled import CompiledBackend, EagerCapture
-from engines.runner import Runner
+from engines.compiled import CompiledBackend
+from engines.graph_loop import EagerCapture
 from engines.static_loop import Bucket
 from realcustom.attention import subject_attention
 from realcustom.denoise import LoopSettings, denoise
+from realcustom.job_inputs import job_conditioning
 
 FLASH = [SDPBackend.FLASH_ATTENTION]
 
@@ -57,7 +57,7 @@ def test_fused_tiny_pipeline_call_runs_on_flash_attention_only(tiny_pipeline, mu
 
 
 def test_fused_compiled_backend_loop_runs_on_flash_attention_only(tiny_pipeline, multi_jobs):
-    cond = Runner(tiny_pipeline, EagerBackend(tiny_pipeline), "tiny").conditioning(multi_jobs)
+    cond = job_conditioning(tiny_pipeline, multi_jobs)
     latents = tiny_pipeline.prepare_latents([1, 2], [1, 2], 64, 64)
     settings = LoopSettings(3, "dpm", ("max_norm",), 2)
     backend = CompiledBackend(

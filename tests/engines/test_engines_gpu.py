@@ -1,8 +1,9 @@
 """GPU-only checks of the compiled backend (deselected on CPU machines: `-m "not gpu"`).
 
-The first stage of the device kit (tools/device_check.sh): `pytest -m gpu tests/engines`. Both
-capture paths (CUDA graphs over eager kernels, and over inductor's kernels), fp32 and bf16, on the
-tiny model; every CPU-executable part of the same code runs in the CPU tests.
+The device kit (tools/device_check.sh) runs them in two stages: `-m "gpu and not inductor"` first
+(CUDA graphs over eager kernels, the runner), `-m "gpu and inductor"` last (inductor's kernels,
+compiled cold). fp32 and bf16, on the tiny model; every CPU-executable part of the same code runs in
+the CPU tests.
 """
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engines.backends import EagerBackend
 from engines.compiled import CompiledBackend
 from engines.runner import Runner
 from engines.static_loop import Bucket
 from realcustom.denoise import LoopSettings, denoise
+from realcustom.job_inputs import job_conditioning
 from realcustom.loading import load_pipeline
 
 pytestmark = [
@@ -28,10 +29,11 @@ def cuda_tiny(request):
     return load_pipeline("tiny", device="cuda", dtype=request.param)
 
 
-@pytest.mark.parametrize("compile_backend", [None, "inductor"])
+# Inductor compiles the tiny model cold once per dtype (minutes): its own late device-kit stage.
+@pytest.mark.parametrize("compile_backend", [None, pytest.param("inductor", marks=pytest.mark.inductor)])
 def test_gpu_cuda_graph_loop_matches_eager(cuda_tiny, multi_jobs, compile_backend):
     pipeline = cuda_tiny
-    cond = Runner(pipeline, EagerBackend(pipeline), "tiny").conditioning(multi_jobs)
+    cond = job_conditioning(pipeline, multi_jobs)
     latents = pipeline.prepare_latents([1, 2], [1, 2], 64, 64)
     assert latents.dtype == torch.float32  # latents and sampler state stay fp32 with a bf16 UNet
     settings = LoopSettings(4, "dpm", ("max_norm",), 2)

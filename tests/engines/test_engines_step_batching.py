@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from engines.backends import EagerBackend
-from engines.compiled import EagerCapture, GraphLoop
-from engines.jobs import GenerationJob, SubjectInput
-from engines.runner import Runner
+from engines.graph_loop import EagerCapture, GraphLoop
+from engines.planner import FamilyLayout, Placement
 from engines.static_loop import Bucket, GraphSettings
 from engines.step_batching import RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings, denoise
+from realcustom.job_inputs import job_conditioning
+from realcustom.jobs import GenerationJob, SubjectInput
 
 RED = Image.new("RGB", (64, 64), (200, 20, 20))
 GREEN = Image.new("RGB", (64, 64), (20, 200, 20))
@@ -33,7 +33,7 @@ def request(pipeline, key, prompt, subjects, seed, steps, reuse, images=1, scale
         num_images=images,
         guidance_scale=scale,
     )
-    cond = Runner(pipeline, EagerBackend(pipeline), "tiny").conditioning([job])
+    cond = job_conditioning(pipeline, [job])
     latents = pipeline.prepare_latents([seed], [images], 64, 64)
     return RowRequest(key, cond, latents, steps, reuse)
 
@@ -183,3 +183,46 @@ def test_step_batching_guidance_covers_only_rows_still_updating_their_masks(tiny
     assert kinds[4:] == [("mask_reuse", 4)] * 2
     for row in (a, b, late):
         close(finished[row.key], alone(tiny_pipeline, row))
+
+
+def parked(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    state = batch.state
+    return state.latents[batch.used :], state.step[batch.used :]
+
+
+def test_step_batching_parks_rows_past_used_at_step_0_with_zero_latents(tiny_pipeline, batch):
+    """After every join, leave and move, rows past `used` of the state that steps hold zero
+    latents at step 0 (their discarded computation stays finite and cheap)."""
+    a = request(tiny_pipeline, "a", "a dog on a sofa", [(RED, "dog")], seed=1, steps=3, reuse=2)
+    b = request(tiny_pipeline, "b", "a cat outside", [(GREEN, "cat")], seed=2, steps=5, reuse=2, images=2)
+    assert batch.join(a) and batch.join(b) and (batch.used, batch.bucket.batch) == (3, 4)
+    for _ in range(4):
+        batch.step()
+        latents, step = parked(batch)
+        assert latents.numel() == 0 or (latents.abs().max() == 0 and step.abs().max() == 0)
+    assert batch.active == ["b"] and (batch.used, batch.bucket.batch) == (2, 2)
+    batch.cancel("b")
+    latents, step = parked(batch)
+    assert batch.used == 0 and latents.abs().max() == 0 and step.abs().max() == 0
+
+
+def test_step_batching_snapshot_holds_only_the_requests_own_subjects(tiny_pipeline, batch):
+    one = request(tiny_pipeline, "one", "a dog on a sofa", [(RED, "dog")], seed=1, steps=3, reuse=2, images=2)
+    assert batch.join(one) and batch.subjects == 2
+    batch.step()
+    x0, masks = batch.snapshot("one")
+    assert x0.shape[0] == 2 and masks.shape[:2] == (2, 1)
+    (done,) = [d for _ in range(2) for d in batch.step()]
+    assert done.masks.shape[:2] == (2, 1)
+
+
+def test_step_batching_refuses_a_plan_it_cannot_carry_out(tiny_pipeline, batch):
+    a = request(tiny_pipeline, "a", "a dog on a sofa", [(RED, "dog")], seed=1, steps=4, reuse=3)
+    assert batch.join(a)
+    with pytest.raises(ValueError, match="guidance prefix"):
+        batch.apply(FamilyLayout(1, (Placement("a", 0, 1, True),), None))
+    with pytest.raises(ValueError, match="neither running nor joining"):
+        batch.apply(FamilyLayout(2, (Placement("a", 0, 1, True), Placement("x", 1, 1, True)), 2))
+    with pytest.raises(ValueError, match="not one of this family"):
+        batch.apply(FamilyLayout(3, (Placement("a", 0, 1, True),), 1))
+    assert batch.active == ["a"] and batch.progress("a") == (0, 4)  # nothing changed

@@ -3,18 +3,25 @@ batches (made on demand for the eager backend) and come out as the images `Runne
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from engines.backends import EagerBackend
-from engines.jobs import GenerationJob, SubjectInput
+from engines.compiled import CompiledBackend
+from engines.graph_loop import EagerCapture
+from engines.planner import Boundary, FamilyShape, Planner, WaitingJob
 from engines.runner import Runner
+from engines.static_loop import Bucket
 from engines.step_scheduler import StepScheduler
+from realcustom.jobs import GenerationJob, SubjectInput
 from realcustom.preview import LatentPreview
+from realcustom.settings_check import SettingsError
 
 RED = Image.new("RGB", (64, 64), (200, 20, 20))
 GREEN = Image.new("RGB", (64, 64), (20, 200, 20))
@@ -133,3 +140,80 @@ def test_latent_preview_recovers_a_linear_decoder_and_bounds_the_thumbnail():
     image = preview.image(latents[0])
     assert image.size == (32, 32)
     assert np.abs(np.subtract(image.getpixel((5, 5)), (229.5, 51, 51))).max() <= 1
+
+
+def test_scheduler_checks_a_jobs_settings_itself(tiny_pipeline):
+    """A worker never trusts its queue: the rules the API validated with are applied again."""
+    scheduler = StepScheduler(Runner(tiny_pipeline, EagerBackend(tiny_pipeline), "tiny"), max_rows=2)
+    bad = dataclasses.replace(
+        job("x", "a dog", [(RED, "dog")], seed=1, steps=2, reuse=1), guidance_scale=-1.0
+    )
+    with pytest.raises(SettingsError, match="guidance_scale"):
+        scheduler.prepare(bad)
+
+
+def test_scheduler_families_on_demand_hold_exactly_max_rows(tiny_pipeline):
+    scheduler = StepScheduler(Runner(tiny_pipeline, EagerBackend(tiny_pipeline), "tiny"), max_rows=2)
+    two = job("two", "a dog", [(RED, "dog")], seed=1, steps=2, reuse=1, images=2)
+    prepared = scheduler.prepare(two)
+    assert prepared.family is not None and prepared.rows == 2 and prepared.request.rows == 2
+    diffusers = dataclasses.replace(two, id="d", num_images=1, scheduler="diffusers-euler")
+    assert scheduler.prepare(diffusers).family is None  # a host-stepped sampler runs alone
+    assert len(scheduler.run_alone(diffusers).images) == 1
+
+
+def test_scheduler_on_prepared_graphs_picks_the_fitting_family_with_fewest_slots(tiny_pipeline):
+    """With a graph backend the families are its prepared buckets: a job goes to the bucket family
+    that holds exactly its subjects and rows, the one with the fewest subject slots."""
+    buckets = [Bucket(2, 64, 64, 1), Bucket(2, 64, 64, 2), Bucket(1, 64, 64, 3)]
+    backend = CompiledBackend(tiny_pipeline, buckets=buckets, compile_backend=None, capture=EagerCapture())
+    backend.warmup()
+    scheduler = StepScheduler(Runner(tiny_pipeline, backend, "tiny"), max_rows=4)
+    one = job("one", "a dog", [(RED, "dog")], seed=1, steps=2, reuse=1, images=2)
+    two = job("two", "a dog and a cat", [(RED, "dog"), (GREEN, "cat")], seed=2, steps=2, reuse=1, images=2)
+    assert scheduler.choose_family(one)[2] == 1
+    assert scheduler.choose_family(two)[2] == 2
+    assert scheduler.choose_family(dataclasses.replace(two, num_images=3)) is None  # no bucket of 3 rows
+    assert scheduler.shapes([scheduler.choose_family(two)]) == {
+        scheduler.choose_family(two): FamilyShape((2,), ((2,),))
+    }
+    outputs = {}
+    for value in (one, two):
+        assert scheduler.join(scheduler.prepare(value))
+    outputs = drain(scheduler, {"one": one, "two": two})
+    assert [len(outputs[key].images) for key in ("one", "two")] == [2, 2]
+
+
+def test_scheduler_applies_the_planners_plan(tiny_pipeline):
+    """The worker's path: the planner decides from `running()` and `shapes()`, `apply` carries it
+    out; a job left out of every layout has left, a joining job is loaded where the plan says."""
+    runner = Runner(tiny_pipeline, EagerBackend(tiny_pipeline), "tiny")
+    scheduler = StepScheduler(runner, max_rows=4)
+    jobs = {
+        key: job(key, "a dog on a sofa", [(RED, "dog")], seed=seed, steps=4, reuse=2)
+        for seed, key in enumerate("abc", start=1)
+    }
+    prepared = {key: scheduler.prepare(value) for key, value in jobs.items()}
+    family = prepared["a"].family
+    planner = Planner(max_wait=8)
+
+    def boundary(step, waiting, leaving=frozenset()):
+        running = tuple(scheduler.running())
+        shapes = scheduler.shapes({family})
+        return Boundary(step, running, waiting, shapes, leaving)
+
+    waiting = tuple(WaitingJob(k, family, 1, 1.0, 0, owner=k) for k in ("a", "b"))
+    plan = planner.plan(boundary(0, waiting))
+    assert [join.key for join in plan.joins] == ["a", "b"]
+    scheduler.apply(plan, prepared)
+    assert scheduler.rows_by_batch() == [2] and scheduler.progress("b") == (0, 4)
+    scheduler.step()
+    plan = planner.plan(boundary(1, (WaitingJob("c", family, 1, 1.0, 1, owner="c"),), frozenset({"a"})))
+    scheduler.apply(plan, prepared)
+    assert plan.leave == ("a",) and scheduler.progress("a") is None
+    # b (still updating its masks) keeps row 0; c joins after it.
+    assert [row.key for row in scheduler.running()] == ["b", "c"] and scheduler.progress("c") == (0, 4)
+    outputs = drain(scheduler, jobs)
+    assert set(outputs) == {"b", "c"}
+    expected = runner.run([jobs["c"]])[0].images[0]
+    assert np.abs(pixels(outputs["c"].images[0]) - pixels(expected)).max() <= 1

@@ -12,12 +12,11 @@ from __future__ import annotations
 import onnxruntime as ort
 import torch
 
-from engines.backends import EagerBackend
-from engines.compiled import WarmupCapture
-from engines.runner import Runner
+from engines.graph_loop import WarmupCapture
 from engines.static_loop import Bucket
 from engines.tensorrt.backend import TensorRTBackend
 from realcustom.denoise import LoopSettings, denoise
+from realcustom.job_inputs import job_conditioning
 
 
 class OnnxRuntimeEngine:
@@ -60,7 +59,7 @@ def test_tensorrt_path_loop_with_onnxruntime_engines_matches_eager(tiny_pipeline
     assert backend.stats["graphs_captured"] == 2
     engines = backend.engines[Bucket(4, 64, 64, 2)]
 
-    cond = Runner(pipeline, EagerBackend(pipeline), "tiny").conditioning(multi_jobs)
+    cond = job_conditioning(pipeline, multi_jobs)
     latents = pipeline.prepare_latents([1, 2], [1, 2], 64, 64)
     settings = LoopSettings(4, "dpm", ("max_norm",), 2)  # U, U, R, R
     before = {role: engine.executions for role, engine in engines.items()}

@@ -19,7 +19,7 @@ from diffusers import UNet2DConditionModel
 from lora_helpers import diffusers_fused, one_of_each_kind, random_lora, save_peft, tiny_conditioning
 from torch._dynamo.utils import counters
 
-from engines.compiled import GraphLoop, WarmupCapture
+from engines.graph_loop import GraphLoop, WarmupCapture
 from engines.static_loop import Bucket, GraphSettings
 from engines.step_batching import RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings, denoise

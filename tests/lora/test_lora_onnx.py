@@ -13,7 +13,7 @@ import pytest
 import torch
 from lora_helpers import TARGETS, random_lora, save_peft, tiny_conditioning
 
-from engines.compiled import WarmupCapture
+from engines.graph_loop import WarmupCapture
 from engines.onnx_export import GraphSpec, example_inputs, export_graph, graph_module
 from engines.static_loop import Bucket
 from engines.tensorrt.backend import TensorRTBackend

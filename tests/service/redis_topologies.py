@@ -2,6 +2,9 @@
 
 - `SentinelSetup`: a primary, one replica and three sentinels (quorum 2) watching service `queue`;
   `kill_primary()` SIGKILLs the primary and waits until the sentinels promote the replica.
+  `SentinelSetup.shipped(directory)`: the same with the configuration the Redis HA overlay ships
+  (k8s/overlays/prod-ha, rendered): its data nodes' redis.conf, its sentinels' group, quorum and
+  timings, its password requirement, its node counts (`shipped_sentinel_config`).
 - `ClusterSetup`: three masters created with `redis-cli --cluster create ... --cluster-yes`.
 """
 
@@ -11,12 +14,71 @@ import contextlib
 import shutil
 import signal
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+import yaml
 from service_processes import free_port, wait_until
 
 SERVICE = "queue"
+ROOT = Path(__file__).resolve().parents[2]
+HA_OVERLAY = ROOT / "k8s/overlays/prod-ha"
+
+
+@dataclass(frozen=True)
+class SentinelConfig:
+    """What a Sentinel setup is made of; `shipped_sentinel_config()` reads the HA overlay's."""
+
+    service: str = SERVICE
+    data_nodes: int = 2
+    sentinels: int = 3
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 4000
+    parallel_syncs: int = 1
+    # The data nodes' redis.conf (None: the loopback defaults of `_data_node_args`).
+    data_conf: str | None = None
+    # The API's REDIS_ACK_REPLICAS in that deployment.
+    ack_replicas: int = 0
+
+
+def shipped_sentinel_config() -> SentinelConfig:
+    """The Redis HA overlay as kustomize renders it (the manifests `make deploy` applies): the
+    redis-operator's RedisReplication and RedisSentinel, the data nodes' ConfigMap, the API's."""
+    kubectl = Path(sys.executable).parent / "kubectl"
+    rendered = subprocess.run(
+        [str(kubectl if kubectl.exists() else "kubectl"), "kustomize", str(HA_OVERLAY)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    docs = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    (data,) = [d for d in docs if d["kind"] == "RedisReplication"]
+    (sentinel,) = [d for d in docs if d["kind"] == "RedisSentinel"]
+    (conf,) = [
+        d for d in docs if d["metadata"]["name"] == data["spec"]["redisConfig"]["additionalRedisConfig"]
+    ]
+    (api,) = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("realcustom-api-config")
+    ]
+    watch = sentinel["spec"]["redisSentinelConfig"]
+    assert data["spec"]["kubernetesConfig"]["redisSecret"], "the shipped Redis requires a password"
+    return SentinelConfig(
+        service=watch["masterGroupName"],
+        data_nodes=data["spec"]["clusterSize"],
+        sentinels=sentinel["spec"]["clusterSize"],
+        quorum=int(watch["quorum"]),
+        down_after_ms=int(watch["downAfterMilliseconds"]),
+        failover_timeout_ms=int(watch["failoverTimeout"]),
+        parallel_syncs=int(watch["parallelSyncs"]),
+        data_conf=conf["data"]["redis-additional.conf"],
+        ack_replicas=int(api["data"].get("REDIS_ACK_REPLICAS", 0)),
+    )
 
 
 def _binary(name: str) -> str:
@@ -82,73 +144,92 @@ def _data_node_args(port: int, directory: Path, aof: bool = False) -> list[str]:
 
 
 class SentinelSetup(_Processes):
-    """Primary + replica + three sentinels; `url` is the service's `redis+sentinel://` REDIS_URL.
+    """Primary + replica(s) + sentinels; `url` is the service's `redis+sentinel://` REDIS_URL.
     With `password`, the data nodes and the sentinels all require it (AUTH)."""
 
-    def __init__(self, directory: Path, down_after_ms: int = 1000, password: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        down_after_ms: int = 1000,
+        password: str | None = None,
+        config: SentinelConfig | None = None,
+    ) -> None:
         super().__init__(directory, password)
-        self.down_after_ms = down_after_ms
-        self.primary_port, self.replica_port = free_port(), free_port()
-        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.config = config or SentinelConfig(down_after_ms=down_after_ms)
+        self.service = self.config.service
+        ports = [free_port() for _ in range(self.config.data_nodes)]
+        self.primary_port, self.replica_ports = ports[0], ports[1:]
+        self.replica_port = self.replica_ports[0]
+        self.sentinel_ports = [free_port() for _ in range(self.config.sentinels)]
         hosts = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
-        self.url = f"redis+sentinel://{hosts}/{SERVICE}"
+        self.url = f"redis+sentinel://{hosts}/{self.service}"
+
+    @classmethod
+    def shipped(cls, directory: Path, password: str = "shipped-secret") -> SentinelSetup:
+        """The HA overlay's configuration on loopback (its Secret's password stands in)."""
+        return cls(directory, password=password, config=shipped_sentinel_config())
+
+    def _data_args(self, port: int) -> list[str]:
+        directory = self.directory / str(port)
+        directory.mkdir(exist_ok=True)
+        if self.config.data_conf is None:
+            return _data_node_args(port, directory)
+        conf = self.directory / "redis-additional.conf"
+        conf.write_text(self.config.data_conf)
+        # The shipped file first; the command line only places the node on loopback.
+        return [str(conf), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)]
 
     def start(self) -> None:
-        for port in (self.primary_port, self.replica_port):
-            (self.directory / str(port)).mkdir(exist_ok=True)
+        config = self.config
         auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
-        self.spawn(
-            self.primary_port,
-            *_data_node_args(self.primary_port, self.directory / str(self.primary_port)),
-            *auth,
-        )
-        self.spawn(
-            self.replica_port,
-            *_data_node_args(self.replica_port, self.directory / str(self.replica_port)),
-            *auth,
-            "--replicaof",
-            "127.0.0.1",
-            str(self.primary_port),
-        )
+        self.spawn(self.primary_port, *self._data_args(self.primary_port), *auth)
+        for port in self.replica_ports:
+            self.spawn(
+                port, *self._data_args(port), *auth, "--replicaof", "127.0.0.1", str(self.primary_port)
+            )
         for port in self.sentinel_ports:
-            config = self.directory / f"sentinel-{port}.conf"
-            config.write_text(
+            sentinel_conf = self.directory / f"sentinel-{port}.conf"
+            sentinel_conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary_port} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
-                f"sentinel failover-timeout {SERVICE} 4000\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n"
+                f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} {config.quorum}\n"
+                f"sentinel down-after-milliseconds {self.service} {config.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} {config.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service} {config.parallel_syncs}\n"
                 + (
                     f"requirepass {self.password}\nsentinel sentinel-pass {self.password}\n"
-                    f"sentinel auth-pass {SERVICE} {self.password}\n"
+                    f"sentinel auth-pass {self.service} {self.password}\n"
                     if self.password
                     else ""
                 )
             )
-            self.spawn(port, str(config), "--sentinel")
+            self.spawn(port, str(sentinel_conf), "--sentinel")
         wait_until(self._settled, 30, "the sentinels to see the replica and each other", interval_s=0.2)
 
     def _settled(self) -> bool:
         for port in self.sentinel_ports:
             client = self.client(port)
             try:
-                state = client.sentinel_master(SERVICE)
+                state = client.sentinel_master(self.service)
             except redis.RedisError:
                 return False
             finally:
                 client.close()
-            if int(state["num-other-sentinels"]) < 2 or int(state["num-slaves"]) < 1:
+            others, replicas = int(state["num-other-sentinels"]), int(state["num-slaves"])
+            if others < len(self.sentinel_ports) - 1 or replicas < len(self.replica_ports):
                 return False
-        replica = self.client(self.replica_port)
-        try:
-            return replica.info("replication").get("master_link_status") == "up"
-        finally:
-            replica.close()
+        for port in self.replica_ports:
+            replica = self.client(port)
+            try:
+                if replica.info("replication").get("master_link_status") != "up":
+                    return False
+            finally:
+                replica.close()
+        return True
 
     def primary(self) -> tuple[str, int]:
         client = self.client(self.sentinel_ports[0])
         try:
-            host, port = client.sentinel_get_master_addr_by_name(SERVICE)
+            host, port = client.sentinel_get_master_addr_by_name(self.service)
             return host, int(port)
         finally:
             client.close()

@@ -98,17 +98,23 @@ class RedisServer:
 
 
 class ServiceProcess:
-    """`python -m <module>` with the given environment; logs go to a file for failure reports."""
+    """`python -m <module>` with the given environment; logs go to a file for failure reports.
+    `prefix`: a command that runs it (e.g. in a namespace of its own)."""
 
     def __init__(
-        self, module: str, env: dict[str, str], log_path: Path, python_flags: tuple[str, ...] = ()
+        self,
+        module: str,
+        env: dict[str, str],
+        log_path: Path,
+        python_flags: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.module = module
         self.log_path = log_path
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "LOG_LEVEL": "INFO", **env}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, *python_flags, "-m", module],
+            [*prefix, sys.executable, *python_flags, "-m", module],
             cwd=REPO_ROOT,
             env=full_env,
             stdout=self._log,
@@ -160,12 +166,26 @@ class Api:
     """A running `python -m service.api` (or `python -m service`) and its base URL."""
 
     def __init__(
-        self, module: str, env: dict[str, str], log_dir: Path, python_flags: tuple[str, ...] = ()
+        self,
+        module: str,
+        env: dict[str, str],
+        log_dir: Path,
+        python_flags: tuple[str, ...] = (),
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The health listener (a free port unless the test names one).
+        self.health_port = int(env.get("HEALTH_PORT") or free_port())
+        while self.health_port == self.port:
+            self.health_port = free_port()
+        self.health_url = f"http://127.0.0.1:{self.health_port}"
         self.process = ServiceProcess(
-            module, {**env, "PORT": str(self.port)}, log_dir / f"{module}-{self.port}.log", python_flags
+            module,
+            {**env, "PORT": str(self.port), "HEALTH_PORT": str(self.health_port)},
+            log_dir / f"{module}-{self.port}.log",
+            python_flags,
+            prefix,
         )
         wait_http_ok(self.url, "/healthz", 60, self.process)
 

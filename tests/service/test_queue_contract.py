@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 import uuid
 
@@ -86,7 +87,9 @@ def make_queue(request: pytest.FixtureRequest):
     """Factory of fresh queues of one backend (Redis ones isolated by a unique key prefix)."""
 
     def factory(**overrides) -> JobQueue:
-        values = {"queue_max_depth": 8, "heartbeat_s": 0.2, "reclaim_idle_s": 0.4, **overrides}
+        # One owner may fill the queue unless a test sets a share (the global limits are tested so).
+        values = {"queue_max_depth": 8, "heartbeat_s": 0.2, "reclaim_idle_s": 0.4, "queue_key_share": 1.0}
+        values |= overrides
         if request.param in REDIS_FIXTURES:
             server = request.getfixturevalue(REDIS_FIXTURES[request.param])
             values |= {"redis_url": server.url, "queue_name": f"test-{uuid.uuid4().hex[:8]}"}
@@ -315,3 +318,215 @@ def test_the_byte_budget_counts_payloads_and_results_until_they_expire(make_queu
         await queue.close()
 
     run(scenario())
+
+
+# --- tenant-fair take, shares and admission (service/queue/fair.py, policy.py) ------------------
+def owned_spec(
+    owner: str, priority: str = "interactive", weight: float = 1.0, timeout_s: float = 60.0, **fields
+) -> JobSpec:
+    """A job of `owner`; `fields` override the spec's (e.g. its size)."""
+    update = {"owner": owner, "priority": priority, "weight": weight, **fields}
+    return make_spec(timeout_s).model_copy(update=update)
+
+
+async def take_one_by_one(queue: JobQueue, count: int) -> list[str]:
+    """Ids of the next `count` jobs, each run to its end (no delivery left to reclaim)."""
+    taken = []
+    for _ in range(count):
+        [job] = await queue.take("w1", 1, block_s=1.0)
+        assert await queue.start("w1", job)
+        await queue.finish(job, done_record(job.spec))
+        taken.append(job.spec.id)
+    return taken
+
+
+def test_a_light_owners_job_is_not_behind_a_heavy_owners_backlog(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        heavy = [owned_spec("heavy") for _ in range(6)]
+        for spec in heavy:
+            await queue.submit(spec)
+        light = owned_spec("light")
+        await queue.submit(light)
+        # Start-time fair order: the light job starts level with the heavy backlog's head.
+        assert await take_one_by_one(queue, 3) == [heavy[0].id, light.id, heavy[1].id]
+        await queue.close()
+
+    run(scenario())
+
+
+def test_weights_share_the_cost_taken(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(queue_max_depth=16)
+        double, single = [], []
+        for _ in range(6):
+            double.append(owned_spec("double", weight=2.0))
+            single.append(owned_spec("single"))
+            await queue.submit(double[-1])
+            await queue.submit(single[-1])
+        taken = await take_one_by_one(queue, 6)
+        assert sum(job_id in {spec.id for spec in double} for job_id in taken) == 4
+        await queue.close()
+
+    run(scenario())
+
+
+def test_cost_not_job_count_decides_the_share(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(queue_max_depth=16)
+        big = [owned_spec("big", width=128, height=128) for _ in range(3)]  # 4x the pixels each
+        small = [owned_spec("small") for _ in range(8)]
+        for spec in big + small:
+            await queue.submit(spec)
+        taken = await take_one_by_one(queue, 6)
+        # Equal shares of cost: while one big job is taken, about four small ones are.
+        assert sum(job_id in {spec.id for spec in big} for job_id in taken) == 2
+        await queue.close()
+
+    run(scenario())
+
+
+def test_interactive_jobs_overtake_batch_and_batch_is_not_starved(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(batch_max_wait_s=1.2)  # far longer than the takes before the sleep
+        batch = [owned_spec("a", "batch") for _ in range(2)]
+        interactive = [owned_spec("b") for _ in range(3)]
+        for spec in batch + interactive:
+            await queue.submit(spec)
+        assert [await queue.position(spec.id) for spec in batch] == [3, 4]  # behind every interactive
+        assert await take_one_by_one(queue, 2) == [interactive[0].id, interactive[1].id]
+        await asyncio.sleep(1.3)  # batch has waited its bound: one batch job goes first
+        assert await take_one_by_one(queue, 2) == [batch[0].id, interactive[2].id]
+        assert await take_one_by_one(queue, 1) == [batch[1].id]  # no interactive job waits
+        await queue.close()
+
+    run(scenario())
+
+
+def test_positions_follow_the_fair_order_and_releases_keep_their_place(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue()
+        heavy = [owned_spec("heavy") for _ in range(3)]
+        light = owned_spec("light")
+        for spec in [*heavy, light]:
+            await queue.submit(spec)
+        assert [await queue.position(spec.id) for spec in [*heavy, light]] == [0, 2, 3, 1]
+        [first] = await queue.take("w1", 1, block_s=1.0)
+        assert first.spec.id == heavy[0].id and await queue.position(heavy[0].id) == 0  # taken
+        assert await queue.position(light.id) == 0
+        await queue.release(first)  # back to its place, ahead of everyone
+        assert [await queue.position(spec.id) for spec in (heavy[0], light, heavy[1])] == [0, 1, 2]
+        assert (await queue.cancel(light.id)).state == JobState.CANCELLED
+        assert await take_one_by_one(queue, 3) == [heavy[0].id, heavy[1].id, heavy[2].id]
+        await queue.close()
+
+    run(scenario())
+
+
+def test_an_owner_holds_at_most_its_share_and_others_find_room(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(queue_max_depth=4, queue_key_share=0.5)
+        for _ in range(2):
+            await queue.submit(owned_spec("flooder"))
+        with pytest.raises(QueueFullError) as refused:
+            await queue.submit(owned_spec("flooder"))
+        assert refused.value.code == "key_queue_full" and "share" in str(refused.value)
+        await queue.submit(owned_spec("other"))  # room for another key
+        [taken] = await queue.take("w1", 1, block_s=1.0)
+        await queue.finish(taken, done_record(taken.spec))
+        await queue.submit(owned_spec("flooder"))  # its job ended: room again
+        await queue.close()
+
+    run(scenario())
+
+
+def test_an_owners_bytes_and_in_flight_cost_are_capped(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(queue_max_bytes=2**20, queue_key_share=0.5)
+        await queue.submit(spec_with_image(300_000).model_copy(update={"owner": "big"}))
+        with pytest.raises(QueueFullError) as refused:
+            await queue.submit(spec_with_image(300_000).model_copy(update={"owner": "big"}))
+        assert refused.value.code == "key_queue_full" and "bytes" in str(refused.value)
+        await queue.submit(spec_with_image(300_000).model_copy(update={"owner": "small"}))
+        await queue.close()
+
+        cost = make_spec().cost
+        queue = make_queue(key_max_inflight_cost=2.5 * cost, max_request_cost=cost)
+        await queue.submit(owned_spec("costly"))
+        await queue.submit(owned_spec("costly"))
+        with pytest.raises(QueueFullError) as refused:
+            await queue.submit(owned_spec("costly"))
+        assert refused.value.code == "key_cost_in_flight"
+        await queue.submit(owned_spec("cheap"))
+        await queue.close()
+
+    run(scenario())
+
+
+def test_a_job_that_cannot_start_before_its_deadline_is_refused(make_queue) -> None:
+    async def scenario() -> None:
+        queue = make_queue(queue_max_depth=16, deadline_admission=True)
+        probe = owned_spec("heavy")
+        await queue.submit(probe)  # nothing measured yet and nothing ahead: admitted
+        await asyncio.sleep(0.5)  # half a second of busy time
+        [taken] = await queue.take("w1", 1, block_s=1.0)
+        await queue.finish(taken, done_record(probe))
+        rate = (await queue.usage(["default"])).seconds_per_cost
+        cost = probe.cost
+        assert 0.45 / cost < rate < 5 / cost
+        # A deadline that leaves room for 3.5 jobs of work at the measured rate.
+        budget_s = 3.5 * cost * rate
+        for _ in range(3):
+            await queue.submit(owned_spec("heavy", timeout_s=budget_s))
+        with pytest.raises(QueueFullError) as refused:
+            await queue.submit(owned_spec("heavy", timeout_s=budget_s))
+        assert refused.value.code == "deadline_unmeetable" and refused.value.retry_after_s >= 1
+        assert "megapixel-steps" in str(refused.value)
+        # Another key's job starts level with that backlog's head: nothing of it is ahead.
+        await queue.submit(owned_spec("light", timeout_s=budget_s))
+        # Batch work waits behind every interactive job: the same deadline is out of reach.
+        with pytest.raises(QueueFullError):
+            await queue.submit(owned_spec("light", "batch", timeout_s=budget_s))
+        await queue.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("make_queue", list(REDIS_FIXTURES), indirect=True)
+def test_both_backends_hand_out_the_same_jobs_in_the_same_order(make_queue) -> None:
+    """The Lua order (redis_scripts.py) and the Python one (fair.py) are the same arithmetic."""
+    rng = random.Random(19)
+    specs = [
+        owned_spec(
+            rng.choice("abc"),
+            rng.choice(["interactive", "interactive", "batch"]),
+            rng.choice([1.0, 2.0, 3.0]),
+            width=rng.choice([64, 96, 128]),
+            height=64,
+            num_inference_steps=rng.randint(1, 5),
+            num_images=rng.randint(1, 3),
+        )
+        for _ in range(40)
+    ]
+    script = [(spec, rng.random() < 0.3, rng.random() < 0.1) for spec in specs]
+
+    async def replay(queue: JobQueue) -> list[str]:
+        order: list[str] = []
+        for spec, take, cancel in script:
+            await queue.submit(spec)
+            if cancel:
+                await queue.cancel(spec.id)
+            if take:
+                order += [job.spec.id for job in await queue.take("w1", rng_take(spec), block_s=0.2)]
+        order += [job.spec.id for job in await queue.take("w1", 40, block_s=0.2)]
+        await queue.close()
+        return order
+
+    def rng_take(spec: JobSpec) -> int:
+        return 1 + spec.num_images % 2
+
+    settings = {"queue_max_depth": 64, "batch_max_wait_s": 3600}
+    in_process = run(replay(create_queue(Settings(queue_key_share=1.0, **settings))))
+    redis_order = run(replay(make_queue(**settings)))
+    assert redis_order == in_process and len(in_process) == sum(not cancel for _, _, cancel in script)
+    assert in_process != [spec.id for spec, _, cancel in script if not cancel]  # not arrival order

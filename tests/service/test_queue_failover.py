@@ -1,7 +1,9 @@
 """Failover under the queue: the primary is SIGKILLed with jobs queued and running. On Sentinel the
 clients follow the sentinels to the promoted replica; no accepted job is lost (acceptance waits for
 the replica's acknowledgement, REDIS_ACK_REPLICAS=1) and none is run by two workers at once (the
-fencing token). On Cluster (a replica per master) the client follows the slot to the promoted
+fencing token). The Sentinel setup is the one the Redis HA overlay ships (k8s/overlays/prod-ha,
+rendered: its redis.conf, its sentinels' quorum and timings, its password, its REDIS_ACK_REPLICAS).
+On Cluster (a replica per master) the client follows the slot to the promoted
 replica. Plus the URL errors of the HA schemes and the capacity check on a Cluster. No model
 needed."""
 
@@ -31,8 +33,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def sentinel(tmp_path: Path) -> Iterator[SentinelSetup]:
-    """A Sentinel setup of its own: the test kills its primary."""
-    setup = SentinelSetup(tmp_path)
+    """The shipped Sentinel setup, of its own: the test kills its primary."""
+    setup = SentinelSetup.shipped(tmp_path)
     try:
         setup.start()
         yield setup
@@ -90,14 +92,22 @@ async def serve_through_a_failover(config: Settings, fail_over) -> None:
 
 
 def test_killing_the_primary_loses_no_accepted_job_and_runs_none_twice(sentinel: SentinelSetup) -> None:
+    shipped = sentinel.config
+    assert (shipped.data_nodes, shipped.sentinels, shipped.quorum) == (2, 3, 2)
+    assert shipped.data_conf and shipped.ack_replicas == 1
     config = Settings(
         redis_url=sentinel.url,
+        redis_password=sentinel.password,
+        redis_sentinel_password=sentinel.password,
         queue_name=f"failover-{uuid.uuid4().hex[:8]}",
         heartbeat_s=0.2,
         reclaim_idle_s=1.0,
-        redis_ack_replicas=1,
+        redis_ack_replicas=shipped.ack_replicas,
         redis_ack_timeout_ms=1000,
     )
+    # The capacity check the services run at start-up passes against the shipped data nodes.
+    _level, line = check_redis_capacity(config, config.redis_url)
+    assert "maxmemory" in line
 
     def fail_over() -> None:
         assert sentinel.kill_primary() == sentinel.replica_port

@@ -382,3 +382,40 @@ def test_the_fencing_token_tells_apart_two_processes_with_the_same_worker_name(r
         await new.close()
 
     run(scenario())
+
+
+def test_the_group_lag_counts_the_jobs_waiting_in_the_fair_order(redis_server) -> None:
+    """KEDA scales workers on the consumer group's lag: it stays the number of jobs no worker took,
+    although the fair take delivers out of arrival order."""
+
+    async def scenario() -> None:
+        config = settings(redis_server.url)
+        queue, client = make_queue(config), redis.Redis.from_url(redis_server.url)
+        stream = QueueKeys(config.queue_name).stream
+
+        def lag() -> int | None:
+            [group] = client.xinfo_groups(stream)
+            return group["lag"]
+
+        specs = [make_spec().model_copy(update={"owner": owner}) for owner in ("a", "a", "a", "b")]
+        for spec in specs:
+            await queue.submit(spec)
+        [first] = await queue.take("w1", 1, block_s=1.0)
+        assert lag() == 3
+        [second] = await queue.take("w1", 1, block_s=1.0)
+        assert second.spec.id == specs[3].id and lag() == 2  # b's job, out of arrival order
+        await queue.cancel(specs[2].id)
+        assert lag() == 1
+        await queue.release(first)
+        await queue.submit(make_spec())
+        assert lag() == 3
+        newest = make_spec()
+        await queue.submit(newest)
+        await queue.cancel(newest.id)  # the stream's last entry deleted: Redis alone says NULL here
+        assert lag() == 3
+        await queue.finish(second, done_record(second.spec))
+        assert len(await queue.take("w2", 8, block_s=1.0)) == 3 and lag() == 0
+        client.close()
+        await queue.close()
+
+    run(scenario())

@@ -275,7 +275,14 @@ def test_redis_restart_between_enqueue_and_consume_loses_nothing(
 def test_full_queue_gets_429_and_missed_deadline_gets_504_and_is_never_computed(
     redis_server, tmp_path: Path, cat_b64: str
 ) -> None:
-    env = queue_env(redis_server.url, QUEUE_MAX_DEPTH="2", JOB_TIMEOUT_S="1.5", QUEUE_FULL_RETRY_AFTER_S="3")
+    # One key may fill this queue (QUEUE_KEY_SHARE=1): its global depth bound is what is tested.
+    env = queue_env(
+        redis_server.url,
+        QUEUE_MAX_DEPTH="2",
+        QUEUE_KEY_SHARE="1",
+        JOB_TIMEOUT_S="1.5",
+        QUEUE_FULL_RETRY_AFTER_S="3",
+    )
     api = Api("service.api", env, tmp_path)  # no worker yet
     worker = None
     try:
@@ -310,7 +317,10 @@ def test_redis_at_maxmemory_gives_429_with_retry_after_and_recovers_once_freed(
     small = RedisServer(tmp_path / "redis", extra_args=("--maxmemory", "64mb"))
     small.directory.mkdir()
     small.start()
-    env = queue_env(small.url, QUEUE_MAX_BYTES=str(16 * 2**20), MAX_BODY_BYTES=str(8 * 2**20))
+    # Two of these 4.9 MB jobs pass one key's default half of the 16 MiB: one key may take it all here.
+    env = queue_env(
+        small.url, QUEUE_MAX_BYTES=str(16 * 2**20), MAX_BODY_BYTES=str(8 * 2**20), QUEUE_KEY_SHARE="1"
+    )
     api = Api("service.api", env, tmp_path)
     store = redis.Redis.from_url(small.url)
     try:
@@ -327,7 +337,8 @@ def test_redis_at_maxmemory_gives_429_with_retry_after_and_recovers_once_freed(
             assert "memory limit" in full.json()["error"]["message"]
             store.delete(*store.keys("filler:*"))
             store.config_set("maxmemory", "64mb")
-            assert client.post("/jobs", json=cat_body(cat_b64, **SMALL)).status_code == 202
+            again = client.post("/jobs", json=cat_body(cat_b64, **SMALL))
+            assert again.status_code == 202, again.text
     finally:
         store.close()
         api.process.stop()

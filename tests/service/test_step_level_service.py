@@ -77,7 +77,13 @@ class EventLog:
 
 
 def test_join_mid_flight_and_cancel_mid_flight(redis_server, cat_b64: str, tmp_path: Path) -> None:
-    env = {"REDIS_URL": redis_server.url, "QUEUE_NAME": f"steps-{uuid.uuid4().hex[:8]}", "MAX_BATCH": "4"}
+    # LONG costs 6.6 megapixel-steps, past the tiny model's default cap of one request (3.9).
+    env = {
+        "REDIS_URL": redis_server.url,
+        "QUEUE_NAME": f"steps-{uuid.uuid4().hex[:8]}",
+        "MAX_BATCH": "4",
+        "MAX_REQUEST_COST": "8",
+    }
     worker = WorkerProcess("stepper", env, tmp_path)
     api = Api("service.api", env, tmp_path)
     try:
@@ -133,6 +139,7 @@ def test_sigkill_with_a_running_batch_of_mixed_jobs_loses_none_and_runs_none_twi
         "MAX_BATCH": "4",
         "HEARTBEAT_S": "0.3",
         "RECLAIM_IDLE_S": "1.5",
+        "MAX_REQUEST_COST": "8",  # the two-image job costs 6.6 megapixel-steps (default cap 3.9)
     }
     mixed = [
         {**SIZE, "num_inference_steps": 40, "mask_reused_step": 1, "seed": 11},

@@ -25,7 +25,7 @@ from service.queue.protocol import QueueFullError, SubjectSpec
 from service.settings import Settings
 from service.subjects.ids import feature_key
 from service.subjects.resolve import new_subject
-from service.subjects.store import MemorySubjectStore, RedisSubjectStore
+from service.subjects.store import MemorySubjectStore, RedisSubjectStore, key_share_of
 from service.worker.subject_cache import TokenCache
 
 KEY, OTHER_KEY = "subjects-key", "subjects-other-key"
@@ -66,7 +66,9 @@ def test_ids_follow_the_image_the_owner_and_the_model_version() -> None:
 
 def test_redis_store_expiry_deletion_and_the_byte_budget(redis_server) -> None:
     async def scenario() -> None:
-        settings = redis_settings(redis_server, subject_ttl_s=1, subject_max_bytes=6000)
+        settings = redis_settings(
+            redis_server, subject_ttl_s=1, subject_max_bytes=6000, subject_key_share=1.0
+        )
         store = RedisSubjectStore(settings)
         keys = QueueKeys(settings.queue_name)
         client = redis.Redis.from_url(redis_server.url)
@@ -125,6 +127,112 @@ def test_memory_store_counts_in_the_in_process_queue() -> None:
         subject = await store.put(new_subject(photo(7), "owner", "v1"))
         await asyncio.sleep(0.6)
         assert await store.get(subject.id) is None and await queue.held_bytes() == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture(params=["memory", "redis"])
+def open_store(request: pytest.FixtureRequest):
+    """Factory of a fresh store of one backend with the given settings (closed by the test's loop)."""
+
+    def factory(**overrides):
+        if request.param == "redis":
+            settings = redis_settings(request.getfixturevalue("redis_server"), **overrides)
+            store = RedisSubjectStore(settings)
+        else:
+            settings = Settings(**overrides)
+            queue = InProcessQueue(4, settings.queue_max_bytes, 1, 60, 5)
+            store = MemorySubjectStore(
+                queue, settings.subject_ttl_s, settings.subject_budget, key_share_of(settings)
+            )
+        return store
+
+    return factory
+
+
+SUBJECT_SIZE = new_subject(photo(0), "owner-a", "v1").size  # every 40x30 photo of these owners
+
+
+def test_each_key_holds_at_most_its_share_of_the_subject_budget(open_store) -> None:
+    async def scenario() -> None:
+        store = open_store(subject_max_bytes=4 * SUBJECT_SIZE + 100, subject_key_share=0.5)
+        for seed in (1, 2):
+            await store.put(new_subject(photo(seed), "owner-a", "v1"))
+        with pytest.raises(QueueFullError) as refused:
+            await store.put(new_subject(photo(3), "owner-a", "v1"))
+        assert refused.value.code == "key_subjects_full" and "share" in str(refused.value)
+        await store.put(new_subject(photo(1), "owner-a", "v1"))  # a refresh needs no room
+        for seed in (4, 5):  # another key finds room
+            await store.put(new_subject(photo(seed), "owner-b", "v1"))
+        with pytest.raises(QueueFullError) as refused:
+            await store.put(new_subject(photo(6), "owner-c", "v1"))
+        assert refused.value.code == "subjects_full"  # the whole budget, not one key's share
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_tokens_give_way_to_subjects(open_store) -> None:
+    async def scenario() -> None:
+        store = open_store(subject_max_bytes=3 * SUBJECT_SIZE + 100, subject_key_share=0.5)
+        first = await store.put(new_subject(photo(1), "owner-a", "v1"))
+        tokens = _stored(torch.ones(SUBJECT_SIZE // 4, 1))  # about one subject's size in float32
+        assert store.put_tokens(first.key, tokens)
+        await store.put(new_subject(photo(2), "owner-b", "v1"))
+        assert not store.put_tokens("more", tokens)  # tokens never push anything out
+        # A subject within its key's share takes the room the cached tokens held.
+        await store.put(new_subject(photo(3), "owner-c", "v1"))
+        assert store.get_tokens(first.key) is None
+        assert (await store.get(first.id)).image == first.image
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_expired_subjects_and_tokens_free_their_memory_and_counters() -> None:
+    async def scenario() -> None:
+        queue = InProcessQueue(max_depth=4, max_bytes=2**20, retry_after_s=1, result_ttl_s=60, worker_ttl_s=5)
+        store = MemorySubjectStore(queue, ttl_s=0.3, budget=2**19)
+        subjects = [await store.put(new_subject(photo(seed), f"owner-{seed % 2}", "v1")) for seed in range(6)]
+        assert store.put_tokens(subjects[0].key, _stored(torch.ones(8, 8)))
+        assert queue.budget.owner_bytes("owner-0", ("subject",)) == 3 * SUBJECT_SIZE
+        await asyncio.sleep(0.4)
+        assert await store.get(subjects[0].id) is None  # any call purges what expired
+        assert (store._subjects, store._tokens) == ({}, {})  # the images are gone, not only hidden
+        assert await queue.held_bytes() == 0 and queue.budget.kind_bytes("subject", "tokens") == 0
+        assert not queue.budget.holds_anything("owner-0")
+
+    asyncio.run(scenario())
+
+
+def test_redis_counters_follow_every_holding(redis_server) -> None:
+    """Running counters (no walk over the subjects): totals, per owner and per tier, to the byte."""
+
+    async def scenario() -> None:
+        settings = redis_settings(redis_server, subject_ttl_s=1)
+        store = RedisSubjectStore(settings)
+        keys = QueueKeys(settings.queue_name)
+        client = redis.Redis.from_url(redis_server.url)
+        owner_key = keys.owner("owner-a")
+        try:
+            stored = [await store.put(new_subject(photo(seed), "owner-a", "v1", "pro")) for seed in (1, 2)]
+            assert store.put_tokens(stored[0].key, _stored(torch.ones(4, 4)))
+            tokens_size = int(client.hget(keys.totals, "tokens"))
+            assert int(client.hget(owner_key, "subjects")) == 2 * SUBJECT_SIZE
+            assert int(client.hget(keys.totals, "subject")) == 2 * SUBJECT_SIZE
+            assert int(client.hget(keys.tiers, "pro:bytes")) == 2 * SUBJECT_SIZE
+            assert int(client.get(keys.bytes)) == 2 * SUBJECT_SIZE + tokens_size
+            assert await store.delete(stored[0].id)  # its tokens go with it
+            assert int(client.get(keys.bytes)) == SUBJECT_SIZE
+            assert int(client.hget(keys.totals, "tokens")) == 0
+            await asyncio.sleep(1.2)
+            await store.put(new_subject(photo(3), "owner-b", "v1"))  # purges what expired
+            assert int(client.get(keys.bytes)) == SUBJECT_SIZE
+            assert not client.exists(owner_key)  # an owner holding nothing is forgotten
+            assert client.zcard(keys.held) == 1
+        finally:
+            await store.close()
+            client.close()
 
     asyncio.run(scenario())
 

@@ -5,6 +5,7 @@ local receiver, signatures checked with the `standardwebhooks` verifier."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import subprocess
 import time
@@ -18,13 +19,14 @@ from standardwebhooks import Webhook
 from test_queue_contract import done_record, make_spec
 from webhook_receiver import Receiver
 
+from service.background import BackgroundTasks
 from service.queue import create_queue
 from service.queue.keys import QueueKeys
 from service.queue.memory import InProcessQueue
 from service.queue.protocol import JobState, WebhookTarget
 from service.queue.redis_streams import RedisStreamsQueue
 from service.settings import Settings
-from service.webhooks.addresses import WebhookUrlError, parse_target, resolve
+from service.webhooks.addresses import MAX_URL_LENGTH, WebhookUrlError, parse_target, resolve
 from service.webhooks.dispatcher import delivering, payload
 from service.webhooks.events import EVENTS
 from service.webhooks.outbox import MemoryOutbox, RedisOutbox, create_outbox
@@ -79,6 +81,77 @@ def with_webhook(url: str, events: tuple[str, ...] = EVENTS, owner: str = "owner
 def test_urls_refused(url: str, reason: str) -> None:
     with pytest.raises(WebhookUrlError, match=reason):
         run(resolve(parse_target(url, [])))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://user@example.com/hook",  # a user and no password
+        "https://:pw@example.com/hook",  # a password and no user
+        "https://user:@example.com/hook",
+    ],
+)
+def test_any_credentials_in_the_url_are_refused(url: str) -> None:
+    with pytest.raises(WebhookUrlError, match="credentials"):
+        parse_target(url, [])
+
+
+@pytest.mark.parametrize(
+    ("address", "form"),
+    [
+        ("2002:c0a8:101::1", "6to4 of 192.168.1.1"),
+        ("2002:7f00:1::", "6to4 of 127.0.0.1"),
+        ("2002:a9fe:a9fe::1", "6to4 of the metadata address 169.254.169.254"),
+        ("2002:a00:1:1::1", "6to4 of 10.0.0.1"),
+        ("2001:0:c0a8:101::1", "Teredo through server 192.168.1.1"),
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "Teredo of client 10.0.0.1"),
+        ("fec0::1", "site-local"),
+        ("feff:ffff::1", "site-local, the top of fec0::/10"),
+        ("64:ff9b::a00:1", "NAT64 of 10.0.0.1"),
+        ("64:ff9b::7f00:1", "NAT64 of 127.0.0.1"),
+        ("64:ff9b:1::808:808", "local-use NAT64"),
+        ("::a00:1", "IPv4-compatible 10.0.0.1"),
+        ("::ffff:0:a00:1", "IPv4-translated 10.0.0.1"),
+        ("::ffff:a9fe:a9fe", "IPv4-mapped 169.254.169.254"),
+        ("2606:4700::5efe:a00:1", "ISATAP interface id of 10.0.0.1"),
+        ("2606:4700::200:5efe:7f00:1", "ISATAP interface id of 127.0.0.1"),
+    ],
+)
+def test_ipv6_forms_that_carry_a_private_ipv4_address_or_are_site_local_are_refused(
+    address: str, form: str
+) -> None:
+    with pytest.raises(WebhookUrlError, match="private"):
+        run(resolve(parse_target(f"https://[{address}]/hook", [])))
+
+
+@pytest.mark.parametrize(
+    "address", ["2606:4700::1111", "2606:4700::5efe:808:808", "::ffff:8.8.8.8", "2a00:1450:4001::200e"]
+)
+def test_public_ipv6_addresses_are_allowed(address: str) -> None:
+    """The refusals above are about the address carried, not every address of the form."""
+    destination = run(resolve(parse_target(f"https://[{address}]/hook", [])))
+    assert list(map(str, destination.addresses)) == [str(ipaddress.ip_address(address))]
+
+
+def test_the_allow_list_ignores_case() -> None:
+    destination = run(resolve(parse_target("http://LocalHost:9/x", ["LOCALHOST"])))
+    assert destination.target.allow_listed and destination.target.host == "localhost"
+    with pytest.raises(WebhookUrlError, match="scheme must be https"):
+        parse_target("http://LocalHost:9/x", ["127.0.0.1"])
+
+
+def test_urls_are_at_most_2000_characters() -> None:
+    base = "https://8.8.8.8/"
+    longest = base + "a" * (MAX_URL_LENGTH - len(base))
+    assert len(longest) == 2000 and parse_target(longest, []).path == "/" + "a" * (2000 - len(base))
+    with pytest.raises(WebhookUrlError, match="longer than 2000 characters"):
+        parse_target(longest + "a", [])
+
+
+def test_a_host_name_the_resolver_cannot_encode_is_a_clear_refusal() -> None:
+    """A label over 63 characters makes the IDNA codec raise UnicodeError, not OSError."""
+    with pytest.raises(WebhookUrlError, match="does not resolve"):
+        run(resolve(parse_target(f"https://{'a' * 70}.example.com/hook", [])))
 
 
 def test_allow_listed_host_may_use_http_and_a_loopback_address() -> None:
@@ -140,7 +213,10 @@ def test_terminal_scripts_schedule_the_webhook_and_claims_are_leased(topology, r
 
 def test_worker_and_dead_letter_terminal_states_schedule_their_events(redis_server) -> None:
     async def scenario() -> None:
-        config = Settings(redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}")
+        # One owner's three deliveries claimed at once: its cap of deliveries in flight allows them.
+        config = Settings(
+            redis_url=redis_server.url, queue_name=f"wh-{uuid.uuid4().hex[:8]}", webhook_concurrency_per_key=3
+        )
         queue, outbox = create_queue(config), RedisOutbox(config)
         client = redis.Redis.from_url(redis_server.url)
         done, expired = with_webhook("https://8.8.8.8/a"), with_webhook("https://8.8.8.8/b")
@@ -180,7 +256,7 @@ def test_in_process_queue_sends_a_signed_cancelled_event(receiver: Receiver) -> 
         assert isinstance(queue, InProcessQueue)
         outbox = create_outbox(config, queue)
         spec = with_webhook(receiver.url)
-        async with delivering(outbox, queue, config):
+        async with delivering(outbox, queue, config, BackgroundTasks()):
             await queue.submit(spec)
             await queue.cancel(spec.id)
             for _ in range(100):
@@ -213,7 +289,7 @@ def test_the_address_is_checked_again_at_connect_time(receiver: Receiver) -> Non
         await queue.submit(spec)
         await queue.cancel(spec.id)
         outbox.on_finished(await queue.get(spec.id))
-        async with delivering(outbox, queue, config):
+        async with delivering(outbox, queue, config, BackgroundTasks()):
             for _ in range(100):
                 status = await outbox.status(spec.id)
                 if status.state != "pending":
@@ -272,7 +348,7 @@ def test_a_burst_is_sent_as_fast_as_slots_free_not_one_batch_per_poll(receiver: 
             await queue.submit(spec)
             await queue.cancel(spec.id)
         started = time.monotonic()
-        async with delivering(outbox, queue, config):
+        async with delivering(outbox, queue, config, BackgroundTasks()):
             while len(receiver.requests) < len(specs) and time.monotonic() - started < 20:
                 await asyncio.sleep(0.02)
             return time.monotonic() - started
@@ -280,3 +356,32 @@ def test_a_burst_is_sent_as_fast_as_slots_free_not_one_batch_per_poll(receiver: 
     elapsed_s = run(scenario())
     assert len(receiver.distinct()) == 40 and len(receiver.requests) == 40
     assert elapsed_s < 3.0, elapsed_s
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis_server", "redis_cluster"])
+def test_a_key_at_its_cap_of_deliveries_in_flight_delays_only_its_own(backend, request) -> None:
+    """Claims follow due order, but one key holds at most WEBHOOK_CONCURRENCY_PER_KEY leases: its
+    other due deliveries are set aside (not in front of another key's) until a lease ends."""
+
+    async def scenario() -> None:
+        values = {"webhook_concurrency_per_key": 2, "queue_name": f"wh-{uuid.uuid4().hex[:8]}"}
+        if backend != "memory":
+            values["redis_url"] = request.getfixturevalue(backend).url
+        config = Settings(**values)
+        queue = create_queue(config)
+        outbox = create_outbox(config, queue)
+        stuck = [with_webhook("https://8.8.8.8/never", owner="owner-a") for _ in range(6)]
+        other = with_webhook("https://8.8.8.8/fine", owner="owner-b")
+        for spec in [*stuck, other]:  # the other key's delivery falls due last
+            await queue.submit(spec)
+            await queue.cancel(spec.id)
+        first = await outbox.claim(4, lease_s=30)
+        assert [delivery.job_id for delivery in first] == [stuck[0].id, stuck[1].id, other.id]
+        assert await outbox.claim(4, lease_s=30) == []  # owner-a at its cap: nothing more of it
+        assert await outbox.settle(first[0], "retry", 1, "timed out", retry_in_s=60.0)
+        [next_one] = await outbox.claim(4, lease_s=30)  # a slot of owner-a freed: its next in due order
+        assert next_one.job_id == stuck[2].id
+        await outbox.close()
+        await queue.close()
+
+    run(scenario())

@@ -10,15 +10,13 @@ from fastapi import APIRouter, Request, Response
 
 from service.api import results
 from service.api.deps import AcceptedCustomize, QueueDep, SettingsDep
+from service.api.errors import CLIENT_GONE
 from service.api.openapi import ERROR_RESPONSES, RAW_IMAGE_RESPONSE
 from service.queue.protocol import JobQueue, JobRecord
 from service.schemas import CustomizeResponse
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["generation"])
-
-# nginx's "client closed request": recorded in metrics, never seen by the client that left.
-CLIENT_GONE = 499
 
 
 async def _disconnected(request: Request) -> None:

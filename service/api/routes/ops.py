@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -10,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from realcustom.native_size import native_size
 from service import metrics
+from service.api import health
 from service.api.deps import Caller, QueueDep, SettingsDep
 from service.api.openapi import ERROR_RESPONSES
 from service.queue.protocol import QueueUnavailableError
@@ -18,9 +20,14 @@ from service.schemas import HealthResponse, ModelInfo
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=HealthResponse, summary="The process is alive")
-async def healthz() -> HealthResponse:
-    return HealthResponse(status="ok")
+@router.get(
+    "/healthz",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "A background task or the worker is down"}},
+    summary="The process is alive: its background tasks run (also on HEALTH_PORT)",
+)
+async def healthz(request: Request) -> JSONResponse:
+    return health.reply(health.liveness(request.app.state))
 
 
 @router.get(
@@ -29,34 +36,13 @@ async def healthz() -> HealthResponse:
     responses={
         503: {
             "model": HealthResponse,
-            "description": "The queue is unreachable (or, in the all-in-one process, its worker is not warm)",
+            "description": "Not alive, the queue unreachable, or (all-in-one) its worker not warm",
         }
     },
-    summary="This process can serve: its queue is reachable",
+    summary="This process can serve: its queue is reachable (also on HEALTH_PORT)",
 )
-async def readyz(request: Request, queue: QueueDep, settings: SettingsDep) -> HealthResponse | JSONResponse:
-    """Ready while the queue answers, with or without a warm worker: jobs are accepted into the
-    queue and wait there for one (up to JOB_TIMEOUT_S), so a worker restart or drain never takes
-    the API out of its Service; `detail.ready_workers` says how many are warm."""
-    reachable = await queue.ping()
-    workers = 0
-    if reachable:
-        try:
-            workers = await queue.ready_workers()
-        except QueueUnavailableError:
-            reachable = False
-    ready = reachable and (workers > 0 or not request.app.state.ready_needs_worker)
-    body = HealthResponse(
-        status="ok" if ready else "not_ready",
-        detail={
-            "queue_reachable": reachable,
-            "ready_workers": workers,
-            "native_size": native_size(settings.model),
-        },
-    )
-    if body.status == "ok":
-        return body
-    return JSONResponse(body.model_dump(), status_code=503)
+async def readyz(request: Request) -> JSONResponse:
+    return health.reply(await health.readiness(request.app.state))
 
 
 @router.get(
@@ -71,6 +57,7 @@ async def models(settings: SettingsDep) -> ModelInfo:
         max_steps=settings.max_steps,
         max_num_images=settings.max_num_images,
         max_subjects=settings.max_subjects,
+        max_request_cost=settings.request_cost_cap if math.isfinite(settings.request_cost_cap) else None,
     )
 
 
@@ -80,9 +67,14 @@ async def models(settings: SettingsDep) -> ModelInfo:
     response_class=Response,
     responses=ERROR_RESPONSES,
 )
-async def prometheus_metrics(_caller: Caller, queue: QueueDep) -> Response:
+async def prometheus_metrics(_caller: Caller, queue: QueueDep, settings: SettingsDep) -> Response:
     # On an outage the last known depth stays; readyz reports the outage.
     with contextlib.suppress(QueueUnavailableError):
         metrics.QUEUE_DEPTH.set(await queue.depth())
         metrics.QUEUE_BYTES.set(await queue.held_bytes())
+        usage = await queue.usage(settings.tier_names)
+        for tier, held in usage.tiers.items():
+            metrics.QUEUE_TIER_JOBS.labels(tier=tier).set(held.jobs)
+            metrics.QUEUE_TIER_BYTES.labels(tier=tier).set(held.bytes)
+        metrics.QUEUE_SECONDS_PER_COST.set(usage.seconds_per_cost or 0.0)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
 
-from service.api.deps import RateLimitedCaller, SettingsDep, SubjectsDep, owner_of
+from service.api import results
+from service.api.deps import RateLimitedCaller, SettingsDep, SubjectsDep, owner_of, tier_of
 from service.api.intake import Intake
 from service.api.openapi import ERROR_RESPONSES
+from service.queue.protocol import QueueFullError
 from service.schemas import SubjectInfo, SubjectUpload
 from service.subjects.resolve import find_subject, info, new_subject, not_found
 
@@ -43,15 +45,20 @@ UPLOAD_BODY = {
     openapi_extra=UPLOAD_BODY,
     summary="Store a subject photo once; pass its id as `subject_id` instead of the image",
     description="The same photo (after decoding) from the same caller always gets the same id; "
-    "uploading it again keeps it for another `SUBJECT_TTL_S`. Counted against the queue's byte budget "
-    "(429 when full).",
+    "uploading it again keeps it for another `SUBJECT_TTL_S`. Counted against the queue's byte budget, "
+    "the subject budget and the key's share of it (429 `queue_full`, `subjects_full`, `key_subjects_full`).",
 )
 async def create_subject(
     request: Request, caller: RateLimitedCaller, settings: SettingsDep, subjects: SubjectsDep
 ) -> SubjectInfo:
     intake: Intake = request.app.state.intake
-    image = await intake.decode_subject(request)
-    stored = await subjects.put(new_subject(image, owner_of(caller), settings.reference_version))
+    owner = owner_of(caller)
+    image = await intake.decode_subject(request, owner)
+    tier = tier_of(caller, settings)
+    try:
+        stored = await subjects.put(new_subject(image, owner, settings.reference_version, tier))
+    except QueueFullError as error:
+        raise results.refusal(error, tier) from None
     return info(stored)
 
 

@@ -1,4 +1,5 @@
-"""The narrow contract between the service and the engines: a job in, images out.
+"""The method's request type: one customisation job in, images out (what engines and the service
+hand down; `realcustom.job_inputs` turns it into loop inputs).
 
 Torch-free, so the API process can build and validate jobs without loading a model.
 """

@@ -1,0 +1,353 @@
+"""The step planner: every decision of step-level batching, as a pure function of plain data.
+
+At each step boundary the worker describes what it holds (`Boundary`: the rows that keep running,
+the ones that leave, the prepared jobs waiting, the families a job may join) and the planner
+answers with a `StepPlan`: which jobs join which family, which run alone, and per family the
+layout of the next step (where each job's rows sit, which bucket steps, how many rows the
+guidance pass covers). The executor (`engines.step_scheduler.StepScheduler` over
+`engines.step_batching.RunningBatch`) applies the plan and reports back nothing but finished rows.
+No torch, no model, no I/O: the planner is tested in milliseconds (tests/engines/test_planner.py).
+
+Order of admission (the jobs that join, when rows are free):
+
+1. jobs already started in the queue (`WaitingJob.committed`: a previous plan admitted them);
+2. overdue jobs (waiting `max_wait` boundaries or more), in arrival order; one that does not fit
+   reserves its family (nothing else joins it until the overdue job has): the starvation bound;
+3. interactive jobs, then batch jobs (batch fills the rows interactive jobs left): within a
+   priority, owners take turns by weighted fair queuing on cost (`realcustom.cost`): the owner
+   whose admitted cost / weight is lowest goes first (an owner that comes back after idling starts
+   at the backlogged owners' level, so idling banks no credit); an owner's own jobs go by deadline,
+   then arrival. A job that does not fit is passed over (smaller jobs of others may fit).
+
+Layout of a family: rows in their mask-update phase first (the guidance pass covers a prefix),
+otherwise in their present order (rows move only where they must), joining jobs after the rows
+of their phase; rows compact to [0, used) of the smallest bucket that holds them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
+Family = Hashable
+
+
+@dataclass(frozen=True)
+class FamilyShape:
+    """What one family of running rows can hold: its buckets' row counts (ascending) and, per
+    bucket, the guidance prefixes captured for it (ascending; the bucket itself = every row)."""
+
+    buckets: tuple[int, ...]
+    guidance: tuple[tuple[int, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be ascending row counts >= 1, got {self.buckets}")
+        if len(self.guidance) != len(self.buckets):
+            raise ValueError("one tuple of guidance prefixes per bucket")
+        for bucket, prefixes in zip(self.buckets, self.guidance, strict=True):
+            if not prefixes or prefixes[-1] != bucket or list(prefixes) != sorted(set(prefixes)):
+                raise ValueError(f"guidance prefixes of bucket {bucket} must ascend and end at it")
+
+    @classmethod
+    def of(cls, buckets: Iterable[int], partial_guidance: bool) -> FamilyShape:
+        """Buckets whose guidance prefixes are 1, 2, 4 ... below each bucket (when captured)."""
+        ordered = tuple(sorted(set(buckets)))
+        guidance = []
+        for bucket in ordered:
+            prefixes = []
+            rows = 1
+            while partial_guidance and rows < bucket:
+                prefixes.append(rows)
+                rows *= 2
+            guidance.append((*prefixes, bucket))
+        return cls(ordered, tuple(guidance))
+
+    @property
+    def capacity(self) -> int:
+        return self.buckets[-1]
+
+    def bucket_for(self, used: int) -> int:
+        return next(bucket for bucket in self.buckets if bucket >= used)
+
+    def guidance_for(self, bucket: int, updating: int) -> int | None:
+        """Rows the next step's guidance pass covers: the smallest prefix holding the updating rows;
+        None when no row updates its masks (the step reuses them)."""
+        if updating == 0:
+            return None
+        prefixes = self.guidance[self.buckets.index(bucket)]
+        return next(rows for rows in prefixes if rows >= updating)
+
+
+@dataclass(frozen=True)
+class RunningRows:
+    """One running job's rows, as they stand at the boundary (in their family's present order)."""
+
+    key: Hashable
+    family: Family
+    rows: int
+    steps_left: int  # steps still to run (>= 1: a job whose loop ended has left already)
+    updating: bool  # its next step updates its masks (before its mask-reuse step)
+    owner: str = ""
+    priority: Priority = "interactive"
+
+
+@dataclass(frozen=True)
+class WaitingJob:
+    """A prepared job waiting to join. `family` None: it runs its whole loop alone."""
+
+    key: Hashable
+    family: Family | None
+    rows: int
+    cost: float
+    arrival: int  # the boundary it became ready at (ages count boundaries)
+    owner: str = ""
+    weight: float = 1.0
+    priority: Priority = "interactive"
+    deadline: float = float("inf")
+    committed: bool = False  # started in the queue already: placed first, never refused
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """Everything the planner reads: one step boundary, as plain data."""
+
+    step: int
+    running: tuple[RunningRows, ...] = ()
+    waiting: tuple[WaitingJob, ...] = ()
+    families: Mapping[Family, FamilyShape] = field(default_factory=dict)
+    leaving: frozenset = frozenset()  # running keys that leave now (cancelled, failed)
+    admit: bool = True  # False: place committed jobs only
+
+
+@dataclass(frozen=True)
+class Placement:
+    key: Hashable
+    start: int
+    rows: int
+    updating: bool
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """The next step of one family: rows [0, used) of the `bucket`-row state, the guidance pass
+    on its first `guidance` rows (None: masks are reused)."""
+
+    bucket: int
+    rows: tuple[Placement, ...]
+    guidance: int | None
+
+    @property
+    def used(self) -> int:
+        return sum(placement.rows for placement in self.rows)
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [placement.key for placement in self.rows]
+
+
+@dataclass(frozen=True)
+class Join:
+    key: Hashable
+    family: Family
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the executor does at a boundary, in this order: `leave`, run `alone` jobs, then lay
+    out every family (`layouts`, joining jobs loaded at their placement) and step."""
+
+    leave: tuple[Hashable, ...] = ()
+    joins: tuple[Join, ...] = ()
+    alone: tuple[Hashable, ...] = ()
+    layouts: Mapping[Family, FamilyLayout] = field(default_factory=dict)
+    deferred: tuple[Hashable, ...] = ()  # committed jobs that did not fit (they wait, committed)
+
+    @property
+    def admitted(self) -> tuple[Hashable, ...]:
+        return tuple(join.key for join in self.joins) + self.alone
+
+
+def layout(shape: FamilyShape, rows: Sequence[tuple[Hashable, int, bool]]) -> FamilyLayout:
+    """(key, rows, updating) in present order (joining jobs last) -> the family's next step."""
+    ordered = sorted(rows, key=lambda row: not row[2])  # stable: present order within a phase
+    placements, start = [], 0
+    for key, count, updating in ordered:
+        placements.append(Placement(key, start, count, updating))
+        start += count
+    if start > shape.capacity:
+        raise ValueError(f"{start} rows exceed the family's capacity of {shape.capacity}")
+    bucket = shape.bucket_for(start)
+    updating_rows = sum(count for _, count, updating in ordered if updating)
+    return FamilyLayout(bucket, tuple(placements), shape.guidance_for(bucket, updating_rows))
+
+
+class Planner:
+    """Fair admission across owners and priorities, with a starvation bound; holds only its
+    fairness accounting (admitted cost / weight per owner) between boundaries.
+
+    max_wait: boundaries a job may be passed over before it is served strictly in arrival order.
+    A job then joins within max_wait + (overdue jobs ahead of it in its family + 1) x (the most
+    steps a running job has left) boundaries (tests/engines/test_planner.py checks the bound).
+    """
+
+    def __init__(self, max_wait: int = 64) -> None:
+        if max_wait < 0:
+            raise ValueError("max_wait must be >= 0")
+        self.max_wait = max_wait
+        self._served: dict[str, float] = {}  # admitted cost / weight per owner (virtual time)
+        self._backlogged: set[str] = set()  # owners with jobs waiting at the last boundary
+        self._last_start = 0.0  # virtual time of the latest admission
+
+    def served(self, owner: str) -> float:
+        return self._served.get(owner, 0.0)
+
+    def plan(self, boundary: Boundary) -> StepPlan:
+        families = boundary.families
+        staying = [row for row in boundary.running if row.key not in boundary.leaving]
+        free = {family: shape.capacity for family, shape in families.items()}
+        for row in staying:
+            free[row.family] -= row.rows
+        joins: list[WaitingJob] = []
+        alone: list[WaitingJob] = []
+        deferred: list[WaitingJob] = []
+
+        def fits(job: WaitingJob) -> bool:
+            if job.family is None:
+                return True
+            if job.family not in families:
+                raise ValueError(f"job {job.key!r} names family {job.family!r} the boundary does not offer")
+            if job.rows > families[job.family].capacity:
+                raise ValueError(f"job {job.key!r} has more rows than its family holds: it runs alone")
+            return job.rows <= free[job.family]
+
+        def take(job: WaitingJob) -> None:
+            if job.family is None:
+                alone.append(job)
+            else:
+                free[job.family] -= job.rows
+                joins.append(job)
+
+        committed = (job for job in boundary.waiting if job.committed)
+        for job in sorted(committed, key=lambda job: (job.arrival, str(job.key))):
+            (take if fits(job) else deferred.append)(job)
+        if boundary.admit:
+            self._admit(boundary, fits, take)
+
+        layouts = {}
+        by_family: dict[Family, list[tuple[Hashable, int, bool]]] = defaultdict(list)
+        for row in staying:
+            by_family[row.family].append((row.key, row.rows, row.updating))
+        for job in joins:
+            by_family[job.family].append((job.key, job.rows, True))  # a joining job starts at step 0
+        for family, rows in by_family.items():
+            layouts[family] = layout(families[family], rows)
+        return StepPlan(
+            leave=tuple(row.key for row in boundary.running if row.key in boundary.leaving),
+            joins=tuple(Join(job.key, job.family) for job in joins),
+            alone=tuple(job.key for job in alone),
+            layouts=layouts,
+            deferred=tuple(job.key for job in deferred),
+        )
+
+    # ---- fair admission -------------------------------------------------------------------------
+
+    def _admit(self, boundary: Boundary, fits, take) -> None:
+        candidates = [job for job in boundary.waiting if not job.committed]
+        self._catch_up({job.owner for job in candidates})
+        overdue = sorted(
+            (job for job in candidates if boundary.step - job.arrival >= self.max_wait),
+            key=lambda job: (job.arrival, str(job.key)),
+        )
+        reserved: set[Family] = set()
+        admitted: set[Hashable] = set()
+        for job in overdue:
+            if job.family is not None and job.family in reserved:
+                continue
+            if fits(job):
+                self._charge(job)
+                take(job)
+                admitted.add(job.key)
+            else:
+                reserved.add(job.family)
+        for priority in PRIORITIES:
+            queues: dict[str, list[WaitingJob]] = defaultdict(list)
+            for job in candidates:
+                if job.priority == priority and job.key not in admitted and job.family not in reserved:
+                    queues[job.owner].append(job)
+            for jobs in queues.values():
+                jobs.sort(key=lambda job: (job.deadline, job.arrival, str(job.key)))
+            while queues:
+                owner = min(queues, key=lambda o: (self.served(o), queues[o][0].arrival, o))
+                job = queues[owner].pop(0)
+                if not queues[owner]:
+                    del queues[owner]
+                if fits(job):
+                    self._charge(job)
+                    take(job)
+
+    def _catch_up(self, backlogged: set[str]) -> None:
+        """An owner that starts waiting again resumes at the level of those that kept waiting (or
+        of the latest admission): idle time is not credit. Owners at or below it are forgotten."""
+        kept = [self.served(owner) for owner in backlogged & self._backlogged]
+        floor = min(kept) if kept else self._last_start
+        for owner in backlogged - self._backlogged:
+            self._served[owner] = max(self.served(owner), floor)
+        for owner in [o for o, served in self._served.items() if o not in backlogged and served <= floor]:
+            del self._served[owner]
+        self._backlogged = backlogged
+
+    def _charge(self, job: WaitingJob) -> None:
+        self._last_start = self.served(job.owner)
+        self._served[job.owner] = self._last_start + job.cost / job.weight
+
+
+# ---- which family a job joins (what the executor can hold) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class JobShape:
+    """What decides a job's family: its size, subjects, rows (images) and graph settings."""
+
+    height: int
+    width: int
+    subjects: int
+    rows: int
+    settings: Hashable
+    capturable: bool  # its sampler steps on the device (a host-stepped one runs alone)
+
+
+@dataclass(frozen=True)
+class PreparedBucket:
+    batch: int
+    height: int
+    width: int
+    subjects: int
+    settings: Hashable
+
+
+def choose_family(
+    job: JobShape, max_rows: int, prepared: Iterable[PreparedBucket] | None = None
+) -> tuple[int, int, int, Hashable] | None:
+    """(height, width, subject slots, settings) of the family the job joins, or None: it runs alone.
+
+    `prepared` None: families are made on demand (eager), one per exact shape. Else the job goes to
+    the family with the fewest subject slots among the prepared buckets of its size and settings
+    that hold its subjects and its rows."""
+    if not job.capturable or job.rows > max_rows:
+        return None
+    if prepared is None:
+        return job.height, job.width, job.subjects, job.settings
+    slots = sorted(
+        bucket.subjects
+        for bucket in prepared
+        if bucket.settings == job.settings
+        and (bucket.height, bucket.width) == (job.height, job.width)
+        and bucket.subjects >= job.subjects
+        and bucket.batch >= job.rows
+    )
+    return (job.height, job.width, slots[0], job.settings) if slots else None

@@ -1,0 +1,81 @@
+"""The one Redis seam of a process: one client (one connection pool) for the queue, the subject
+store and the webhook outbox, their keys (keys.py) and their scripts (registered once per source).
+
+A worker's token lookups are blocking calls from its preparation thread: they get a blocking
+client of their own, opened on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+
+import redis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript, Script
+from redis.exceptions import OutOfMemoryError, RedisError
+
+from service.queue.connect import connect_async, connect_sync
+from service.queue.keys import QueueKeys
+from service.queue.protocol import QueueFullError, QueueUnavailableError
+from service.settings import Settings
+
+
+class RedisStorage:
+    def __init__(self, settings: Settings) -> None:
+        assert settings.redis_url
+        self.settings = settings
+        self.keys = QueueKeys(settings.queue_name)
+        self._passwords = (
+            settings.redis_password.get_secret_value() if settings.redis_password else None,
+            settings.redis_sentinel_password.get_secret_value() if settings.redis_sentinel_password else None,
+        )
+        # An explicit password overrides one in the URL; None keeps the URL's.
+        self.client = connect_async(settings.redis_url, *self._passwords, health_check_interval=10)
+        self._scripts: dict[str, AsyncScript] = {}
+        self._sync: redis.Redis | None = None
+        self._sync_scripts: dict[str, Script] = {}
+
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self.client, RedisCluster)
+
+    def script(self, source: str) -> AsyncScript:
+        if source not in self._scripts:
+            self._scripts[source] = self.client.register_script(source)
+        return self._scripts[source]
+
+    @contextlib.contextmanager
+    def blocking(self) -> Iterator[redis.Redis]:
+        """The blocking client (opened on first use), Redis failures as QueueUnavailableError."""
+        if self._sync is None:
+            self._sync = connect_sync(self.settings.redis_url, *self._passwords, socket_timeout=5)
+        try:
+            yield self._sync
+        except OutOfMemoryError:
+            raise
+        except (RedisError, OSError) as error:
+            raise QueueUnavailableError(f"Redis is unreachable: {error}") from error
+
+    def blocking_script(self, source: str) -> Script:
+        if source not in self._sync_scripts:
+            with self.blocking() as client:
+                self._sync_scripts[source] = client.register_script(source)
+        return self._sync_scripts[source]
+
+    @contextlib.asynccontextmanager
+    async def errors(self) -> AsyncIterator[None]:
+        """Redis at maxmemory as QueueFullError, other failures as QueueUnavailableError."""
+        try:
+            yield
+        except OutOfMemoryError as error:
+            raise QueueFullError(
+                "the queue's Redis is at its memory limit", self.settings.queue_full_retry_after_s
+            ) from error
+        except (RedisError, OSError) as error:
+            raise QueueUnavailableError(f"Redis is unreachable: {error}") from error
+
+    async def close(self) -> None:
+        await self.client.aclose()
+        if self._sync is not None:
+            self._sync.close()
