@@ -17,13 +17,20 @@ fp32). What a bank serves is fixed at construction: its target layers (an adapte
 layer is refused with the layer's name), its rank R (ranks above R are refused; smaller ones are
 zero-padded, so every row pays for R ranks per position), K adapters per row and the slot count.
 Writing a slot while a step runs is safe only for a free slot (no row points at it); the worker
-loads between steps.
+loads between steps. The bookkeeping (slots, holds) is guarded by a lock: requests acquire on a
+preparation thread and release on the worker's event loop while the stepping thread loads.
+
+`BankLayout` is what a deployment configures (targets, slots, rank, adapters per row); a runner
+installs it on its UNet before any state is allocated or step captured (engines.runner.load_runner).
 """
 
 from __future__ import annotations
 
+import re
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,6 +50,15 @@ TARGET_KINDS = ("attention", "transformer", "all")
 _NEVER = ("to_k_vision", "to_v_vision")
 
 
+# Everything of a layer's name up to its block (what a listing shows: "attn1.to_q", "ff.net.0.proj").
+_BLOCK_PATH = re.compile(r"^.*\.(?:transformer_blocks|attentions|resnets|downsamplers|upsamplers)\.\d+\.")
+
+
+def module_kinds(names: Iterable[str]) -> list[str]:
+    """The distinct layer kinds of module names, without their block path."""
+    return sorted({_BLOCK_PATH.sub("", name) for name in names})
+
+
 def target_layers(unet: nn.Module, kind: str) -> list[str]:
     """Names of the layers of a diffusers UNet that a bank of `kind` serves."""
     if kind not in TARGET_KINDS:
@@ -55,6 +71,22 @@ def target_layers(unet: nn.Module, kind: str) -> list[str]:
         if suffixes is None or name.endswith(tuple("." + suffix for suffix in suffixes)):
             names.append(name)
     return names
+
+
+@dataclass(frozen=True)
+class BankLayout:
+    """What a deployment serves: adapters on the `targets` layers (a kind of TARGET_KINDS), `slots`
+    loaded at once, ranks up to `rank`, up to `per_row` adapters per request."""
+
+    targets: str = "transformer"
+    slots: int = 8
+    rank: int = 64
+    per_row: int = 4
+
+    def install(self, unet: RealCustomUNet, dtype: torch.dtype | None = None) -> AdapterBank:
+        return AdapterBank(
+            unet, targets=self.targets, slots=self.slots, rank=self.rank, per_row=self.per_row, dtype=dtype
+        )
 
 
 class AdapterBank:
@@ -90,9 +122,11 @@ class AdapterBank:
             add_slots(layer, slots, rank, dtype)
             self._hooks.append(layer.register_forward_hook(RowLoRAHook(self.selection)))
             self.layers[name] = layer
+        self.targets = targets if isinstance(targets, str) else "custom"
         self.slots: list[str | None] = [None] * slots
         self.adapters: dict[str, LoRAAdapter] = {}
         self.holds: Counter[str] = Counter()
+        self._lock = threading.Lock()
         unet.adapters = self
 
     # ---- slots ----------------------------------------------------------------------------------
@@ -109,32 +143,41 @@ class AdapterBank:
                 f"{outside[0]!r}); serve them with a bank on more targets (kinds {TARGET_KINDS})"
             )
         check_adapter(adapter, self.unet.unet, max_rank=self.rank)
-        if None not in self.slots:
-            raise LoRAError(f"all {len(self.slots)} adapter slots are taken; unload one first")
-        slot = self.slots.index(None)
-        for name, layer in self.layers.items():
-            module = adapter.modules.get(name)
-            if module is None:
-                write_slot(layer, slot, None, None, 0.0)
-            else:
-                write_slot(layer, slot, module.down, module.up, module.scale)
-        self.slots[slot] = adapter.name
-        self.adapters[adapter.name] = adapter
+        with self._lock:
+            if None not in self.slots:
+                raise LoRAError(f"all {len(self.slots)} adapter slots are taken; unload one first")
+            slot = self.slots.index(None)
+            self.slots[slot] = adapter.name  # reserved; rows cannot name it before it is in `adapters`
+        try:
+            for name, layer in self.layers.items():
+                module = adapter.modules.get(name)
+                if module is None:
+                    write_slot(layer, slot, None, None, 0.0)
+                else:
+                    write_slot(layer, slot, module.down, module.up, module.scale)
+        except BaseException:
+            with self._lock:
+                self.slots[slot] = None
+            raise
+        with self._lock:
+            self.adapters[adapter.name] = adapter
         return slot
 
     @torch.no_grad()
     def unload(self, name: str) -> None:
-        if name not in self.adapters:
-            raise LoRAError(f"no adapter {name!r} is loaded")
-        if self.holds[name]:
-            raise LoRAError(
-                f"adapter {name!r} is used by {self.holds[name]} running request(s); try again later"
-            )
-        slot = self.slots.index(name)
+        with self._lock:
+            if name not in self.adapters:
+                raise LoRAError(f"no adapter {name!r} is loaded")
+            if self.holds[name]:
+                raise LoRAError(
+                    f"adapter {name!r} is used by {self.holds[name]} running request(s); try again later"
+                )
+            slot = self.slots.index(name)
+            del self.adapters[name]  # no new request can hold it from here on
         for layer in self.layers.values():
             write_slot(layer, slot, None, None, 0.0)
-        self.slots[slot] = None
-        del self.adapters[name]
+        with self._lock:
+            self.slots[slot] = None
 
     def detach(self) -> None:
         """Take the bank off the UNet: hooks and slot buffers removed, the stock UNet again (states
@@ -149,31 +192,41 @@ class AdapterBank:
         self.layers, self.adapters, self._hooks = {}, {}, []
 
     def describe(self) -> list[dict]:
-        """What is loaded (for listings): name, rank, targeted layers, source, slot."""
-        return [
-            {**adapter.describe(), "slot": self.slots.index(name)} for name, adapter in self.adapters.items()
-        ]
+        """What is loaded (for listings): name, rank, targeted layers and their kinds, source, slot."""
+        with self._lock:
+            loaded = list(self.adapters.items())
+            return [
+                {**adapter.describe(), "kinds": module_kinds(adapter.modules), "slot": self.slots.index(name)}
+                for name, adapter in loaded
+            ]
+
+    def held(self, name: str) -> bool:
+        with self._lock:
+            return self.holds[name] > 0
 
     # ---- requests -------------------------------------------------------------------------------
 
     def acquire(self, choices: Sequence[LoRAChoice]) -> None:
         """A request holds its adapters from preparation to its end (they cannot be unloaded)."""
-        self._check(choices)
-        self.holds.update(choice.name for choice in choices)
+        with self._lock:
+            self._check(choices)
+            self.holds.update(choice.name for choice in choices)
 
     def release(self, choices: Sequence[LoRAChoice]) -> None:
-        self.holds.subtract(choice.name for choice in choices)
-        self.holds += Counter()  # drop names no longer held
+        with self._lock:
+            self.holds.subtract(choice.name for choice in choices)
+            self.holds += Counter()  # drop names no longer held
 
     def rows(self, choices: Sequence[Sequence[LoRAChoice]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row slot index [n, K] (int64) and scale [n, K] (float32), on the UNet's device."""
         index = torch.zeros(len(choices), self.per_row, dtype=torch.int64)
         scale = torch.zeros(len(choices), self.per_row, dtype=torch.float32)
-        for row, row_choices in enumerate(choices):
-            self._check(row_choices)
-            for position, choice in enumerate(row_choices):
-                index[row, position] = self.slots.index(choice.name)
-                scale[row, position] = choice.scale
+        with self._lock:
+            for row, row_choices in enumerate(choices):
+                self._check(row_choices)
+                for position, choice in enumerate(row_choices):
+                    index[row, position] = self.slots.index(choice.name)
+                    scale[row, position] = choice.scale
         device = next(iter(self.layers.values())).lora_down.device
         return index.to(device), scale.to(device)
 

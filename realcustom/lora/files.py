@@ -11,11 +11,14 @@ A source is one of:
   `<lora_dir>/<name>/`;
 * a hub id `owner/repo` (its one safetensors file, or `pytorch_lora_weights.safetensors`) or
   `owner/repo/path/in/repo.safetensors`, downloaded into the hub cache.
+
+A service (`load_adapter(..., hub_ids=...)`) takes only the last two, and hub ids only from its
+allow-list (realcustom/lora/requests.py `check_source`): never a path, never the working directory.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Collection
 from pathlib import Path
 
 from safetensors import safe_open
@@ -23,14 +26,13 @@ from torch import nn
 
 from realcustom.lora.adapter import LoRAAdapter, LoRAError, check_adapter
 from realcustom.lora.formats import parse_state_dict
+from realcustom.lora.requests import HUB_ID, SourceNotAllowed, check_source, is_name
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(/[^/].*\.safetensors)?$")
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name) or ".." in name:
+    if not is_name(name):
         raise LoRAError(f"bad adapter name {name!r}: use 1-100 letters, digits, '.', '_' or '-'")
     return name
 
@@ -42,11 +44,24 @@ def resolve_source(source: str, lora_dir: str | Path | None = None) -> Path:
     path = Path(source)
     if path.exists():
         return _weights_in(path)
-    if lora_dir is not None and NAME.match(source) and ".." not in source:
+    return _named_or_hub(source, lora_dir)
+
+
+def resolve_served(source: str, lora_dir: str | Path | None, hub_ids: Collection[str]) -> Path:
+    """A service's adapter file: a name in `lora_dir`, or an allowed hub id (nothing else)."""
+    try:
+        check_source(source, hub_ids)
+    except SourceNotAllowed as error:
+        raise LoRAError(str(error)) from None
+    return _named_or_hub(source, lora_dir)
+
+
+def _named_or_hub(source: str, lora_dir: str | Path | None) -> Path:
+    if lora_dir is not None and is_name(source):
         for candidate in (Path(lora_dir) / f"{source}.safetensors", Path(lora_dir) / source):
             if candidate.exists():
                 return _weights_in(candidate)
-    if _HUB_ID.match(source):
+    if HUB_ID.match(source):
         return _download(source)
     where = f" or in {lora_dir}" if lora_dir is not None else ""
     raise LoRAError(f"no adapter {source!r}: not a file{where}, nor a hub id (owner/repo[/file.safetensors])")
@@ -110,10 +125,15 @@ def load_adapter(
     lora_dir: str | Path | None = None,
     max_rank: int | None = None,
     text_encoder: str = "reject",
+    hub_ids: Collection[str] | None = None,
 ) -> LoRAAdapter:
     """Read, map and check one adapter for `unet` (the diffusers UNet2DConditionModel). Its name is
-    `name`, else the source's file stem."""
-    path = resolve_source(str(source), lora_dir)
+    `name`, else the source's file stem. With `hub_ids` (a service), `source` must be a name in
+    `lora_dir` or one of those hub ids."""
+    if hub_ids is None:
+        path = resolve_source(str(source), lora_dir)
+    else:
+        path = resolve_served(str(source), lora_dir, hub_ids)
     name = check_name(name or path.stem)
     tensors, metadata = read_safetensors(path)
     adapter = parse_state_dict(
