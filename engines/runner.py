@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from engines.backends import Backend, backend_stats, select_backend, warm_up
-from engines.static_loop import parse_buckets
+from engines.static_loop import GraphSettings, parse_buckets
 from realcustom.denoise import LoopSettings
 from realcustom.job_inputs import job_conditioning, job_latents, job_outputs
 from realcustom.jobs import GenerationJob, GenerationOutput, SubjectInput
@@ -103,6 +103,8 @@ def load_runner(
     device: str | None = None,
     buckets: str | Sequence[str] | None = None,
     lora: BankLayout | None = None,
+    schedulers: Sequence[str] = ("dpm",),
+    uncond_prefixes: bool = False,
 ) -> Runner:
     """Load the model once and pick the backend (falling back to eager with a reason if needed).
 
@@ -111,6 +113,10 @@ def load_runner(
     lora: an adapter bank installed on the UNet before any state is allocated or step captured
     (per-row LoRA; adapters are loaded into it later, also after capture). TensorRT engines bind
     its slots as fp32 inputs.
+    schedulers: the samplers whose steps the compiled/tensorrt backends capture (a family each;
+    jobs of other samplers run alone). uncond_prefixes: the compiled backend also captures steps
+    whose unconditional half covers a prefix of the rows (CFG-free rows; not for TensorRT, whose
+    engines take both halves).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 on GPUs, as the official pipeline runs (the SDXL VAE overflows in fp16).
@@ -118,5 +124,13 @@ def load_runner(
     pipeline = load_pipeline(model, device=device, dtype=dtype)
     if lora is not None:
         lora.install(pipeline.unet, torch.float32 if backend == "tensorrt" else None)
-    options = {} if buckets is None or backend == "eager" else {"buckets": parse_buckets(buckets)}
+    options = {}
+    if backend != "eager":
+        options["graph_settings"] = [GraphSettings(scheduler) for scheduler in schedulers]
+        if buckets is not None:
+            options["buckets"] = parse_buckets(buckets)
+    if uncond_prefixes and backend == "tensorrt":
+        raise ValueError("TensorRT engines run both halves of the generation pass: no unconditional prefixes")
+    if uncond_prefixes and backend == "compiled":  # eager families capture them anyway
+        options["partial_uncond"] = True
     return Runner(pipeline, select_backend(backend, pipeline, **options), model)

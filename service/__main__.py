@@ -21,7 +21,6 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 
-from engines.runner import load_runner
 from service.adapters import open_registry
 from service.api.app import create_app, serve
 from service.background import BackgroundTasks
@@ -30,7 +29,7 @@ from service.queue.capacity import check_or_exit
 from service.queue.protocol import JobQueue
 from service.settings import Settings, load_settings
 from service.worker.__main__ import EXIT_BATCH_ABANDONED
-from service.worker.loop import ComputeDeadlineExceeded, Worker, lora_layout
+from service.worker.loop import ComputeDeadlineExceeded, Worker, load_worker_runner
 from service.worker.subject_cache import TokenCache
 
 logger = logging.getLogger("service")
@@ -49,14 +48,7 @@ async def _load_and_serve(
     settings: Settings, queue: JobQueue, worker_ready: asyncio.Future[Worker], background: BackgroundTasks
 ) -> None:
     try:
-        runner = await asyncio.to_thread(
-            load_runner,
-            settings.model,
-            settings.backend,
-            settings.device,
-            settings.buckets,
-            lora_layout(settings),
-        )
+        runner = await asyncio.to_thread(load_worker_runner, settings)
         if settings.warmup:
             await asyncio.to_thread(runner.warmup)
     except Exception:

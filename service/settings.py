@@ -462,7 +462,7 @@ class Settings(BaseSettings):
         "throughput the queue measured, would keep from finishing before its deadline (`JOB_TIMEOUT_S`).",
     )
 
-    # --- LoRA adapters (service/README.md, "Adapters and fast mode") ------------------------------
+    # --- LoRA adapters and fast mode (service/README.md, "Adapters and fast mode") ---------------
     lora_slots: int = Field(
         0,
         ge=0,
@@ -506,6 +506,20 @@ class Settings(BaseSettings):
         description="How long `POST /v1/loras` waits for the workers to report the adapter loaded before "
         "answering 202 (loading).",
     )
+    graph_schedulers: Annotated[list[Literal["dpm", "ddim", "euler", "lcm", "tcd"]], NoDecode] = Field(
+        default_factory=lambda: ["dpm"],
+        description="Samplers whose steps the compiled/tensorrt backends capture at warm-up, comma-separated "
+        "(a family of graphs each, for every bucket): add the fast-mode presets' (`euler,lcm,tcd,ddim`) so "
+        "their jobs share running batches; a job of another sampler runs alone. The eager backend makes "
+        "families on demand.",
+    )
+    graph_uncond_prefixes: bool = Field(
+        False,
+        description="The compiled backend also captures steps whose generation pass runs the unconditional "
+        "half on the first 0, 1, 2, 4 ... rows, so CFG-free rows (guidance <= 1) run passes of B rows "
+        "instead of 2B (4x the graphs of a 4-row bucket). Eager families always have them; TensorRT "
+        "engines cannot (refused).",
+    )
     admin_api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated bearer tokens of the operators who may load and unload adapters at run "
@@ -534,7 +548,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "api_keys", "webhook_allow_hosts", "lora_adapters", "lora_hub_ids", "admin_api_keys", mode="before"
+        "api_keys",
+        "webhook_allow_hosts",
+        "lora_adapters",
+        "lora_hub_ids",
+        "admin_api_keys",
+        "graph_schedulers",
+        mode="before",
     )
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -564,6 +584,8 @@ class Settings(BaseSettings):
             raise ValueError("LORA_ADAPTERS names an adapter twice")
         if len(names) > self.lora_slots:
             raise ValueError(f"LORA_ADAPTERS lists {len(names)} adapters but LORA_SLOTS is {self.lora_slots}")
+        if self.graph_uncond_prefixes and self.backend == "tensorrt":
+            raise ValueError("GRAPH_UNCOND_PREFIXES: TensorRT engines run both halves of the generation pass")
         return self
 
     @property

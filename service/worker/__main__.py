@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 
-from engines.runner import load_runner
 from service.adapters import open_registry
 from service.logs import configure_logging
 from service.queue import create_queue
@@ -16,7 +15,7 @@ from service.queue.capacity import check_or_exit
 from service.settings import Settings, load_settings
 from service.worker.driver import check_driver_or_exit
 from service.worker.health import Progress, serve_health
-from service.worker.loop import ComputeDeadlineExceeded, Worker, lora_layout
+from service.worker.loop import ComputeDeadlineExceeded, Worker, load_worker_runner
 from service.worker.subject_cache import TokenCache
 
 logger = logging.getLogger("service.worker")
@@ -31,14 +30,7 @@ async def serve(settings: Settings, progress: Progress) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     logger.info("loading model %s (backend %s)", settings.model, settings.backend)
-    runner = await asyncio.to_thread(
-        load_runner,
-        settings.model,
-        settings.backend,
-        settings.device,
-        settings.buckets,
-        lora_layout(settings),
-    )
+    runner = await asyncio.to_thread(load_worker_runner, settings)
     if settings.warmup:
         await asyncio.to_thread(runner.warmup)
     runner.on_step = progress.step  # every backend reports each denoising step

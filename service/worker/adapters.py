@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engines.step_scheduler import StepScheduler
-from realcustom.lora.adapter import LoRAAdapter
+from realcustom.lora.adapter import LoRAAdapter, LoRAError
 from realcustom.lora.files import load_adapter
 from service.adapters import AdapterRegistry, FailedAdapter, LoadedAdapter, WorkerAdapters
+from service.queue.protocol import QueueFullError
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -89,16 +90,25 @@ class AdapterSync:
         await self._report()
 
     async def sync(self) -> None:
-        """At a step boundary: follow the registry (see the module docstring)."""
+        """At a step boundary: follow the registry (see the module docstring). An unreachable
+        registry raises QueueUnavailableError (the worker loop retries); a full one is skipped."""
         now = time.monotonic()
         if not self.enabled or now < self._next_sync:
             return
         self._next_sync = now + SYNC_S
-        wanted = await self._registry.wanted()
+        try:
+            await self._follow(await self._registry.wanted())
+        except QueueFullError as error:  # Redis at maxmemory: the report waits for the next sync
+            logger.warning("could not report the adapters: %s", error)
+
+    async def _follow(self, wanted: dict[str, str]) -> None:
         changed = False
         for name, source in list(self._sources.items()):
             if wanted.get(name) != source and not self._bank.held(name):
-                await self._between_steps(self._scheduler.unload_adapter, name)
+                try:
+                    await self._between_steps(self._scheduler.unload_adapter, name)
+                except LoRAError:  # a job took it meanwhile: unloaded at a later sync
+                    continue
                 del self._sources[name]
                 logger.info("unloaded LoRA adapter %s", name)
                 changed = True
@@ -117,6 +127,7 @@ class AdapterSync:
                 continue
             del self._reading[name]
             if wanted.get(name) != source or name in self._sources:
+                task.exception()  # retrieved: a failed read of a dropped adapter is not an error
                 continue  # dropped, or still loaded from its old source: read again later
             try:
                 await self._between_steps(self._scheduler.load_adapter, task.result())

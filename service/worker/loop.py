@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 
-from engines.runner import Runner
+from engines.runner import Runner, load_runner
 from engines.step_scheduler import StepScheduler
 from realcustom.lora.bank import BankLayout
 from service import metrics
@@ -38,17 +38,27 @@ from service.worker.recovery import ComputeDeadlineExceeded, Recovery, compute_d
 from service.worker.stepping import Stepping
 from service.worker.subject_cache import TokenCache
 
-__all__ = ["ComputeDeadlineExceeded", "Worker", "WorkerTaskEnded", "compute_deadline_s", "lora_layout"]
+__all__ = ["ComputeDeadlineExceeded", "Worker", "WorkerTaskEnded", "compute_deadline_s", "load_worker_runner"]
 
 logger = logging.getLogger(__name__)
 
 
-def lora_layout(settings: Settings) -> BankLayout | None:
-    """The adapter bank a worker installs before capture (`LORA_*`); None without slots."""
-    if settings.lora_slots == 0:
-        return None
-    return BankLayout(
-        settings.lora_targets, settings.lora_slots, settings.lora_max_rank, settings.lora_max_per_request
+def load_worker_runner(settings: Settings) -> Runner:
+    """The model and backend a worker serves with: its buckets and captured samplers, the adapter
+    bank of `LORA_*` installed before capture (none without slots)."""
+    bank = None
+    if settings.lora_slots:
+        bank = BankLayout(
+            settings.lora_targets, settings.lora_slots, settings.lora_max_rank, settings.lora_max_per_request
+        )
+    return load_runner(
+        settings.model,
+        settings.backend,
+        settings.device,
+        settings.buckets,
+        bank,
+        settings.graph_schedulers,
+        settings.graph_uncond_prefixes,
     )
 
 

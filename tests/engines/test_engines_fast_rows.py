@@ -201,3 +201,32 @@ def test_an_adapter_loaded_after_capture_is_used_without_recapture():
     eager = Runner(pipeline, EagerBackend(pipeline), "tiny")
     assert_same_images(outputs["late"], eager.run([late])[0], "late")
     assert_same_images(outputs["plain"], eager.run([plain])[0], "plain")
+
+
+def test_the_compiled_backend_with_unconditional_prefixes_steps_cfg_free_rows_in_b_row_passes(tiny_pipeline):
+    """Prepared buckets of the fast-mode sampler with unconditional prefixes captured (the
+    compiled backend's path, eager kernels on the CPU): a CFG-free 2-image job computes 2
+    generation rows per step; without the prefixes, 4."""
+
+    def rows_generation(partial_uncond: bool) -> tuple[int, int]:
+        backend = CompiledBackend(
+            tiny_pipeline,
+            buckets=[Bucket(2, 64, 64)],
+            graph_settings=[GraphSettings("euler")],
+            compile_backend=None,
+            capture=EagerCapture(),
+            partial_uncond=partial_uncond,
+        )
+        backend.warmup()
+        scheduler = StepScheduler(Runner(tiny_pipeline, backend, "tiny"), max_rows=2)
+        fast = job("fast", 1, fast="sdxl-lightning-4step", images=2)
+        prepared = scheduler.prepare(fast)
+        assert prepared.family is not None  # a prepared family, not run alone
+        assert scheduler.join(prepared)
+        outputs = drain(scheduler, {"fast": fast})
+        eager = Runner(tiny_pipeline, EagerBackend(tiny_pipeline), "tiny")
+        assert_same_images(outputs["fast"], eager.run([fast])[0], "fast")
+        return scheduler.stats["rows_generation"], scheduler.stats["graphs_captured"]
+
+    assert rows_generation(True) == (4 * 2, 2 * 3)  # 2 kinds x (every row, 0 or 1 rows unconditional)
+    assert rows_generation(False) == (4 * 4, 2)
