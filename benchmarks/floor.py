@@ -9,6 +9,9 @@ each part runs through its real entry point under `torch.utils.flop_counter.Flop
     image K/V            unet.image_key_values of [reference; black] tokens, once per request
     MASK_UPDATE step     unet.guidance (batch B) + unet.generation (batch 2B: cond + uncond)
     MASK_REUSE step      unet.generation (batch 2B)
+    (fast mode, no CFG:  the generation pass has batch B: guidance scale <= 1 leaves out the
+                         unconditional half; with `--fast-lora-rank R` every pass also carries a
+                         per-row LoRA of rank R on the transformer layers, realcustom/lora)
     VAE decode           vae.decode of the final latents (pipeline.decode ends in PIL, not meta)
 
 Not per image: the negative-prompt embeddings and the black-image tokens are computed once per
@@ -17,11 +20,15 @@ attention only; element-wise work (norms, activations, masks, CFG, the scheduler
 memory-bound and not counted. Attention runs on the MATH backend, where SDPA is two batched matmuls
 the counter sees on every device (on the CPU the fused kernel is not counted at all).
 
+The default run adds the fast-mode floor beside the 25-step one: SDXL 1024², 4 steps (masks
+updated at the first 2, realcustom/presets.py), no CFG, with the distilled adapter fused (no LoRA
+work) and as a per-row rank-64 LoRA.
+
 Floors: at 790 TFLOP/s (bf16 dense matmul measured on an H200 in this workplace) and at 989 TFLOP/s
 (NVIDIA's H100 SXM datasheet figure for dense BF16; the H200 datasheet gives the same).
 
-    python benchmarks/floor.py                                # sdxl 1024², sd15 512², batch 1
-    python benchmarks/floor.py --models sdxl --batch 4 --out-dir /tmp/floor
+    python benchmarks/floor.py                                # sdxl 1024², sd15 512², batch 1 + fast
+    python benchmarks/floor.py --models sdxl --batch 4 --fast-models "" --out-dir /tmp/floor
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from realcustom.lora.bank import AdapterBank
 from realcustom.masks import generate_masks
 from realcustom.models import SPECS, build_pipeline
 from realcustom.pipeline import RealCustomPipeline
@@ -60,12 +68,17 @@ class FloorSettings:
     steps: int = 25
     mask_reused_step: int = 12
     size: int | None = None  # None: the spec's default (sdxl 1024, sd15 512)
+    cfg: bool = True  # False: CFG-free (guidance <= 1), the generation pass has batch B
+    lora_rank: int = 0  # > 0: every row carries a per-row LoRA of this rank
+    lora_targets: str = "transformer"
 
     def __post_init__(self) -> None:
         if self.model not in SPECS:
             raise ValueError(f"unknown model {self.model!r}; choose from {sorted(SPECS)}")
         if min(self.batch, self.subjects, self.steps, self.mask_reused_step) < 1:
             raise ValueError("batch, subjects, steps and mask_reused_step must be at least 1")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         if self.size is not None and (self.size <= 0 or self.size % 32):
             raise ValueError(f"size must be a positive multiple of 32, got {self.size}")
 
@@ -110,6 +123,15 @@ def count_parts(
     unet = pipeline.unet
     meta = torch.device("meta")
     flops: dict[str, int] = {}
+    generation_rows = 2 * batch if settings.cfg else batch
+    guidance_adapters = generation_adapters = None
+    if settings.lora_rank:
+        AdapterBank(unet, targets=settings.lora_targets, slots=1, rank=settings.lora_rank, per_row=1)
+
+        def adapters(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.zeros(rows, 1, dtype=torch.int64, device=meta), torch.ones(rows, 1, device=meta)
+
+        guidance_adapters, generation_adapters = adapters(batch), adapters(generation_rows)
 
     # First calls on a fresh pipeline: these two compute and cache their once-per-process results.
     flops["negative_prompt"], negative = count_flops(pipeline.negative_embeddings, batch)
@@ -122,20 +144,31 @@ def count_parts(
     flops["projector"], tokens = count_flops(pipeline.project, features)
     tokens = tokens.unflatten(0, (batch, subjects))
     black = black.unsqueeze(1).expand(batch, subjects, -1, -1)
-    flops["image_kv"], image_kv = count_flops(unet.image_key_values, torch.cat([tokens, black]))
+    # CFG-free rows need no black-image K/V (no unconditional pass).
+    kv_tokens = torch.cat([tokens, black]) if settings.cfg else tokens
+    flops["image_kv"], image_kv = count_flops(unet.image_key_values, kv_tokens)
 
     latents = pipeline.prepare_latents([0], [batch], size, size)
     timestep = torch.full((batch,), 999, device=meta)
     time_ids = pipeline.time_ids(batch, size, size)
     target_tokens = torch.ones(batch, subjects, 77, device=meta)  # values do not change the work
     flops["guidance_pass"], (_, maps, _) = count_flops(
-        unet.guidance, latents, timestep, text.tokens, text.pooled, time_ids, target_tokens
+        unet.guidance,
+        latents,
+        timestep,
+        text.tokens,
+        text.pooled,
+        time_ids,
+        target_tokens,
+        adapters=guidance_adapters,
     )
     mask_size = (latents.shape[-2] // 2, latents.shape[-1] // 2)
     masks, _ = generate_masks(maps, mask_size, ("max_norm",), torch.full((batch,), 0.25, device=meta))
 
     def both(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
-        return None if first is None else torch.cat([first, second])
+        if first is None or not settings.cfg:  # CFG-free: the conditional rows only
+            return first
+        return torch.cat([first, second])
 
     flops["generation_pass"], _ = count_flops(
         unet.generation,
@@ -146,6 +179,7 @@ def count_parts(
         both(time_ids, time_ids),
         masks=both(masks, masks),
         image_key_values=image_kv,
+        adapters=generation_adapters,
     )
     flops["vae_decode"], _ = count_flops(pipeline.vae.decode, latents / pipeline.vae.config.scaling_factor)
 
@@ -201,20 +235,25 @@ def markdown(report: dict) -> str:
         s = result["settings"]
         parts, per_step, b = result["parts"], result["per_step"], s["batch"]
         refs = b * s["subjects"]
+        cfg = s.get("cfg", True)
+        generation = "generation pass (batch 2B)" if cfg else "generation pass (batch B, no CFG)"
+        kv = "image K/V, every layer, [reference; black]" if cfg else "image K/V, every layer, reference"
         rows = [
             ("text encoders (prompt)", b, parts["text_encoders"] / b),
             ("reference encoder (SigLIP + DINOv2, 5 views)", refs, parts["reference_encoder"] / refs),
             ("projector", refs, parts["projector"] / refs),
-            ("image K/V, every layer, [reference; black]", 1, parts["image_kv"]),
+            (kv, 1, parts["image_kv"]),
             ("MASK_UPDATE step", result["update_steps"], per_step["mask_update"]),
             ("· guidance pass (batch B)", result["update_steps"], parts["guidance_pass"]),
-            ("· generation pass (batch 2B)", result["update_steps"], parts["generation_pass"]),
-            ("MASK_REUSE step (generation pass)", result["reuse_steps"], per_step["mask_reuse"]),
+            (f"· {generation}", result["update_steps"], parts["generation_pass"]),
+            (f"MASK_REUSE step: {generation}", result["reuse_steps"], per_step["mask_reuse"]),
             ("VAE decode", b, parts["vae_decode"] / b),
         ]
         lines += [
             f"### {s['model']} {s['size']}², batch {b}, {s['subjects']} subject(s), {s['steps']} steps, "
-            f"mask_reused_step {s['mask_reused_step']}",
+            f"mask_reused_step {s['mask_reused_step']}"
+            + ("" if cfg else ", no CFG (fast mode)")
+            + (f", per-row LoRA rank {s['lora_rank']} ({s['lora_targets']})" if s.get("lora_rank") else ""),
             "",
             "| part | count | TFLOP each | TFLOP | ms @ 790 TFLOP/s | ms @ 989 TFLOP/s |",
             "|---|---|---|---|---|---|",
@@ -243,6 +282,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--mask-reused-step", type=int, default=12)
     parser.add_argument("--size", type=int, default=None, help="image side; default per model")
+    parser.add_argument("--no-cfg", action="store_true", help="the --models floors without CFG")
+    parser.add_argument(
+        "--fast-models", default="sdxl", help="fast-mode floors too (comma-separated; '' none)"
+    )
+    parser.add_argument("--fast-steps", type=int, default=4)
+    parser.add_argument("--fast-mask-reused-step", type=int, default=2)
+    parser.add_argument(
+        "--fast-lora-rank",
+        type=int,
+        default=64,
+        help="also a fast floor with a per-row LoRA of this rank (0: no)",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where floor.{json,md} go")
     return parser.parse_args(argv)
 
@@ -252,9 +303,22 @@ def main(argv: list[str] | None = None) -> dict:
     results = []
     for model in [name.strip() for name in args.models.split(",") if name.strip()]:
         settings = FloorSettings(
-            model, args.batch, args.subjects, args.steps, args.mask_reused_step, args.size
+            model, args.batch, args.subjects, args.steps, args.mask_reused_step, args.size, not args.no_cfg
         )
         results.append(floor(settings))
+    for model in [name.strip() for name in args.fast_models.split(",") if name.strip()]:
+        for rank in sorted({0, args.fast_lora_rank}):
+            fast = FloorSettings(
+                model,
+                args.batch,
+                args.subjects,
+                args.fast_steps,
+                args.fast_mask_reused_step,
+                args.size,
+                cfg=False,
+                lora_rank=rank,
+            )
+            results.append(floor(fast))
     report = {"rates_tflops": RATES, "models": results}
     table = markdown(report)
     print(table)

@@ -238,7 +238,7 @@ def serve_fair(batch: RunningBatch, timeline: Timeline, planner: Planner) -> Non
             ready_at.setdefault(arrival.request.key, step)
         rows = tuple(
             RunningRows(key, "family", count, left, updating, running[key].tenant)
-            for key, count, left, updating in batch.rows()
+            for key, count, left, updating, _cfg in batch.rows()
         )
         # What a worker holds: each tenant's oldest `hold` requests (the queue's tenant-fair take
         # hands it those; a worker holds 2 x its rows), not the whole backlog.
@@ -280,7 +280,11 @@ def tenant_arrivals(pipeline, args, load: float, capacity: float, seed: int, ten
         requests = prepared_requests(pipeline, len(times), args.size, seed + 1000 + offset, first=first)
         for at, request in zip(times, requests, strict=True):
             job = SimpleNamespace(
-                width=args.size, height=args.size, num_inference_steps=request.num_steps, num_images=1
+                width=args.size,
+                height=args.size,
+                num_inference_steps=request.num_steps,
+                num_images=1,
+                guidance_scale=float(request.cond.guidance_scale[0]),
             )
             arrivals.append(Arrival(at, request, tenant=tenant, cost=generation_cost(job, 1)))
     return sorted((a for a in arrivals if a.tenant in tenants), key=lambda a: a.at)

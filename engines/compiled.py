@@ -95,9 +95,15 @@ class CompiledBackend(GraphBackend):
         compile_backend: str | None = default_compile_backend,
         compile_mode: str | None = None,
         capture: WarmupCapture | None = None,
+        partial_uncond: bool = False,
     ):
+        """partial_uncond: also capture steps whose generation pass runs the unconditional half on
+        the first 0, 1, 2, 4 ... rows (CFG-free rows in passes of B rows; 4x the graphs of a
+        bucket of 4 rows)."""
         self._configure(pipeline, buckets, graph_settings)
         if capture is None:
             capture = CudaGraphCapture() if pipeline.device.type == "cuda" else WarmupCapture()
         check_compile_mode(compile_mode, capture)
-        self.graphs = GraphLoop(pipeline, capture, compile_backend, compile_mode)
+        self.graphs = GraphLoop(
+            pipeline, capture, compile_backend, compile_mode, partial_uncond=partial_uncond
+        )

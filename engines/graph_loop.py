@@ -134,6 +134,15 @@ def compile_step(fn: StepFn, compile_backend: str | None, mode: str | None = Non
 CallsFactory = Callable[[LoopState, Bucket], UNetCalls]
 
 
+def _powers_below(rows: int) -> list[int]:
+    """1, 2, 4 ... below `rows`: the prefixes captured beside the whole bucket."""
+    prefixes, count = [], 1
+    while count < rows:
+        prefixes.append(count)
+        count *= 2
+    return prefixes
+
+
 class GraphLoop:
     """Drives loops over captured steps: a state per (bucket, settings), a step per graph key."""
 
@@ -146,12 +155,18 @@ class GraphLoop:
         calls_factory: CallsFactory | None = None,
         state_dtype: torch.dtype | None = None,
         partial_guidance: bool = False,
+        partial_uncond: bool = False,
     ):
         self.pipeline = pipeline
         # Also capture MASK_UPDATE steps whose guidance pass covers only the first 1, 2, 4 ... rows
         # (step-level batching keeps rows in their mask-update phase first). More graphs per
         # bucket; the UNet calls must accept fewer guidance rows (torch modules do).
         self.partial_guidance = partial_guidance
+        # Also capture steps whose generation pass runs the unconditional half on the first 0, 1,
+        # 2, 4 ... rows only (CFG-free rows need none; rows with CFG are kept first). More graphs
+        # per bucket; the UNet calls must accept fewer generation rows (torch modules do; TensorRT
+        # engines are built for 2B rows).
+        self.partial_uncond = partial_uncond
         self.state_dtype = state_dtype  # None: the model's dtype (TensorRT engines want fp32)
         self.capture_strategy = capture
         self.compile_backend = compile_backend
@@ -180,16 +195,21 @@ class GraphLoop:
                     state = bucket_state(self.pipeline, bucket, settings, self.state_dtype)
                     self.states[bucket, settings] = state
                 calls = self.calls_factory(state, bucket)
-                for kind, guidance_rows in self._variants(bucket):
-                    key = GraphKey.of(kind, bucket, settings, guidance_rows)
+                for kind, guidance_rows, uncond_rows in self._variants(bucket):
+                    key = GraphKey.of(kind, bucket, settings, guidance_rows, uncond_rows)
                     if key in self.steps:
                         continue
                     started = time.perf_counter()
 
                     def step(
-                        calls=calls, state=state, kind=kind, mask=settings.mask, rows=guidance_rows
+                        calls=calls,
+                        state=state,
+                        kind=kind,
+                        mask=settings.mask,
+                        rows=guidance_rows,
+                        uncond=uncond_rows,
                     ) -> None:
-                        denoise_step(calls, state, kind, mask, guidance_rows=rows or None)
+                        denoise_step(calls, state, kind, mask, guidance_rows=rows or None, uncond_rows=uncond)
 
                     def reset(state: LoopState = state) -> None:
                         state.latents.normal_()
@@ -201,15 +221,14 @@ class GraphLoop:
                     self.stats["graphs_captured"] += 1
                     logger.info("captured %s in %.1f s", key, time.perf_counter() - started)
 
-    def _variants(self, bucket: Bucket) -> list[tuple[StepKind, int]]:
-        """(kind, guidance rows; 0 = all) of every step captured for `bucket`."""
+    def _variants(self, bucket: Bucket) -> list[tuple[StepKind, int, int | None]]:
+        """(kind, guidance rows: 0 = all, unconditional rows: None = all) of every step captured
+        for `bucket`."""
         variants = [(kind, 0) for kind in StepKind]
         if self.partial_guidance:
-            rows = 1
-            while rows < bucket.batch:
-                variants.append((StepKind.MASK_UPDATE, rows))
-                rows *= 2
-        return variants
+            variants += [(StepKind.MASK_UPDATE, rows) for rows in _powers_below(bucket.batch)]
+        uncond = [None] + ([0, *_powers_below(bucket.batch)] if self.partial_uncond else [])
+        return [(kind, guidance, rows) for rows in uncond for kind, guidance in variants]
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -239,7 +258,7 @@ class GraphLoop:
             captured, calls = False, TorchUNetCalls(self.pipeline.unet)
         else:
             captured, calls = True, None
-        state.schedule.load(settings.num_inference_steps)
+        state.schedule.load(settings.num_inference_steps, **settings.schedule_options)
         state.load(self.pipeline.unet, cond, latents, settings.mask_reused_step, state.schedule)
 
         kinds = step_kinds(settings.num_inference_steps, settings.mask_reused_step)

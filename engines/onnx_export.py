@@ -16,6 +16,13 @@ Graphs (names are the ONNX input/output names):
               per attn2 layer (variant "kv", what the loop uses: K/V computed once per request)
               or image_tokens [2B,S,T,C] (variant "tokens") -> eps [2B,4,h,w].
 
+With an adapter bank on the UNet (per-row LoRA, realcustom/lora/bank.py), both UNet roles take the
+LoRA as inputs after their own: `lora_index` [n,K] int64 and `lora_scale` [n,K] (each row's slots
+and scales; n = B for guidance, 2B for generation: the unconditional half repeats the rows'
+adapters), then `lora_down_NNN` [slots,R,in(,kh,kw)] and `lora_up_NNN` [slots,R,out] for every
+targeted layer in the bank's order. An engine bound to the bank's own buffers uses an adapter
+loaded later into a free slot with no rebuild and no refit.
+
 Graphs are always exported in fp32 (a bf16 pipeline is exported from an fp32 copy): ONNX
 rejects bf16 Conv at opset 17, and TensorRT picks reduced precision itself from the builder's
 BF16/FP16 flag (engines/tensorrt/builder.py). Every graph input and output is therefore fp32.
@@ -70,9 +77,14 @@ class GuidanceGraph(nn.Module):
         super().__init__()
         self.unet = unet
         self.mask_size = mask_size
+        # Set by AdapterInputs around a call (an attribute, not an argument: the exporter turns
+        # every argument of forward into a graph input).
+        self.adapters = None
 
     def forward(self, latents, timestep, text, target_tokens, pooled=None, time_ids=None):
-        _, maps, _ = self.unet.guidance(latents, timestep, text, pooled, time_ids, target_tokens)
+        _, maps, _ = self.unet.guidance(
+            latents, timestep, text, pooled, time_ids, target_tokens, adapters=self.adapters
+        )
         resized = [F.interpolate(m.float(), size=self.mask_size, mode="bilinear") for m in maps]
         return torch.stack(resized, dim=2)
 
@@ -87,16 +99,59 @@ class GenerationGraph(nn.Module):
         self.unet = unet
         self.is_sdxl = is_sdxl
         self.variant = variant
+        self.adapters = None  # set by AdapterInputs around a call
 
     def forward(self, latents, timestep, text, masks, *rest):
+        adapters = self.adapters
         pooled, time_ids = (rest[0], rest[1]) if self.is_sdxl else (None, None)
         image = rest[2:] if self.is_sdxl else rest
         if self.variant == "tokens":
-            return self.unet.generation(latents, timestep, text, pooled, time_ids, image[0], masks)
+            return self.unet.generation(
+                latents, timestep, text, pooled, time_ids, image[0], masks, adapters=adapters
+            )
         pairs = [(image[i], image[i + 1]) for i in range(0, len(image), 2)]
         return self.unet.generation(
-            latents, timestep, text, pooled, time_ids, masks=masks, image_key_values=pairs
+            latents, timestep, text, pooled, time_ids, masks=masks, image_key_values=pairs, adapters=adapters
         )
+
+
+class AdapterInputs(nn.Module):
+    """A UNet-role graph whose per-row LoRA is input: `lora_index`, `lora_scale` and every targeted
+    layer's slot buffers come last. While tracing, each layer's buffers are swapped for the inputs,
+    so the graph reads the slots it is given, never the values they held at export."""
+
+    def __init__(self, graph: nn.Module, bank):
+        super().__init__()
+        self.graph = graph
+        self.layers = list(bank.layers.values())  # (not registered: the graph holds them already)
+
+    def forward(self, *inputs):
+        count = 2 + 2 * len(self.layers)
+        own, (index, scale, *slots) = inputs[:-count], inputs[-count:]
+        saved = [(layer.lora_down, layer.lora_up) for layer in self.layers]
+        try:
+            for layer, down, up in zip(self.layers, slots[0::2], slots[1::2], strict=True):
+                layer.lora_down, layer.lora_up = down, up
+            self.graph.adapters = (index, scale)
+            return self.graph(*own)
+        finally:
+            self.graph.adapters = None
+            for layer, (down, up) in zip(self.layers, saved, strict=True):
+                layer.lora_down, layer.lora_up = down, up
+
+
+def adapter_inputs(bank, rows: int) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and example values of the LoRA inputs of a pass over `rows` rows (the bank's slots)."""
+    generator = torch.Generator("cpu").manual_seed(1)
+    slots = len(bank.slots)
+    layer = next(iter(bank.layers.values()))
+    index = torch.randint(0, slots, (rows, bank.per_row), generator=generator).to(layer.lora_down.device)
+    scale = torch.rand(rows, bank.per_row, generator=generator).to(layer.lora_down.device)
+    names, values = ["lora_index", "lora_scale"], [index, scale]
+    for number, layer in enumerate(bank.layers.values()):
+        names += [f"lora_down_{number:03d}", f"lora_up_{number:03d}"]
+        values += [layer.lora_down, layer.lora_up]
+    return names, values
 
 
 @dataclass(frozen=True)
@@ -149,23 +204,32 @@ def example_inputs(
         pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         time_ids = torch.tensor([bucket.width, bucket.height, 0, 0, bucket.width, bucket.height])
         sdxl = [rand(batch, pooled_dim), time_ids.to(device, dtype).expand(batch, -1).contiguous()]
+    lora_names, lora = adapter_inputs(unet.adapters, batch) if unet.adapters is not None else ([], [])
     if spec.graph == "guidance":
         target = torch.zeros(batch, subjects, 77)
         for s in range(subjects):
             target[:, s, 2 + s] = 1
         names = ["latents", "timestep", "text", "target_tokens"] + (["pooled", "time_ids"] if sdxl else [])
-        return names, (latents, timestep, text, target.to(device, dtype), *sdxl)
+        return names + lora_names, (latents, timestep, text, target.to(device, dtype), *sdxl, *lora)
 
     masks = torch.rand(batch, subjects, h // 2, w // 2, generator=generator).to(device, dtype)
     names = ["latents", "timestep", "text", "masks"] + (["pooled", "time_ids"] if sdxl else [])
     image_tokens = rand(batch, subjects, num_tokens, token_dim)
     if spec.variant == "tokens":
-        return [*names, "image_tokens"], (latents, timestep, text, masks, *sdxl, image_tokens)
+        return [*names, "image_tokens", *lora_names], (
+            latents,
+            timestep,
+            text,
+            masks,
+            *sdxl,
+            image_tokens,
+            *lora,
+        )
     kv_names, kv = [], []
     for layer, (key, value) in enumerate(unet.image_key_values(image_tokens)):
         kv_names += [f"image_k_{layer:02d}", f"image_v_{layer:02d}"]
         kv += [key.contiguous(), value.contiguous()]
-    return names + kv_names, (latents, timestep, text, masks, *sdxl, *kv)
+    return names + kv_names + lora_names, (latents, timestep, text, masks, *sdxl, *kv, *lora)
 
 
 def graph_module(pipeline: RealCustomPipeline, spec: GraphSpec) -> tuple[nn.Module, list[str]]:
@@ -174,10 +238,13 @@ def graph_module(pipeline: RealCustomPipeline, spec: GraphSpec) -> tuple[nn.Modu
         return ProjectorGraph(pipeline.projector), ["image_tokens"]
     if spec.graph == "guidance":
         _, h, w = pipeline.latent_shape(bucket.height, bucket.width)
-        return GuidanceGraph(pipeline.unet, (h // 2, w // 2)), ["layer_maps"]
-    if spec.graph == "generation":
-        return GenerationGraph(pipeline.unet, pipeline.unet.is_sdxl, spec.variant), ["eps"]
-    raise ValueError(f"unknown graph {spec.graph!r}; choose from {GRAPHS}")
+        graph, outputs = GuidanceGraph(pipeline.unet, (h // 2, w // 2)), ["layer_maps"]
+    elif spec.graph == "generation":
+        graph, outputs = GenerationGraph(pipeline.unet, pipeline.unet.is_sdxl, spec.variant), ["eps"]
+    else:
+        raise ValueError(f"unknown graph {spec.graph!r}; choose from {GRAPHS}")
+    bank = pipeline.unet.adapters
+    return (graph if bank is None else AdapterInputs(graph, bank)), outputs
 
 
 @contextlib.contextmanager
@@ -265,6 +332,7 @@ def export_key(
             "unet": dict(pipeline.unet.unet.config),
             "dtype": str(torch.float32),  # graphs are always fp32 (fp32_pipeline)
             "graphs": [asdict(s) for s in specs],
+            "adapters": _bank_layout(pipeline.unet.adapters),
             "opset": opset,
             "torch": torch.__version__,
         },
@@ -272,6 +340,13 @@ def export_key(
         default=str,
     )
     return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def _bank_layout(bank) -> dict | None:
+    """What an adapter bank changes in the graphs' inputs (not which adapters it holds)."""
+    if bank is None:
+        return None
+    return {"layers": list(bank.layers), "slots": len(bank.slots), "rank": bank.rank, "per_row": bank.per_row}
 
 
 def graph_specs(buckets: list[Bucket], variant: str = "kv") -> list[GraphSpec]:

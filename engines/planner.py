@@ -25,7 +25,11 @@ Order of admission (the jobs that join, when rows are free):
 
 Layout of a family: rows in their mask-update phase first (the guidance pass covers a prefix),
 otherwise in their present order (rows move only where they must), joining jobs after the rows
-of their phase; rows compact to [0, used) of the smallest bucket that holds them.
+of their phase; rows compact to [0, used) of the smallest bucket that holds them. Where the family
+also has steps whose generation pass runs the unconditional half on a prefix only (CFG-free rows,
+guidance <= 1, need no unconditional sample), rows with CFG go first within their phase, or the
+phases go within CFG-first order: of the two, the layout whose guidance prefix plus unconditional
+prefix holds fewer rows (the work of a step beyond its B conditional rows).
 """
 
 from __future__ import annotations
@@ -43,10 +47,13 @@ Family = Hashable
 @dataclass(frozen=True)
 class FamilyShape:
     """What one family of running rows can hold: its buckets' row counts (ascending) and, per
-    bucket, the guidance prefixes captured for it (ascending; the bucket itself = every row)."""
+    bucket, the guidance prefixes captured for it (ascending; the bucket itself = every row) and
+    the unconditional prefixes of its generation pass (ascending from 0, ending at the bucket; None:
+    every row only)."""
 
     buckets: tuple[int, ...]
     guidance: tuple[tuple[int, ...], ...]
+    uncond: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
@@ -56,20 +63,25 @@ class FamilyShape:
         for bucket, prefixes in zip(self.buckets, self.guidance, strict=True):
             if not prefixes or prefixes[-1] != bucket or list(prefixes) != sorted(set(prefixes)):
                 raise ValueError(f"guidance prefixes of bucket {bucket} must ascend and end at it")
+        if self.uncond is not None:
+            if len(self.uncond) != len(self.buckets):
+                raise ValueError("one tuple of unconditional prefixes per bucket")
+            for bucket, prefixes in zip(self.buckets, self.uncond, strict=True):
+                if not prefixes or prefixes[-1] != bucket or list(prefixes) != sorted(set(prefixes)):
+                    raise ValueError(f"unconditional prefixes of bucket {bucket} must ascend and end at it")
+                if prefixes[0] < 0:
+                    raise ValueError("unconditional prefixes are row counts >= 0")
 
     @classmethod
-    def of(cls, buckets: Iterable[int], partial_guidance: bool) -> FamilyShape:
-        """Buckets whose guidance prefixes are 1, 2, 4 ... below each bucket (when captured)."""
+    def of(cls, buckets: Iterable[int], partial_guidance: bool, partial_uncond: bool = False) -> FamilyShape:
+        """Buckets whose guidance prefixes are 1, 2, 4 ... below each bucket (when captured), and
+        whose unconditional prefixes are 0, 1, 2, 4 ... (when captured)."""
         ordered = tuple(sorted(set(buckets)))
-        guidance = []
-        for bucket in ordered:
-            prefixes = []
-            rows = 1
-            while partial_guidance and rows < bucket:
-                prefixes.append(rows)
-                rows *= 2
-            guidance.append((*prefixes, bucket))
-        return cls(ordered, tuple(guidance))
+        guidance = tuple((*_powers(bucket, partial_guidance), bucket) for bucket in ordered)
+        uncond = None
+        if partial_uncond:
+            uncond = tuple((0, *_powers(bucket, True), bucket) for bucket in ordered)
+        return cls(ordered, guidance, uncond)
 
     @property
     def capacity(self) -> int:
@@ -79,12 +91,31 @@ class FamilyShape:
         return next(bucket for bucket in self.buckets if bucket >= used)
 
     def guidance_for(self, bucket: int, updating: int) -> int | None:
-        """Rows the next step's guidance pass covers: the smallest prefix holding the updating rows;
-        None when no row updates its masks (the step reuses them)."""
+        """Rows the next step's guidance pass covers: the smallest prefix holding the updating rows
+        (`updating`: the end of the last one); None when no row updates its masks (the step reuses
+        them)."""
         if updating == 0:
             return None
         prefixes = self.guidance[self.buckets.index(bucket)]
         return next(rows for rows in prefixes if rows >= updating)
+
+    def uncond_for(self, bucket: int, cfg_end: int) -> int | None:
+        """Rows the unconditional half of the next generation pass covers: the smallest captured
+        prefix holding every row with CFG (`cfg_end`: the end of the last one); None = every row."""
+        if self.uncond is None:
+            return None
+        prefixes = self.uncond[self.buckets.index(bucket)]
+        rows = next(rows for rows in prefixes if rows >= cfg_end)
+        return None if rows == bucket else rows
+
+
+def _powers(bucket: int, partial: bool) -> list[int]:
+    """1, 2, 4 ... below `bucket` (none unless `partial`)."""
+    prefixes, rows = [], 1
+    while partial and rows < bucket:
+        prefixes.append(rows)
+        rows *= 2
+    return prefixes
 
 
 @dataclass(frozen=True)
@@ -98,6 +129,7 @@ class RunningRows:
     updating: bool  # its next step updates its masks (before its mask-reuse step)
     owner: str = ""
     priority: Priority = "interactive"
+    cfg: bool = True  # its rows need the unconditional sample (guidance > 1)
 
 
 @dataclass(frozen=True)
@@ -114,6 +146,7 @@ class WaitingJob:
     priority: Priority = "interactive"
     deadline: float = float("inf")
     committed: bool = False  # started in the queue already: placed first, never refused
+    cfg: bool = True  # its rows need the unconditional sample (guidance > 1)
 
 
 @dataclass(frozen=True)
@@ -134,16 +167,19 @@ class Placement:
     start: int
     rows: int
     updating: bool
+    cfg: bool = True
 
 
 @dataclass(frozen=True)
 class FamilyLayout:
     """The next step of one family: rows [0, used) of the `bucket`-row state, the guidance pass
-    on its first `guidance` rows (None: masks are reused)."""
+    on its first `guidance` rows (None: masks are reused), the unconditional half of the
+    generation pass on its first `uncond` rows (None: every row of the bucket)."""
 
     bucket: int
     rows: tuple[Placement, ...]
     guidance: int | None
+    uncond: int | None = None
 
     @property
     def used(self) -> int:
@@ -177,18 +213,33 @@ class StepPlan:
         return tuple(join.key for join in self.joins) + self.alone
 
 
-def layout(shape: FamilyShape, rows: Sequence[tuple[Hashable, int, bool]]) -> FamilyLayout:
-    """(key, rows, updating) in present order (joining jobs last) -> the family's next step."""
-    ordered = sorted(rows, key=lambda row: not row[2])  # stable: present order within a phase
-    placements, start = [], 0
-    for key, count, updating in ordered:
-        placements.append(Placement(key, start, count, updating))
-        start += count
-    if start > shape.capacity:
-        raise ValueError(f"{start} rows exceed the family's capacity of {shape.capacity}")
-    bucket = shape.bucket_for(start)
-    updating_rows = sum(count for _, count, updating in ordered if updating)
-    return FamilyLayout(bucket, tuple(placements), shape.guidance_for(bucket, updating_rows))
+Row = tuple  # (key, rows, updating) or (key, rows, updating, cfg); cfg defaults to True
+
+
+def layout(shape: FamilyShape, rows: Sequence[Row]) -> FamilyLayout:
+    """(key, rows, updating[, cfg]) in present order (joining jobs last) -> the family's next step."""
+    entries = [(row[0], row[1], row[2], row[3] if len(row) > 3 else True) for row in rows]
+    used = sum(count for _, count, _, _ in entries)
+    if used > shape.capacity:
+        raise ValueError(f"{used} rows exceed the family's capacity of {shape.capacity}")
+    bucket = shape.bucket_for(used)
+    orders = [lambda row: not row[2]]  # stable: present order within a phase
+    if shape.uncond is not None:
+        orders = [lambda row: (not row[2], not row[3]), lambda row: (not row[3], not row[2])]
+    best = None
+    for order in orders:
+        placements, start, updating_end, cfg_end = [], 0, 0, 0
+        for key, count, updating, cfg in sorted(entries, key=order):
+            placements.append(Placement(key, start, count, updating, cfg))
+            start += count
+            updating_end = start if updating else updating_end
+            cfg_end = start if cfg else cfg_end
+        guidance = shape.guidance_for(bucket, updating_end)
+        uncond = shape.uncond_for(bucket, cfg_end)
+        work = (guidance or 0) + (bucket if uncond is None else uncond)
+        if best is None or work < best[0]:
+            best = (work, FamilyLayout(bucket, tuple(placements), guidance, uncond))
+    return best[1]
 
 
 class Planner:
@@ -249,9 +300,9 @@ class Planner:
         layouts = {}
         by_family: dict[Family, list[tuple[Hashable, int, bool]]] = defaultdict(list)
         for row in staying:
-            by_family[row.family].append((row.key, row.rows, row.updating))
+            by_family[row.family].append((row.key, row.rows, row.updating, row.cfg))
         for job in joins:
-            by_family[job.family].append((job.key, job.rows, True))  # a joining job starts at step 0
+            by_family[job.family].append((job.key, job.rows, True, job.cfg))  # a joining job starts at step 0
         for family, rows in by_family.items():
             layouts[family] = layout(families[family], rows)
         return StepPlan(

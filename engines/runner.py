@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 
 from engines.backends import Backend, backend_stats, select_backend, warm_up
-from engines.static_loop import parse_buckets
+from engines.static_loop import GraphSettings, parse_buckets
 from realcustom.denoise import LoopSettings
 from realcustom.job_inputs import job_conditioning, job_latents, job_outputs
 from realcustom.jobs import GenerationJob, GenerationOutput, SubjectInput
 from realcustom.loading import load_pipeline
+from realcustom.lora.bank import BankLayout
 from realcustom.pipeline import RealCustomPipeline
 from realcustom.settings_check import check_generation
 
@@ -63,7 +64,12 @@ class Runner:
         cond = job_conditioning(self.pipeline, jobs)
         latents = job_latents(self.pipeline, jobs)
         settings = LoopSettings(
-            first.num_inference_steps, first.scheduler, first.mask_mode, first.mask_reused_step
+            first.num_inference_steps,
+            first.scheduler,
+            first.mask_mode,
+            first.mask_reused_step,
+            timesteps=first.timesteps,
+            eta=first.eta,
         )
         result = self.backend.denoise(self.pipeline, cond, latents, settings, self.on_step)
         return job_outputs(self.pipeline, jobs, result.latents, result.masks[-1], started)
@@ -96,15 +102,35 @@ def load_runner(
     backend: str = "eager",
     device: str | None = None,
     buckets: str | Sequence[str] | None = None,
+    lora: BankLayout | None = None,
+    schedulers: Sequence[str] = ("dpm",),
+    uncond_prefixes: bool = False,
 ) -> Runner:
     """Load the model once and pick the backend (falling back to eager with a reason if needed).
 
     buckets: shapes the `compiled`/`tensorrt` backends prepare at warm-up, e.g.
     "1x1024x1024,4x1024x1024" (BATCHxHEIGHTxWIDTH[sSUBJECTS]); default: batch 1 at the model's size.
+    lora: an adapter bank installed on the UNet before any state is allocated or step captured
+    (per-row LoRA; adapters are loaded into it later, also after capture). TensorRT engines bind
+    its slots as fp32 inputs.
+    schedulers: the samplers whose steps the compiled/tensorrt backends capture (a family each;
+    jobs of other samplers run alone). uncond_prefixes: the compiled backend also captures steps
+    whose unconditional half covers a prefix of the rows (CFG-free rows; not for TensorRT, whose
+    engines take both halves).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 on GPUs, as the official pipeline runs (the SDXL VAE overflows in fp16).
     dtype = torch.bfloat16 if device.startswith("cuda") and model != "tiny" else torch.float32
     pipeline = load_pipeline(model, device=device, dtype=dtype)
-    options = {} if buckets is None or backend == "eager" else {"buckets": parse_buckets(buckets)}
+    if lora is not None:
+        lora.install(pipeline.unet, torch.float32 if backend == "tensorrt" else None)
+    options = {}
+    if backend != "eager":
+        options["graph_settings"] = [GraphSettings(scheduler) for scheduler in schedulers]
+        if buckets is not None:
+            options["buckets"] = parse_buckets(buckets)
+    if uncond_prefixes and backend == "tensorrt":
+        raise ValueError("TensorRT engines run both halves of the generation pass: no unconditional prefixes")
+    if uncond_prefixes and backend == "compiled":  # eager families capture them anyway
+        options["partial_uncond"] = True
     return Runner(pipeline, select_backend(backend, pipeline, **options), model)

@@ -100,11 +100,28 @@ class GraphKey:
     width: int
     settings: GraphSettings = GraphSettings()
     guidance_rows: int = 0  # MASK_UPDATE steps whose guidance pass runs on the first rows only; 0 = all
+    # Opt-in (GraphLoop(partial_uncond=True)): the generation pass's unconditional half covers the
+    # first rows only (rows with CFG first; the others are CFG-free); None = every row.
+    uncond_rows: int | None = None
 
     @classmethod
-    def of(cls, kind: StepKind, bucket: Bucket, settings: GraphSettings, guidance_rows: int = 0) -> GraphKey:
+    def of(
+        cls,
+        kind: StepKind,
+        bucket: Bucket,
+        settings: GraphSettings,
+        guidance_rows: int = 0,
+        uncond_rows: int | None = None,
+    ) -> GraphKey:
         return cls(
-            kind.value, bucket.batch, bucket.subjects, bucket.height, bucket.width, settings, guidance_rows
+            kind.value,
+            bucket.batch,
+            bucket.subjects,
+            bucket.height,
+            bucket.width,
+            settings,
+            guidance_rows,
+            uncond_rows,
         )
 
 
@@ -124,5 +141,6 @@ def bucket_state(
         bucket.height // latent_height,
         dtype,
     )
-    state.schedule = RowSchedule(settings.scheduler, bucket.batch, pipeline.device, MAX_STEPS)
+    latent_shape = tuple(state.latents.shape[1:])
+    state.schedule = RowSchedule(settings.scheduler, bucket.batch, pipeline.device, MAX_STEPS, latent_shape)
     return state

@@ -8,15 +8,19 @@ guidance pass covers; `apply` carries it out between two steps:
 * rows of requests the layout leaves out are dropped (finished rows left with their step);
 * the remaining rows move to their new place, into the named bucket's state when it changes
   (`LoopState.copy_rows`: step index, sampler state, masks, schedule rows, conditioning, image K/V);
-* joining requests are loaded at their place (`LoopState.load_rows`: conditioning, noise and
-  image K/V at step 0; `RowSchedule.load`: the request's own schedule).
+* joining requests are loaded at their place (`LoopState.load_rows`: conditioning, adapters, noise
+  and image K/V at step 0; `RowSchedule.load`: the request's own schedule, with its sampler's
+  options: custom timesteps, TCD's eta).
 
 Each row carries its own step index, step count, guidance scale, mask scope and mask-reuse step,
 so requests with different step counts and mask-reuse steps share one UNet batch; what changes the
 captured operations (scheduler family, mask mode, overlap, size, subject slots) selects the family.
 A step runs the MASK_UPDATE graph whose guidance (text-only) pass covers the layout's guidance
 prefix (every row updating its masks lies inside it: checked), the MASK_REUSE graph when no row
-updates (rows past their phase keep their masks either way). Rows past `used` are parked at step 0
+updates (rows past their phase keep their masks either way), and its generation pass runs the
+unconditional half on the layout's prefix (every row with CFG lies inside it: checked; CFG-free
+rows, guidance <= 1, need no unconditional sample) when the graphs were captured with unconditional
+prefixes (`GraphLoop(partial_uncond=True)`), on every row otherwise. Rows past `used` are parked at step 0
 with zero latents, so their (discarded) computation stays finite. Rows do not interact: a
 request's result does not depend on its companions beyond floating-point reduction order.
 
@@ -36,7 +40,7 @@ from engines.planner import FamilyLayout, FamilyShape, layout
 from engines.static_loop import Bucket, GraphSettings
 from realcustom.step import Conditioning, ImageKeyValues, LoopState, StepKind
 
-UPDATE = StepKind.MASK_UPDATE
+UPDATE, REUSE = StepKind.MASK_UPDATE, StepKind.MASK_REUSE
 
 
 @dataclass
@@ -50,6 +54,15 @@ class RowRequest:
     mask_reused_step: int
     # `LoopState.image_key_values(unet, cond, slots)` when computed ahead (off the stepping thread).
     key_values: ImageKeyValues | None = field(default=None, repr=False)
+    # The sampler's options (realcustom.schedulers.SCHEDULER_OPTIONS): custom timesteps, TCD's eta.
+    timesteps: tuple[int, ...] | None = None
+    eta: float | None = None
+    # Its rows need the unconditional sample (guidance > 1); None: read from `cond.guidance_scale`.
+    cfg: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.cfg is None:
+            self.cfg = bool((self.cond.guidance_scale > 1).any())
 
     @property
     def rows(self) -> int:
@@ -94,23 +107,33 @@ class RunningBatch:
             if (bucket, settings) not in graphs.states:
                 raise ValueError(f"{bucket} with {settings} was not prepared: call graphs.prepare first")
         self.graphs, self.buckets, self.settings = graphs, buckets, settings
-        # (bucket, kind, guidance rows) -> step; MASK_UPDATE with every row is (bucket, kind, batch).
+        # (bucket, kind, guidance rows, unconditional rows) -> step; every row is the bucket's batch.
         self.steps = {}
         for key, step in graphs.steps.items():
             bucket = Bucket(key.batch, key.height, key.width, key.subjects)
             if bucket in buckets and key.settings == settings:
-                self.steps[bucket, StepKind(key.kind), key.guidance_rows or bucket.batch] = step
+                uncond = bucket.batch if key.uncond_rows is None else key.uncond_rows
+                self.steps[bucket, StepKind(key.kind), key.guidance_rows or bucket.batch, uncond] = step
         # What the planner may ask of this family: its row counts and, per bucket, the guidance
-        # prefixes its MASK_UPDATE steps cover.
+        # prefixes its MASK_UPDATE steps cover and the unconditional prefixes of its generation pass.
+        whole = [(bucket, bucket.batch) for bucket in buckets]
+        guidance = [
+            sorted({g for b, kind, g, u in self.steps if (b, kind, u) == (bucket, UPDATE, n)})
+            for bucket, n in whole
+        ]
+        uncond = [
+            sorted({u for b, kind, g, u in self.steps if (b, kind, g) == (bucket, REUSE, n)})
+            for bucket, n in whole
+        ]
+        partial = any(len(prefixes) > 1 for prefixes in uncond)
         self.shape = FamilyShape(
-            tuple(bucket.batch for bucket in buckets),
-            tuple(
-                tuple(sorted(rows for b, kind, rows in self.steps if (b, kind) == (bucket, UPDATE)))
-                for bucket in buckets
-            ),
+            tuple(n for _, n in whole),
+            tuple(tuple(prefixes) for prefixes in guidance),
+            tuple(tuple(prefixes) for prefixes in uncond) if partial else None,
         )
         self.bucket = buckets[0]
         self.guidance: int | None = None  # the next step's guidance prefix (None: masks reused)
+        self.uncond: int | None = None  # the next step's unconditional prefix (None: every row)
         self.slots: list[_Slot] = []
         self._park(self.state, 0)
 
@@ -138,10 +161,16 @@ class RunningBatch:
     def active(self) -> list[Hashable]:
         return [slot.request.key for slot in self.slots]
 
-    def rows(self) -> list[tuple[Hashable, int, int, bool]]:
-        """(key, rows, steps left, updating in the next step) of every request, in row order."""
+    def rows(self) -> list[tuple[Hashable, int, int, bool, bool]]:
+        """(key, rows, steps left, updating in the next step, needs CFG) of every request, in row order."""
         return [
-            (slot.request.key, slot.request.rows, slot.request.num_steps - slot.step, slot.updating())
+            (
+                slot.request.key,
+                slot.request.rows,
+                slot.request.num_steps - slot.step,
+                slot.updating(),
+                slot.request.cfg,
+            )
             for slot in self.slots
         ]
 
@@ -156,7 +185,7 @@ class RunningBatch:
         target = next((b for b in self.buckets if b.batch == plan.bucket), None)
         if target is None or plan.used > target.batch:
             raise ValueError(f"the plan's bucket of {plan.bucket} rows is not one of this family's")
-        updating_end = 0
+        updating_end = cfg_end = 0
         for placement in plan.rows:
             slot = current.get(placement.key)
             request = slot.request if slot is not None else joining.get(placement.key)
@@ -170,10 +199,17 @@ class RunningBatch:
                 raise ValueError(f"{request.subjects} subjects exceed the bucket's {self.subjects} slots")
             if slot is None or slot.updating():
                 updating_end = max(updating_end, placement.start + placement.rows)
+            if request.cfg:
+                cfg_end = max(cfg_end, placement.start + placement.rows)
         if set(joining) - set(plan.keys):
             raise ValueError("a joining request has no place in the plan")
         if updating_end > (plan.guidance or 0):
             raise ValueError("the plan's guidance prefix leaves out rows that update their masks")
+        uncond = target.batch if plan.uncond is None else plan.uncond
+        if cfg_end > uncond:
+            raise ValueError("the plan's unconditional prefix leaves out rows with CFG")
+        if (target, REUSE, target.batch, uncond) not in self.steps:
+            raise ValueError(f"no step of {target} runs the unconditional half on {uncond} rows")
         moves: list[tuple[int, int]] = []
         slots = []
         for placement in plan.rows:
@@ -188,7 +224,7 @@ class RunningBatch:
         destination = self.graphs.states[target, self.settings]
         if moves:
             destination.copy_rows(self.state, [src for src, _ in moves], [dst for _, dst in moves])
-        self.slots, self.bucket, self.guidance = slots, target, plan.guidance
+        self.slots, self.bucket, self.guidance, self.uncond = slots, target, plan.guidance, plan.uncond
         self._park(destination, plan.used)
         for slot in slots:
             if slot.request.key in joining:
@@ -201,12 +237,18 @@ class RunningBatch:
                     slot.start,
                     request.key_values,
                 )
-                destination.schedule.load(request.num_steps, rows)
+                destination.schedule.load(
+                    request.num_steps, rows, timesteps=request.timesteps, eta=request.eta
+                )
 
     def layout(self, joining: Sequence[RowRequest] = (), leaving: Sequence[Hashable] = ()) -> FamilyLayout:
         """The planner's layout of the rows that stay plus `joining` (callers without a planner)."""
-        rows = [(key, count, updating) for key, count, _, updating in self.rows() if key not in leaving]
-        return layout(self.shape, rows + [(request.key, request.rows, True) for request in joining])
+        rows = [
+            (key, count, updating, cfg) for key, count, _, updating, cfg in self.rows() if key not in leaving
+        ]
+        return layout(
+            self.shape, rows + [(request.key, request.rows, True, request.cfg) for request in joining]
+        )
 
     @staticmethod
     def _park(state: LoopState, start: int) -> None:
@@ -258,11 +300,18 @@ class RunningBatch:
         leave; the rest are laid out again by the planner's rule, for the next step's phases)."""
         if not self.slots:
             return []
+        rows = self.bucket.batch
+        uncond = rows if self.uncond is None else self.uncond
         if self.guidance is not None:  # the guidance pass on the layout's prefix
-            self.steps[self.bucket, StepKind.MASK_UPDATE, self.guidance]()
+            self.steps[self.bucket, UPDATE, self.guidance, uncond]()
         else:
-            self.steps[self.bucket, StepKind.MASK_REUSE, self.bucket.batch]()
-        self.graphs.stats["graph_replays"] += 1
+            self.steps[self.bucket, REUSE, rows, uncond]()
+        stats = self.graphs.stats
+        stats["graph_replays"] += 1
+        # What the step computed, in UNet rows per pass (the planner's layout made it so).
+        stats["steps_mask_update" if self.guidance is not None else "steps_mask_reuse"] += 1
+        stats["rows_guidance"] += self.guidance or 0
+        stats["rows_generation"] += rows + uncond
         finished = []
         state = self.state
         for slot in self.slots:

@@ -12,8 +12,13 @@ job, `running()` (every running job's rows, steps left and phase) and `shapes(fa
 family can hold). Preparing a job is one call down into the method
 (`realcustom.job_inputs.prepare_rows`), never back up.
 
-Threads: `prepare` runs on the preparation thread; `apply`, `step`, `cancel`, `snapshot` and
-`decode` run on the stepping thread, between steps.
+A job's LoRA adapters (an adapter bank on the runner's UNet) are held from `prepare` until the
+worker `release`s the prepared job (it finished, failed, was cancelled or went back to the queue),
+so an adapter is never unloaded under rows that use it; `load_adapter`/`unload_adapter` write the
+bank's slots on the stepping thread, between steps (captured graphs read the slots in place).
+
+Threads: `prepare` runs on the preparation thread; `apply`, `step`, `cancel`, `snapshot`,
+`decode` and the adapter loads run on the stepping thread, between steps; `release` anywhere.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from engines.step_batching import Finished, RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings
 from realcustom.job_inputs import job_outputs, prepare_rows
 from realcustom.jobs import GenerationJob, GenerationOutput
+from realcustom.lora.adapter import LoRAAdapter
+from realcustom.lora.bank import AdapterBank
 from realcustom.pipeline import mask_to_image
 from realcustom.preview import LatentPreview
 
@@ -49,10 +56,16 @@ class Prepared:
     request: RowRequest | None
     family: FamilyKey | None
     prepare_s: float
+    holds_adapters: bool = False  # its adapters are acquired until `StepScheduler.release`
 
     @property
     def rows(self) -> int:
         return self.job.num_images
+
+    @property
+    def cfg(self) -> bool:
+        """Its rows need the unconditional sample (guidance > 1)."""
+        return self.job.guidance_scale > 1
 
 
 def _family_sizes(max_rows: int) -> list[int]:
@@ -72,8 +85,11 @@ class StepScheduler:
         self.max_rows = max_rows
         graphs = step_graphs(runner.backend)
         self.on_demand = graphs is None  # eager: families are prepared when first needed
-        # Eager families also get steps whose guidance pass covers only the rows still updating masks.
-        self.graphs: GraphLoop = graphs or GraphLoop(self.pipeline, EagerCapture(), partial_guidance=True)
+        # Eager families also get steps whose guidance pass covers only the rows still updating
+        # masks, and whose unconditional half covers only the rows with CFG.
+        self.graphs: GraphLoop = graphs or GraphLoop(
+            self.pipeline, EagerCapture(), partial_guidance=True, partial_uncond=True
+        )
         self.batches: dict[FamilyKey, RunningBatch] = {}
         self.previews = LatentPreview.fit(self.pipeline)
 
@@ -81,21 +97,60 @@ class StepScheduler:
 
     @torch.no_grad()
     def prepare(self, job: GenerationJob) -> Prepared:
-        """Conditioning, noise and image K/V of one job (or nothing, when it runs alone)."""
+        """Conditioning, noise and image K/V of one job (or nothing, when it runs alone); its
+        adapters are held from here on (`release` when the job ends)."""
         started = time.perf_counter()
         family = self.choose_family(job)
+        holds = self._acquire(job)
         request = None
-        if family is not None:
-            rows = prepare_rows(self.pipeline, job, subject_slots=family[2])
-            request = RowRequest(
-                job.id,
-                rows.cond,
-                rows.latents,
-                job.num_inference_steps,
-                job.mask_reused_step,
-                rows.key_values,
-            )
-        return Prepared(job, request, family, time.perf_counter() - started)
+        try:
+            if family is not None:
+                rows = prepare_rows(self.pipeline, job, subject_slots=family[2])
+                request = RowRequest(
+                    job.id,
+                    rows.cond,
+                    rows.latents,
+                    job.num_inference_steps,
+                    job.mask_reused_step,
+                    rows.key_values,
+                    job.timesteps,
+                    job.eta,
+                    cfg=job.guidance_scale > 1,
+                )
+        except BaseException:
+            if holds:
+                self.adapters.release(job.loras)
+            raise
+        return Prepared(job, request, family, time.perf_counter() - started, holds)
+
+    # ---- adapters ---------------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> AdapterBank | None:
+        """The adapter bank of the runner's UNet (None: this model serves no adapters)."""
+        return self.pipeline.unet.adapters
+
+    def _acquire(self, job: GenerationJob) -> bool:
+        if not job.loras:
+            return False
+        if self.adapters is None:
+            raise ValueError("the job names LoRA adapters but this worker serves none (no adapter bank)")
+        self.adapters.acquire(job.loras)
+        return True
+
+    def release(self, prepared: Prepared) -> None:
+        """The job ended (any way): its adapters may be unloaded again. Idempotent."""
+        if prepared.holds_adapters:
+            prepared.holds_adapters = False
+            self.adapters.release(prepared.job.loras)
+
+    def load_adapter(self, adapter: LoRAAdapter) -> int:
+        """Stepping thread, between steps: `adapter` into a free slot of the bank (no recapture)."""
+        return self.adapters.load(adapter)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stepping thread, between steps: free the slot of an adapter no request holds."""
+        self.adapters.unload(name)
 
     def choose_family(self, job: GenerationJob) -> FamilyKey | None:
         settings = GraphSettings.of(
@@ -117,9 +172,9 @@ class StepScheduler:
         """Every running job's rows, family by family in row order (owner and priority are the
         caller's to fill in)."""
         return [
-            RunningRows(key, family, rows, steps_left, updating)
+            RunningRows(key, family, rows, steps_left, updating, cfg=cfg)
             for family, batch in self.batches.items()
-            for key, rows, steps_left, updating in batch.rows()
+            for key, rows, steps_left, updating, cfg in batch.rows()
         ]
 
     def shapes(self, families: Iterable[FamilyKey]) -> dict[FamilyKey, FamilyShape]:
@@ -129,11 +184,14 @@ class StepScheduler:
             batch = self.batches.get(family)
             if batch is not None:
                 shapes[family] = batch.shape
-            elif self.on_demand:
-                shapes[family] = FamilyShape.of(_family_sizes(self.max_rows), self.graphs.partial_guidance)
             else:
+                sizes = (
+                    _family_sizes(self.max_rows)
+                    if self.on_demand
+                    else [bucket.batch for bucket in self._prepared_buckets(family)]
+                )
                 shapes[family] = FamilyShape.of(
-                    [bucket.batch for bucket in self._prepared_buckets(family)], self.graphs.partial_guidance
+                    sizes, self.graphs.partial_guidance, self.graphs.partial_uncond
                 )
         return shapes
 
@@ -198,6 +256,13 @@ class StepScheduler:
             if found is not None:
                 return found
         return None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Monotonic counters of the runner's backend and of the running batches' steps
+        (`graph_replays`, `steps_mask_update`, `steps_mask_reuse`, `rows_guidance`,
+        `rows_generation`: UNet rows each pass computed)."""
+        return dict(self.graphs.stats) if self.on_demand else self.runner.stats
 
     @property
     def rows_in_flight(self) -> int:

@@ -16,6 +16,7 @@ from PIL import Image
 from realcustom.decoding import ImageRejectedError, decode_reference
 from realcustom.masks import MASK_MODES, OVERLAP_POLICIES
 from realcustom.phrases import check_prompt_length, locate_phrase
+from realcustom.presets import PRESETS
 from realcustom.schedulers import SCHEDULERS
 from realcustom.settings_check import SIZE_MULTIPLE, check_mask_scope, check_schedule, check_size
 from realcustom.tokenizer import load_clip_tokenizer
@@ -54,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask-reused-step", type=int, default=12)
     gen.add_argument("--scheduler", default="dpm", choices=SCHEDULERS)
     gen.add_argument("--overlap", default="exclusive", choices=OVERLAP_POLICIES)
+    gen.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="fast mode: the sampler, steps, guidance and mask schedule of a distilled adapter family "
+        "(replaces --steps, --scheduler, --guidance-scale, --mask-reused-step); load its adapter with --lora",
+    )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="SOURCE[=SCALE]",
+        help="a LoRA adapter (safetensors file, name in --lora-dir, or hub id) and its scale (1); repeatable",
+    )
+    gen.add_argument("--lora-dir", type=Path, default=None, help="where --lora names are looked up")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--device", default="cpu")
     return parser
@@ -67,8 +82,25 @@ def read_image(path: str) -> Image.Image:
         raise UsageError(f"cannot read image {path}: {error}") from error
 
 
+def lora_choices(values: list[str]) -> list[tuple[str, float]]:
+    """`SOURCE[=SCALE]` -> (source, scale)."""
+    choices = []
+    for value in values:
+        source, _, scale = value.rpartition("=") if "=" in value else (value, "", "1")
+        try:
+            choices.append((source, float(scale)))
+        except ValueError as error:
+            raise UsageError(f"--lora {value}: the scale after '=' must be a number") from error
+    return choices
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Everything that can be checked without the model, so bad input fails in a second."""
+    if args.preset is not None:
+        settings = PRESETS[args.preset].settings()
+        args.steps, args.scheduler = settings["num_inference_steps"], settings["scheduler"]
+        args.guidance_scale, args.mask_reused_step = settings["guidance_scale"], settings["mask_reused_step"]
+    args.loras = lora_choices(args.lora)
     if len(args.image) != len(args.target):
         raise UsageError(
             f"give one --target per --image ({len(args.image)} images, {len(args.target)} targets)"
@@ -92,7 +124,9 @@ def generate(args: argparse.Namespace) -> None:
     images = {path: read_image(path) for path in args.image}
     subjects = [(images[path], target) for path, target in zip(args.image, args.target, strict=True)]
     pipeline = load_pipeline(args.model, device=args.device)
+    preset = PRESETS[args.preset].settings() if args.preset else {}
     try:
+        loras = install_loras(pipeline, args.loras, args.lora_dir)
         output = pipeline(
             args.prompt,
             subjects,
@@ -105,6 +139,9 @@ def generate(args: argparse.Namespace) -> None:
             mask_mode=args.mask_mode,
             mask_reused_step=args.mask_reused_step,
             scheduler=args.scheduler,
+            timesteps=preset.get("timesteps"),
+            eta=preset.get("eta"),
+            loras=loras,
             overlap=args.overlap,
             num_images_per_prompt=args.num_images,
             seed=args.seed,
@@ -126,6 +163,23 @@ def generate(args: argparse.Namespace) -> None:
         args.mask_out.parent.mkdir(parents=True, exist_ok=True)
         sheet.save(args.mask_out)
         logger.info("wrote %s", args.mask_out)
+
+
+def install_loras(pipeline, choices: list[tuple[str, float]], lora_dir: Path | None) -> list:
+    """Load the adapters into a bank sized for exactly them; their per-row choices."""
+    if not choices:
+        return []
+    from realcustom.lora.bank import AdapterBank
+    from realcustom.lora.files import load_adapter
+    from realcustom.lora.requests import LoRAChoice
+
+    adapters = [load_adapter(source, pipeline.unet.unet, lora_dir=lora_dir) for source, _ in choices]
+    targets = sorted({name for adapter in adapters for name in adapter.modules})
+    rank = max(adapter.rank for adapter in adapters)
+    bank = AdapterBank(pipeline.unet, targets=targets, slots=len(adapters), rank=rank, per_row=len(adapters))
+    for adapter in adapters:
+        bank.load(adapter)
+    return [LoRAChoice(adapter.name, scale) for adapter, (_, scale) in zip(adapters, choices, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> int:

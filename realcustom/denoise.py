@@ -34,6 +34,13 @@ class LoopSettings:
     mask_mode: Sequence[str] = ("max_norm",)
     mask_reused_step: int = 12
     overlap: str = "exclusive"
+    # Sampler options (realcustom.schedulers.SCHEDULER_OPTIONS): LCM/TCD custom timesteps, TCD's eta.
+    timesteps: tuple[int, ...] | None = None
+    eta: float | None = None
+
+    @property
+    def schedule_options(self) -> dict:
+        return {"timesteps": self.timesteps, "eta": self.eta}
 
 
 @dataclass
@@ -63,7 +70,9 @@ def denoise(
     on_step: Callable[[], None] | None = None,
 ) -> LoopResult:
     """Run the loop from initial noise `latents` [B, 4, h, w]: `denoise_step` on a state of this
-    loop's exact shape, every step run eagerly (what every faster loop is checked against)."""
+    loop's exact shape, every step run eagerly (what every faster loop is checked against). When
+    every row is CFG-free (guidance scale <= 1) the generation pass leaves out the unconditional
+    half."""
     batch, subjects = cond.batch_size, cond.image_tokens.shape[1]
     state = LoopState(
         unet,
@@ -76,10 +85,18 @@ def denoise(
         device=latents.device,
         dtype=next(unet.parameters()).dtype,
     )
-    schedule = make_schedule(settings.scheduler, batch, latents.device, settings.num_inference_steps)
+    schedule = make_schedule(
+        settings.scheduler,
+        batch,
+        latents.device,
+        settings.num_inference_steps,
+        tuple(latents.shape[1:]),
+        **settings.schedule_options,
+    )
     state.load(unet, cond, latents, settings.mask_reused_step, schedule)
     calls = TorchUNetCalls(unet, trace.full_probability_layers if trace else frozenset())
     mask = MaskSettings(tuple(settings.mask_mode), settings.overlap)
+    uncond_rows = 0 if bool((cond.guidance_scale <= 1).all()) else None
 
     used_masks = []
     for kind in step_kinds(settings.num_inference_steps, settings.mask_reused_step):
@@ -88,7 +105,7 @@ def denoise(
             record["timestep"] = schedule.timestep(state)[0]
             record["mask_recomputed"] = torch.tensor(int(kind is StepKind.MASK_UPDATE))
         calls.record = record
-        denoise_step(calls, state, kind, mask, record)
+        denoise_step(calls, state, kind, mask, record, uncond_rows=uncond_rows)
         used_masks.append(state.masks.clone())
         if record is not None:
             trace.steps.append(record)

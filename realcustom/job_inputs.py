@@ -4,7 +4,9 @@ Everything a job needs before its first step comes from here, in one call down f
 (`prepare_rows`: settings check, text, target tokens, reference tokens through the projector,
 noise, every layer's image K/V), and its images come back through `job_outputs`. The pipeline's
 single-request path (`RealCustomPipeline.__call__`) builds the same `Conditioning` from a call's
-arguments; this module builds it for jobs, batched, subjects padded to the batch's maximum.
+arguments; this module builds it for jobs, batched, subjects padded to the batch's maximum, each
+row with its job's LoRA adapters (slots of the UNet's adapter bank) and, for a stochastic sampler
+(LCM, TCD), its per-step noise drawn from the job's seed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from realcustom.jobs import GenerationJob, GenerationOutput
 from realcustom.pipeline import RealCustomPipeline, mask_to_image
+from realcustom.schedulers import TABLE_SCHEDULERS
 from realcustom.settings_check import check_generation
 from realcustom.step import Conditioning, ImageKeyValues, LoopState
 from realcustom.tokenizer import CLIP_CONTEXT_LENGTH
@@ -84,6 +87,7 @@ def job_conditioning(pipeline: RealCustomPipeline, jobs: Sequence[GenerationJob]
         return None if tensor is None else tensor.repeat_interleave(counts, dim=0)
 
     width, height = jobs[0].width, jobs[0].height
+    lora_index, lora_scale = _adapter_rows(pipeline, jobs)
     return Conditioning(
         prompt_embeds=per_sample(text.tokens),
         negative_prompt_embeds=per_sample(negative.tokens),
@@ -97,6 +101,34 @@ def job_conditioning(pipeline: RealCustomPipeline, jobs: Sequence[GenerationJob]
         mask_scope=per_sample(
             torch.tensor([job.mask_scope for job in jobs], dtype=torch.float64, device=pipeline.device)
         ),
+        lora_index=lora_index,
+        lora_scale=lora_scale,
+        step_noise=_step_noise(pipeline, jobs),
+    )
+
+
+def _adapter_rows(pipeline: RealCustomPipeline, jobs: Sequence[GenerationJob]) -> tuple:
+    """Each row's adapter slots and scales ([rows, K]; None when no job names adapters)."""
+    if not any(job.loras for job in jobs):
+        return None, None
+    bank = pipeline.unet.adapters
+    if bank is None:
+        raise ValueError("the job names LoRA adapters but this model serves none (no adapter bank)")
+    return bank.rows([list(job.loras) for job in jobs for _ in range(job.num_images)])
+
+
+def _step_noise(pipeline: RealCustomPipeline, jobs: Sequence[GenerationJob]) -> torch.Tensor | None:
+    """A stochastic sampler's per-step noise of every row, from each job's own seed."""
+    first = jobs[0]
+    sampler = TABLE_SCHEDULERS.get(first.scheduler)
+    if sampler is None or not sampler.stochastic:
+        return None
+    return pipeline.prepare_step_noise(
+        [job.seed for job in jobs],
+        [job.num_images for job in jobs],
+        first.height,
+        first.width,
+        first.num_inference_steps,
     )
 
 

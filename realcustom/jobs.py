@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from realcustom.lora.requests import LoRAChoice
+
 if TYPE_CHECKING:  # torch-free at run time: the API imports this module
     import torch
 
@@ -49,6 +51,11 @@ class GenerationJob:
     mask_mode: tuple[str, ...] = ("max_norm",)
     scheduler: str = "dpm"
     negative_prompt: str | None = None
+    # The sampler's options (realcustom.schedulers.SCHEDULER_OPTIONS): custom timesteps, TCD's eta.
+    timesteps: tuple[int, ...] | None = None
+    eta: float | None = None
+    # Per-row LoRA adapters (the runner's UNet must have an adapter bank that holds them).
+    loras: tuple[LoRAChoice, ...] = ()
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one denoising loop (same shapes and step schedule)."""
@@ -60,6 +67,8 @@ class GenerationJob:
             self.mask_mode,
             self.scheduler,
             self.negative_prompt,
+            self.timesteps,
+            self.eta,
         )
 
 

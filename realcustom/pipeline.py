@@ -18,10 +18,11 @@ from PIL import Image
 from torch import nn
 
 from realcustom.denoise import Conditioning, LoopSettings, LoopTrace, denoise
+from realcustom.lora.requests import LoRAChoice
 from realcustom.masks import OVERLAP_POLICIES, check_mask_mode
 from realcustom.phrases import check_prompt_length, target_token_indicator
 from realcustom.reference import ReferenceEncoder, VisionFeatures
-from realcustom.schedulers import SCHEDULERS
+from realcustom.schedulers import SCHEDULERS, TABLE_SCHEDULERS
 from realcustom.settings_check import check_mask_scope, check_schedule, check_size
 from realcustom.text import TextEmbeddings, TextEncoder, default_negative_prompt
 from realcustom.unet import RealCustomUNet
@@ -161,6 +162,21 @@ class RealCustomPipeline(nn.Module):
         ]
         return torch.cat(noise).to(self.device, torch.float32)
 
+    def prepare_step_noise(
+        self, seeds: Sequence[int], counts: Sequence[int], height: int, width: int, steps: int
+    ) -> torch.Tensor:
+        """The per-step noise of a stochastic sampler (LCM, TCD) [N, steps, C, h, w]: drawn from the
+        same CPU generator as `prepare_latents`, after the initial noise, one [count, C, h, w] draw
+        per step, the order in which a diffusers pipeline's scheduler draws it from its generator."""
+        shape = self.latent_shape(height, width)
+        noise = []
+        for seed, count in zip(seeds, counts, strict=True):
+            generator = torch.Generator("cpu").manual_seed(seed)
+            torch.randn((count, *shape), generator=generator)  # the initial noise comes first
+            draws = [torch.randn((count, *shape), generator=generator) for _ in range(steps)]
+            noise.append(torch.stack(draws, dim=1))
+        return torch.cat(noise).to(self.device, torch.float32)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """VAE decode; pixels truncated to uint8 as the official ToPILImage conversion does."""
@@ -186,6 +202,9 @@ class RealCustomPipeline(nn.Module):
         mask_mode: Sequence[str] = ("max_norm",),
         mask_reused_step: int = 12,
         scheduler: str = "dpm",
+        timesteps: Sequence[int] | None = None,
+        eta: float | None = None,
+        loras: Sequence[LoRAChoice] = (),
         overlap: str = "exclusive",
         num_images_per_prompt: int = 1,
         seed: int = 0,
@@ -242,10 +261,18 @@ class RealCustomPipeline(nn.Module):
         if target_tokens.shape[-2] != num_subjects:
             raise ValueError(f"{num_subjects} reference(s) but {target_tokens.shape[-2]} target phrase(s)")
 
-        # 5. Initial noise.
+        # 5. Initial noise (and a stochastic sampler's per-step noise, from the same seed).
         if latents is None:
             latents = self.prepare_latents([seed], [batch], height, width)
         latents = latents.to(self.device, torch.float32)
+        step_noise = None
+        if scheduler in TABLE_SCHEDULERS and TABLE_SCHEDULERS[scheduler].stochastic:
+            step_noise = self.prepare_step_noise([seed], [batch], height, width, num_inference_steps)
+        lora_index = lora_scale = None
+        if loras:
+            if self.unet.adapters is None:
+                raise ValueError("loras need an adapter bank on the UNet (realcustom.lora.bank.AdapterBank)")
+            lora_index, lora_scale = self.unet.adapters.rows([list(loras)] * batch)
 
         # 6. Per-sample conditioning.
         cond = Conditioning(
@@ -261,10 +288,21 @@ class RealCustomPipeline(nn.Module):
             target_tokens=_rows(target_tokens, batch),
             guidance_scale=torch.full((batch,), guidance_scale, device=self.device),
             mask_scope=torch.full((batch,), mask_scope, dtype=torch.float64, device=self.device),
+            lora_index=lora_index,
+            lora_scale=lora_scale,
+            step_noise=step_noise,
         )
 
         # 7. Denoising loop.
-        settings = LoopSettings(num_inference_steps, scheduler, tuple(mask_mode), mask_reused_step, overlap)
+        settings = LoopSettings(
+            num_inference_steps,
+            scheduler,
+            tuple(mask_mode),
+            mask_reused_step,
+            overlap,
+            None if timesteps is None else tuple(timesteps),
+            eta,
+        )
         result = denoise(self.unet, cond, latents, settings, trace)
 
         # 8. Decode.

@@ -15,11 +15,13 @@ SIZE_MULTIPLE = 32
 
 
 class SettingsError(ValueError):
-    """A setting the model cannot run; `field` names it, the message says what to change."""
+    """A setting the model cannot run; `field` names it, the message says what to change, `code`
+    is the API's error code for it (`invalid_request` unless a rule has its own)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, code: str = "invalid_request") -> None:
         super().__init__(message)
         self.field = field
+        self.code = code
 
 
 class GenerationSettings(Protocol):

@@ -9,8 +9,13 @@ Per step, on the tensors of a `LoopState`:
    mask only while it is in its mask-update phase (its step < its mask_reused_step, or step 0);
 2. generation pass: conditional (prompt + reference tokens) and unconditional (negative prompt +
    black-image tokens) samples as one batch, both gated by the same masks;
-3. classifier-free guidance ε = ε_u + w(ε_c − ε_u), in fp32;
+3. classifier-free guidance ε = ε_u + w(ε_c − ε_u), in fp32, for rows with w > 1; a row with
+   w <= 1 is CFG-free and takes ε_c (its unconditional sample may be left out of the pass);
 4. scheduler update (fp32 latents), and every row's step index moves on by one.
+
+Per-row LoRA: when the UNet has an adapter bank (realcustom/lora/bank.py), each row carries its
+adapters' slots and scales (`lora_index`, `lora_scale`), and both passes apply them: the guidance
+pass and both halves of the generation pass use the row's own adapters.
 
 Rows are independent: each has its own step index, timestep schedule (device tables of its own
 scheduler and step count), guidance scale, mask scope and mask_reused_step. Nothing inside a step
@@ -21,6 +26,7 @@ step; lookups use `gather` on the device step index (never `tensor[idx]`, a host
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,8 +52,13 @@ class Conditioning:
     image_tokens: torch.Tensor  # [B, S, T, C]
     negative_image_tokens: torch.Tensor  # [B, S, T, C]
     target_tokens: torch.Tensor  # [B, S, 77]
-    guidance_scale: torch.Tensor  # [B]
+    guidance_scale: torch.Tensor  # [B]; <= 1: CFG-free (ε_c only)
     mask_scope: torch.Tensor  # [B], float64 (the official top-k count int(scope·h·w) is float64)
+    # Per-row LoRA (a UNet with an adapter bank): slots [B, K] int64 and scales [B, K] (0 = unused).
+    lora_index: torch.Tensor | None = None
+    lora_scale: torch.Tensor | None = None
+    # Stochastic samplers (LCM, TCD): each step's N(0, I) draw [B, steps, C, h, w], from the seed.
+    step_noise: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -79,34 +90,75 @@ class RowSchedule:
     """Per-row scheduler tables on the device ([rows, capacity]); row r follows its own schedule.
 
     Tables are allocated once and refilled in place (a captured graph keeps reading the same
-    addresses). Unused entries hold harmless values (1, first order, timestep 0).
+    addresses). Unused entries hold harmless values (1, first order, timestep 0). A stochastic
+    sampler (LCM, TCD) also has `noise` [rows, noise capacity, C, h, w]: each row's draw for each
+    of its steps, written when the row is loaded (`LoopState.load_rows`, from `Conditioning.step_noise`).
     """
 
-    init_noise_sigma = 1.0
-
-    def __init__(self, family: str, rows: int, device: torch.device, capacity: int = MAX_STEPS):
+    def __init__(
+        self,
+        family: str,
+        rows: int,
+        device: torch.device,
+        capacity: int = MAX_STEPS,
+        latent_shape: tuple[int, int, int] | None = None,
+    ):
         if family not in TABLE_SCHEDULERS:
             raise ValueError(
                 f"scheduler {family!r} has no device tables; use one of {tuple(TABLE_SCHEDULERS)}"
             )
         self.family, self.capacity = family, capacity
         self.sampler = TABLE_SCHEDULERS[family]
-        names = self.sampler(1).tables()
+        example = self.sampler(1)
+        self.init_noise_sigma = example.init_noise_sigma
         self.tables = {
-            name: torch.ones(rows, capacity, dtype=example.dtype, device=device)
-            for name, example in names.items()
+            name: torch.ones(rows, capacity, dtype=values.dtype, device=device)
+            for name, values in example.tables().items()
         }
         self.timesteps = torch.zeros(rows, capacity, dtype=torch.int64, device=device)
+        self.noise = None
+        if self.sampler.stochastic:
+            if latent_shape is None:
+                raise ValueError(f"scheduler {family!r} adds noise at every step: give the latent shape")
+            steps = min(capacity, self.sampler.max_steps)
+            self.noise = torch.zeros(rows, steps, *latent_shape, dtype=torch.float32, device=device)
 
-    def load(self, num_steps: int, rows: slice | None = None) -> None:
-        """Fill `rows` (all by default) with the tables of a `num_steps` loop."""
+    def load(
+        self,
+        num_steps: int,
+        rows: slice | None = None,
+        *,
+        timesteps: Sequence[int] | None = None,
+        eta: float | None = None,
+    ) -> None:
+        """Fill `rows` (all by default) with the tables of a `num_steps` loop (`timesteps`, `eta`:
+        the sampler's options, realcustom.schedulers.SCHEDULER_OPTIONS)."""
         if num_steps > self.capacity:
             raise ValueError(f"{num_steps} steps exceed the schedule capacity {self.capacity}")
         rows = rows or slice(None)
-        scheduler: TableScheduler = make_scheduler(self.family, num_steps)
+        scheduler: TableScheduler = make_scheduler(self.family, num_steps, timesteps=timesteps, eta=eta)
         for name, values in scheduler.tables().items():
             self.tables[name][rows, :num_steps] = values.to(self.tables[name].device)
         self.timesteps[rows, :num_steps] = scheduler.timesteps.to(self.timesteps.device)
+
+    def load_noise(self, rows: slice, noise: torch.Tensor | None) -> None:
+        """Rows `rows` take their step noise [n, steps, C, h, w] (later steps: zeros)."""
+        if self.noise is None:
+            return
+        if noise is None:
+            raise ValueError(
+                f"scheduler {self.family!r} adds noise at every step: give each row's step noise "
+                "(Conditioning.step_noise, RealCustomPipeline.prepare_step_noise)"
+            )
+        if noise.shape[1] > self.noise.shape[1]:
+            raise ValueError(f"{noise.shape[1]} steps of noise exceed the capacity {self.noise.shape[1]}")
+        self.noise[rows] = 0
+        self.noise[rows, : noise.shape[1]] = noise.float()
+
+    def row_tensors(self) -> list[torch.Tensor]:
+        """Tensors with one entry per row (tables, timesteps, noise)."""
+        tensors = [*self.tables.values(), self.timesteps]
+        return tensors if self.noise is None else [*tensors, self.noise]
 
     def _row_values(self, table: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         index = step.clamp(0, self.capacity - 1).view(-1, 1)  # rows past their end read a harmless entry
@@ -116,14 +168,24 @@ class RowSchedule:
         return self._row_values(self.timesteps, state.step)  # [B] int64
 
     def model_input(self, state: LoopState) -> torch.Tensor:
-        return state.latents
+        values = {
+            name: self._row_values(self.tables[name], state.step).view(-1, 1, 1, 1)
+            for name in self.sampler.input_tables
+        }
+        return self.sampler.model_input(values, state.latents)
+
+    def _step_noise(self, state: LoopState) -> torch.Tensor | None:
+        if self.noise is None:
+            return None
+        index = state.step.clamp(0, self.noise.shape[1] - 1).view(-1, 1, 1, 1, 1)
+        return self.noise.gather(1, index.expand(-1, 1, *self.noise.shape[2:])).squeeze(1)
 
     def update(self, state: LoopState, noise_pred: torch.Tensor) -> None:
         values = {
             name: self._row_values(table, state.step).view(-1, 1, 1, 1) for name, table in self.tables.items()
         }
         sample, x0, anchor, anchor_x0 = self.sampler.update(
-            values, noise_pred, state.latents, state.anchor, state.anchor_x0
+            values, noise_pred, state.latents, state.anchor, state.anchor_x0, self._step_noise(state)
         )
         state.latents.copy_(sample)
         state.x0.copy_(x0)
@@ -160,12 +222,22 @@ class HostSchedule:
         return state.latents
 
 
-def make_schedule(name: str, rows: int, device: torch.device, num_steps: int) -> RowSchedule | HostSchedule:
-    """Device tables of one `num_steps` loop for the official samplers, else a host schedule."""
+def make_schedule(
+    name: str,
+    rows: int,
+    device: torch.device,
+    num_steps: int,
+    latent_shape: tuple[int, int, int] | None = None,
+    **options,
+) -> RowSchedule | HostSchedule:
+    """Device tables of one `num_steps` loop for the table samplers, else a host schedule
+    (`options`: the sampler's, e.g. LCM's custom `timesteps`)."""
     if name in TABLE_SCHEDULERS:
-        schedule = RowSchedule(name, rows, device, num_steps)
-        schedule.load(num_steps)
+        schedule = RowSchedule(name, rows, device, num_steps, latent_shape)
+        schedule.load(num_steps, **options)
         return schedule
+    if any(value is not None for value in options.values()):
+        raise ValueError(f"scheduler {name!r} takes no options")
     return HostSchedule(name, num_steps)
 
 
@@ -223,6 +295,9 @@ class LoopState:
         self.guidance_scale = zeros(rows, 1, 1, 1, dt=f32)
         self.mask_scope = zeros(rows, dt=torch.float64)  # the official int(scope·h·w) is float64
         self.mask_reused_step = zeros(rows, dt=torch.int64)
+        bank = unet.adapters
+        self.lora_index = None if bank is None else zeros(rows, bank.per_row, dt=torch.int64)
+        self.lora_scale = None if bank is None else zeros(rows, bank.per_row, dt=f32)
         tokens = image_token_shape[0]
         self.image_kv = [
             tuple(
@@ -268,6 +343,27 @@ class LoopState:
         """The conditional half of a [cond; uncond] tensor (what the guidance pass reads), or its
         first `rows` rows."""
         return None if tensor is None else tensor[: self.rows if rows is None else rows]
+
+    def paired(self, tensor: torch.Tensor | None, uncond_rows: int) -> torch.Tensor | None:
+        """A [cond; uncond] tensor with only the first `uncond_rows` unconditional rows (what a
+        generation pass with CFG-free rows reads)."""
+        if tensor is None or uncond_rows == self.rows:
+            return tensor
+        if uncond_rows == 0:
+            return tensor[: self.rows]
+        return torch.cat([tensor[: self.rows], tensor[self.rows : self.rows + uncond_rows]])
+
+    def adapter_rows(self, rows: int | None = None, uncond_rows: int = 0) -> tuple | None:
+        """Each row's LoRA (slots, scales) for a pass over the first `rows` rows, followed by the
+        first `uncond_rows` rows again (the unconditional half uses the row's own adapters)."""
+        if self.lora_index is None:
+            return None
+        rows = self.rows if rows is None else rows
+        index, scale = self.lora_index[:rows], self.lora_scale[:rows]
+        if uncond_rows:
+            index = torch.cat([index, self.lora_index[:uncond_rows]])
+            scale = torch.cat([scale, self.lora_scale[:uncond_rows]])
+        return index, scale
 
     def load(
         self,
@@ -341,6 +437,14 @@ class LoopState:
         self.target_tokens[own] = _pad_slots(cond.target_tokens, self.subjects)
         self.guidance_scale[own] = cond.guidance_scale.float().view(-1, 1, 1, 1)
         self.mask_scope[own] = cond.mask_scope
+        if self.lora_index is not None:
+            given = cond.lora_index is not None
+            self.lora_index[own] = cond.lora_index if given else 0
+            self.lora_scale[own] = cond.lora_scale.float() if given else 0
+        elif cond.lora_index is not None:
+            raise ValueError("the request names LoRA adapters but the UNet has no adapter bank")
+        if isinstance(self.schedule, RowSchedule):
+            self.schedule.load_noise(own, cond.step_noise)
         positive, negative = key_values or self.image_key_values(unet, cond, self.subjects)
         for (key_buffer, value_buffer), (key, value), (negative_key, negative_value) in zip(
             self.image_kv, positive, negative, strict=True
@@ -353,8 +457,9 @@ class LoopState:
         """Tensors with one entry per row (dim 0 = rows), schedule tables included."""
         tensors = [self.step, self.latents, self.x0, self.anchor, self.anchor_x0, self.masks]
         tensors += [self.target_tokens, self.guidance_scale, self.mask_scope, self.mask_reused_step]
+        tensors += [t for t in (self.lora_index, self.lora_scale) if t is not None]
         if isinstance(self.schedule, RowSchedule):
-            tensors += [*self.schedule.tables.values(), self.schedule.timesteps]
+            tensors += self.schedule.row_tensors()
         return tensors
 
     def _paired_tensors(self) -> list[torch.Tensor]:
@@ -364,8 +469,9 @@ class LoopState:
 
     def copy_rows(self, source: LoopState, src: list[int], dst: list[int]) -> None:
         """Rows `dst` of this state become rows `src` of `source` mid-loop (step index, sampler
-        state, masks, schedule, conditioning, image K/V). `source` may be this state: the source
-        rows are gathered before any is written. Both states must share subject slots and shapes."""
+        state, masks, schedule and step noise, conditioning, adapters, image K/V). `source` may be
+        this state: the source rows are gathered before any is written. Both states must share
+        subject slots and shapes."""
         device = self.latents.device
         src_index = torch.tensor(src, dtype=torch.long, device=device)
         dst_index = torch.tensor(dst, dtype=torch.long, device=device)
@@ -387,7 +493,8 @@ class UNetCalls(Protocol):
     def generation(
         self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor, masks: torch.Tensor
     ) -> torch.Tensor:
-        """Conditional + unconditional pass (2·rows samples) under masks -> ε [2B, C, h, w]."""
+        """Conditional pass of every row + unconditional pass of the first len(latents) − rows rows
+        (rows + 0..rows samples) under masks -> ε [len(latents), C, h, w]."""
         ...
 
 
@@ -413,6 +520,7 @@ class TorchUNetCalls:
             state.half(state.time_ids, rows),
             state.target_tokens[:rows],
             self.full_probability_layers,
+            adapters=state.adapter_rows(rows),
         )
         if self.record is not None:
             self.record["eps_guidance"] = eps
@@ -422,14 +530,19 @@ class TorchUNetCalls:
     def generation(
         self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor, masks: torch.Tensor
     ) -> torch.Tensor:
+        uncond = latents.shape[0] - state.rows
+        image_kv = state.image_kv
+        if uncond != state.rows:
+            image_kv = [(state.paired(key, uncond), state.paired(value, uncond)) for key, value in image_kv]
         return self.unet.generation(
             latents,
             timestep,
-            state.text,
-            state.pooled,
-            state.time_ids,
+            state.paired(state.text, uncond),
+            state.paired(state.pooled, uncond),
+            state.paired(state.time_ids, uncond),
             masks=masks,
-            image_key_values=state.image_kv,
+            image_key_values=image_kv,
+            adapters=state.adapter_rows(state.rows, uncond),
         )
 
 
@@ -440,11 +553,14 @@ def denoise_step(
     mask: MaskSettings,
     record: dict[str, torch.Tensor] | None = None,
     guidance_rows: int | None = None,
+    uncond_rows: int | None = None,
 ) -> None:
     """One step on `state` (the function CUDA graphs capture). Writes latents, x̂₀, masks, step.
 
     `guidance_rows`: the guidance pass runs on the first rows only (a running batch keeps the rows
-    in their mask-update phase first); None = every row."""
+    in their mask-update phase first); None = every row. `uncond_rows`: the unconditional half of
+    the generation pass covers the first rows only (rows with guidance scale > 1 must come first;
+    the others are CFG-free and take ε_c): 0 = no unconditional pass, None = every row."""
     schedule = state.schedule
     timestep = schedule.timestep(state)
     model_input = schedule.model_input(state).to(state.dtype)
@@ -462,16 +578,22 @@ def denoise_step(
 
     # 2. Generation branch: conditional and unconditional samples in one batch, same masks.
     gate = state.masks.to(state.dtype)
+    uncond = state.rows if uncond_rows is None else uncond_rows
     eps = calls.generation(
         state,
-        torch.cat([model_input, model_input]),
-        torch.cat([timestep, timestep]),
-        torch.cat([gate, gate]),
-    )
-    eps_cond, eps_uncond = eps.float().chunk(2)
+        torch.cat([model_input, model_input[:uncond]]),
+        torch.cat([timestep, timestep[:uncond]]),
+        torch.cat([gate, gate[:uncond]]),
+    ).float()
+    eps_cond, eps_uncond = eps[: state.rows], eps[state.rows :]
 
-    # 3. Classifier-free guidance, 4. scheduler update.
-    noise_pred = eps_uncond + state.guidance_scale * (eps_cond - eps_uncond)
+    # 3. Classifier-free guidance (rows with w > 1), 4. scheduler update.
+    noise_pred = eps_cond
+    if uncond:
+        scale = state.guidance_scale[:uncond]
+        guided = eps_uncond + scale * (eps_cond[:uncond] - eps_uncond)
+        guided = torch.where(scale > 1, guided, eps_cond[:uncond])
+        noise_pred = guided if uncond == state.rows else torch.cat([guided, eps_cond[uncond:]])
     schedule.update(state, noise_pred)
     state.step.add_(1)
     if record is not None:

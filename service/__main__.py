@@ -21,7 +21,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator
 
-from engines.runner import load_runner
+from service.adapters import open_registry
 from service.api.app import create_app, serve
 from service.background import BackgroundTasks
 from service.logs import configure_logging
@@ -29,7 +29,7 @@ from service.queue.capacity import check_or_exit
 from service.queue.protocol import JobQueue
 from service.settings import Settings, load_settings
 from service.worker.__main__ import EXIT_BATCH_ABANDONED
-from service.worker.loop import ComputeDeadlineExceeded, Worker
+from service.worker.loop import ComputeDeadlineExceeded, Worker, load_worker_runner
 from service.worker.subject_cache import TokenCache
 
 logger = logging.getLogger("service")
@@ -48,15 +48,20 @@ async def _load_and_serve(
     settings: Settings, queue: JobQueue, worker_ready: asyncio.Future[Worker], background: BackgroundTasks
 ) -> None:
     try:
-        runner = await asyncio.to_thread(
-            load_runner, settings.model, settings.backend, settings.device, settings.buckets
-        )
+        runner = await asyncio.to_thread(load_worker_runner, settings)
         if settings.warmup:
             await asyncio.to_thread(runner.warmup)
     except Exception:
         logger.exception("the embedded worker could not load model %s", settings.model)
         raise
-    worker = Worker(queue, runner, settings, settings.worker_name, TokenCache.from_settings(settings))
+    worker = Worker(
+        queue,
+        runner,
+        settings,
+        settings.worker_name,
+        TokenCache.from_settings(settings),
+        adapters=open_registry(settings, queue),
+    )
     background.probe(WORKER_TASK, lambda: _stalled(worker))
     worker_ready.set_result(worker)
     await worker.run()

@@ -157,7 +157,9 @@ WORKER_READY = Gauge("realcustom_worker_ready", "1 once this worker's model is l
 ENGINE_EVENTS = Counter(
     "realcustom_engine_events_total",
     "Engine counters by event: graph_replays, graph_misses (steps run without a captured CUDA "
-    "graph), eager_loops (loops that fell back to the reference), graphs_captured.",
+    "graph), eager_loops (loops that fell back to the reference), graphs_captured; steps of the "
+    "running batches: steps_mask_update, steps_mask_reuse, and the UNet rows their passes computed, "
+    "rows_guidance, rows_generation (conditional rows + the unconditional rows of rows with CFG).",
     ["event"],
 )
 WEBHOOK_DELIVERIES = Counter(

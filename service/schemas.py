@@ -87,6 +87,17 @@ class SubjectInfo(BaseModel):
     height: int
 
 
+class LoRAIn(BaseModel):
+    """One LoRA adapter of a request and its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        min_length=1, max_length=100, description="An adapter the deployment serves (`GET /v1/loras`)."
+    )
+    scale: float = Field(1.0, description="Its strength, within ±4: 1 = as trained, 0 = off.")
+
+
 class CustomizeRequest(BaseModel):
     """A customisation request: the prompt, its subjects and the sampling parameters."""
 
@@ -129,7 +140,16 @@ class CustomizeRequest(BaseModel):
     )
     height: int | None = Field(None, description="Output height in pixels; as `width`.")
     num_inference_steps: int = Field(25, description="Denoising steps, 1 to `MAX_STEPS`.")
-    guidance_scale: float = Field(3.5, ge=0.0, le=30.0, description="Classifier-free guidance scale.")
+    guidance_scale: float = Field(
+        3.5,
+        ge=0.0,
+        le=30.0,
+        description="Classifier-free guidance scale; at most 1 = no classifier-free guidance: the image "
+        "follows the conditional prediction alone and each step computes one generation pass per image "
+        "instead of two (what distilled few-step adapters expect; values below 1 no longer blend toward the "
+        "unconditional "
+        "prediction).",
+    )
     mask_scope: float = Field(0.25, description="Share of the image the subject mask may cover, in (0, 1].")
     mask_reused_step: int = Field(
         12,
@@ -144,6 +164,18 @@ class CustomizeRequest(BaseModel):
         "png", description="Encoding of the returned images; absent = the image type of `Accept`, else PNG."
     )
     return_masks: bool = Field(False, description="Also return the subject masks (PNG).")
+    loras: list[LoRAIn] = Field(
+        default_factory=list,
+        description="LoRA adapters applied to this request's images, each with its scale (at most "
+        "`LORA_MAX_PER_REQUEST`, each named once; `GET /v1/loras` lists those served). Multipart: one "
+        "`lora` field per adapter, `name` or `name=scale`.",
+    )
+    preset: str | None = Field(
+        None,
+        description="A fast-mode preset (`GET /v1/models` lists them, e.g. `sdxl-lightning-4step`): it sets "
+        "`num_inference_steps`, the sampler, `guidance_scale` and `mask_reused_step` as its adapter family "
+        "was distilled for; those fields must then be left out. The adapter itself is named in `loras`.",
+    )
     priority: Literal["interactive", "batch"] | None = Field(
         None,
         description="`interactive` jobs are taken before `batch` jobs, which run when no interactive job "
@@ -254,6 +286,18 @@ class HealthResponse(BaseModel):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
+class PresetInfo(BaseModel):
+    """A fast-mode preset a request selects with `preset`."""
+
+    name: str
+    family: str = Field(description="The distilled adapter family it is for.")
+    scheduler: str = Field(description="Its sampler: `euler` (trailing), `lcm`, `tcd` or `ddim`.")
+    num_inference_steps: int
+    guidance_scale: float = Field(description="At most 1: CFG-free (one generation pass per image).")
+    mask_reused_step: int = Field(description="Masks are computed at the steps before it, reused after.")
+    adapter: str = Field(description="Where its authors publish the adapter (an operator loads it).")
+
+
 class ModelInfo(BaseModel):
     """The model the workers serve, as the API knows it."""
 
@@ -266,5 +310,60 @@ class ModelInfo(BaseModel):
     max_subjects: int
     max_request_cost: float | None = Field(
         description="Largest cost of one request, in megapixel-steps (width x height / 10^6 x "
-        "num_inference_steps x num_images, +3 % per extra subject): `MAX_REQUEST_COST`; null = no cap."
+        "num_inference_steps x num_images, +3 % per extra subject, x 0.6 without CFG, +0.084 % per LoRA "
+        "rank): `MAX_REQUEST_COST`; null = no cap."
     )
+    presets: list[PresetInfo] = Field(default_factory=list, description="Fast-mode presets (`preset`).")
+
+
+class LoRALoad(BaseModel):
+    """An adapter to load on every worker (`POST /v1/loras`, operators only)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "papercut"}]})
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="The name requests use; 1-100 letters, digits, '.', '_' or '-'.",
+    )
+    source: str | None = Field(
+        None,
+        max_length=300,
+        description="A name in the workers' `LORA_DIR`, or a hub id of `LORA_HUB_IDS`; absent = `name` in "
+        "`LORA_DIR`. Never a URL or a path.",
+    )
+
+
+class AdapterWorker(BaseModel):
+    worker: str
+    slot: int = Field(description="The bank slot the adapter occupies on that worker.")
+
+
+class AdapterInfo(BaseModel):
+    """One adapter as the workers report it."""
+
+    name: str
+    source: str = Field(description="Where the workers load it from (a name in LORA_DIR or a hub id).")
+    status: Literal["loaded", "loading", "failed", "unloading"] = Field(
+        description="`loaded` on every worker reporting (requests may name it), `loading`, `failed` (see "
+        "`error`), or `unloading` (no longer served; freed once no running request uses it)."
+    )
+    rank: int | None = Field(None, description="Its LoRA rank, once a worker read it.")
+    modules: int | None = Field(None, description="How many UNet layers it changes.")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        description="The kinds of layers it changes, e.g. `attn1.to_q`, `ff.net.0.proj`.",
+    )
+    workers: list[AdapterWorker] = Field(default_factory=list, description="Where it is loaded.")
+    error: str | None = None
+
+
+class AdapterListing(BaseModel):
+    """The adapters served and the limits on them (`GET /v1/loras`)."""
+
+    enabled: bool = Field(description="The workers have adapter banks (`LORA_SLOTS` > 0).")
+    slots: int = Field(description="Adapters a worker holds at once (`LORA_SLOTS`).")
+    max_rank: int
+    max_per_request: int
+    targets: str = Field(description="Layers adapters may change (`LORA_TARGETS`).")
+    workers: int = Field(description="Workers reporting their adapters now.")
+    adapters: list[AdapterInfo]

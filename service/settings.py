@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from realcustom.lora.requests import HUB_ID, is_name
 from realcustom.native_size import native_size
 
 PRIORITIES = ("interactive", "batch")
@@ -462,6 +463,71 @@ class Settings(BaseSettings):
         "throughput the queue measured, would keep from finishing before its deadline (`JOB_TIMEOUT_S`).",
     )
 
+    # --- LoRA adapters and fast mode (service/README.md, "Adapters and fast mode") ---------------
+    lora_slots: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Adapters a worker holds loaded at once: the slots of the adapter bank it installs on "
+        "its UNet before capture. 0 = no per-row LoRA (no bank: requests naming adapters get 422). Every row "
+        "of a worker with a bank pays for `LORA_MAX_RANK` x `LORA_MAX_PER_REQUEST` ranks on the targeted "
+        "layers.",
+    )
+    lora_dir: str | None = Field(
+        None,
+        description="Directory of adapter files on the workers: the adapter named `x` is "
+        "`<dir>/x.safetensors` or the one safetensors file of `<dir>/x/` (safetensors only).",
+    )
+    lora_adapters: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Adapters every worker loads at start-up, comma-separated `name=source` or `source` "
+        "(the name is then the source): a name in `LORA_DIR`, or a hub id `owner/repo[/file.safetensors]` "
+        "(one listed here is allowed). A worker that cannot load one of these does not start.",
+    )
+    lora_hub_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated hub ids the admin route may load besides names in `LORA_DIR` (and the "
+        "hub ids of `LORA_ADAPTERS`); never arbitrary URLs.",
+    )
+    lora_max_rank: int = Field(
+        64, ge=1, le=1024, description="Largest adapter rank served (smaller ranks are zero-padded to it)."
+    )
+    lora_max_per_request: int = Field(
+        4, ge=1, le=16, description="Most adapters one request names (`loras`); each row carries this many."
+    )
+    lora_targets: Literal["attention", "transformer", "all"] = Field(
+        "transformer",
+        description="Layers adapters may change: `attention` (attention projections), `transformer` (+ "
+        "feed-forward and projections in/out: most style and distilled adapters) or `all` (every Linear and "
+        "Conv2d: LoCon); an adapter touching other layers is refused when loaded.",
+    )
+    lora_load_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long `POST /v1/loras` waits for the workers to report the adapter loaded before "
+        "answering 202 (loading).",
+    )
+    graph_schedulers: Annotated[list[Literal["dpm", "ddim", "euler", "lcm", "tcd"]], NoDecode] = Field(
+        default_factory=lambda: ["dpm"],
+        description="Samplers whose steps the compiled/tensorrt backends capture at warm-up, comma-separated "
+        "(a family of graphs each, for every bucket): add the fast-mode presets' (`euler,lcm,tcd,ddim`) so "
+        "their jobs share running batches; a job of another sampler runs alone. The eager backend makes "
+        "families on demand.",
+    )
+    graph_uncond_prefixes: bool = Field(
+        False,
+        description="The compiled backend also captures steps whose generation pass runs the unconditional "
+        "half on the first 0, 1, 2, 4 ... rows, so CFG-free rows (guidance <= 1) run passes of B rows "
+        "instead of 2B (4x the graphs of a 4-row bucket). Eager families always have them; TensorRT "
+        "engines cannot (refused).",
+    )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated bearer tokens of the operators who may load and unload adapters at run "
+        "time (`POST /v1/loras`, `DELETE /v1/loras/{name}`); none = those routes answer 403. Separate from "
+        "`API_KEYS`: a client key never loads adapters.",
+    )
+
     @field_validator("webhook_secret", mode="before")
     @classmethod
     def _check_webhook_secret(cls, value: object) -> object:
@@ -482,7 +548,15 @@ class Settings(BaseSettings):
             check_redis_url(value)
         return value
 
-    @field_validator("api_keys", "webhook_allow_hosts", mode="before")
+    @field_validator(
+        "api_keys",
+        "webhook_allow_hosts",
+        "lora_adapters",
+        "lora_hub_ids",
+        "admin_api_keys",
+        "graph_schedulers",
+        mode="before",
+    )
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -500,6 +574,41 @@ class Settings(BaseSettings):
         if self.min_side % 32 or self.max_side % 32 or self.min_side > self.max_side:
             raise ValueError("min_side and max_side must be multiples of 32 with min_side <= max_side")
         return self
+
+    @model_validator(mode="after")
+    def _check_adapters(self) -> Settings:
+        for hub_id in self.lora_hub_ids:
+            if not HUB_ID.match(hub_id):
+                raise ValueError(f"LORA_HUB_IDS: {hub_id!r} is not a hub id (owner/repo[/file.safetensors])")
+        names = [name for name, _ in self.lora_startup]
+        if len(set(names)) != len(names):
+            raise ValueError("LORA_ADAPTERS names an adapter twice")
+        if len(names) > self.lora_slots:
+            raise ValueError(f"LORA_ADAPTERS lists {len(names)} adapters but LORA_SLOTS is {self.lora_slots}")
+        if self.graph_uncond_prefixes and self.backend == "tensorrt":
+            raise ValueError("GRAPH_UNCOND_PREFIXES: TensorRT engines run both halves of the generation pass")
+        return self
+
+    @property
+    def lora_startup(self) -> list[tuple[str, str]]:
+        """(name, source) of every `LORA_ADAPTERS` entry, each checked: a name and a name or hub id."""
+        entries = []
+        for entry in self.lora_adapters:
+            name, _, source = entry.rpartition("=")
+            name = name or source
+            if not is_name(name) or not (is_name(source) or HUB_ID.match(source)):
+                raise ValueError(
+                    f"LORA_ADAPTERS: {entry!r} must be `name=source` or `source`, the source a name in "
+                    "LORA_DIR or a hub id (owner/repo[/file.safetensors]), the name 1-100 letters, digits, "
+                    "'.', '_' or '-'"
+                )
+            entries.append((name, source))
+        return entries
+
+    @property
+    def lora_allowed_hub_ids(self) -> set[str]:
+        """Hub ids adapters may be loaded from: `LORA_HUB_IDS` and those of `LORA_ADAPTERS`."""
+        return set(self.lora_hub_ids) | {source for _, source in self.lora_startup if not is_name(source)}
 
     @model_validator(mode="after")
     def _check_tiers(self) -> Settings:

@@ -2,10 +2,11 @@
 
 Everything a worker could trip over is checked here, once, so inner layers only see valid jobs:
 the settings with the pipeline's own rules (`realcustom.settings_check`) plus the deployment's
-limits, every target located in the prompt, every reference decoded (`realcustom.decoding`, the
-decoder of every entry point). The job carries the located tokens and the decoded references, so
-workers neither tokenize nor decode. CPU-heavy: the API runs it in a worker thread
-(service/api/intake.py), never on the event loop.
+limits, a fast-mode preset expanded (`realcustom.presets`), the adapters against the rules and the
+names the workers serve (`realcustom.lora.requests`), every target located in the prompt, every
+reference decoded (`realcustom.decoding`, the decoder of every entry point). The job carries the
+located tokens and the decoded references, so workers neither tokenize nor decode. CPU-heavy: the
+API runs it in a worker thread (service/api/intake.py), never on the event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import secrets
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image
@@ -23,12 +25,14 @@ from transformers import PreTrainedTokenizerBase
 
 from realcustom.cost import generation_cost
 from realcustom.decoding import ImageRejectedError
+from realcustom.lora.requests import LoRAChoice, check_loras
 from realcustom.native_size import native_size
 from realcustom.phrases import PromptTooLongError, check_prompt_length, locate_phrase
+from realcustom.presets import PRESETS, FastPreset
 from realcustom.settings_check import Limits, SettingsError, check_generation
 from service.decoders import DecoderPool
 from service.errors import ApiError
-from service.queue.protocol import JobSpec, SubjectSpec
+from service.queue.protocol import JobSpec, LoRASpec, SubjectSpec
 from service.schemas import CustomizeRequest, JobRequest
 from service.settings import DEFAULT_TIER, Settings
 from service.subjects.store import Subject
@@ -130,16 +134,58 @@ def _check_priority(request: CustomizeRequest, settings: Settings, tier: str) ->
     return request.priority
 
 
-def _check_cost(request: CustomizeRequest, settings: Settings) -> float:
+# What a preset sets (a request that selects one leaves these out).
+PRESET_FIELDS = ("num_inference_steps", "guidance_scale", "mask_reused_step")
+
+
+def _apply_preset(request: CustomizeRequest) -> tuple[CustomizeRequest, FastPreset | None]:
+    """The request with its preset's steps, guidance and mask schedule, and the preset (sampler,
+    timesteps, eta); 422 for an unknown preset or a field the preset sets given beside it."""
+    if request.preset is None:
+        return request, None
+    chosen = PRESETS.get(request.preset)
+    if chosen is None:
+        raise _reject(
+            "preset",
+            f"unknown preset {request.preset!r}; choose one of {', '.join(sorted(PRESETS))} (GET /v1/models)",
+            code="unknown_preset",
+        )
+    for field in PRESET_FIELDS:
+        if field in request.model_fields_set:
+            raise _reject(
+                field,
+                f"preset {chosen.name!r} sets {field} ({chosen.settings()[field]}); leave {field} out or "
+                "drop the preset",
+            )
+    values = chosen.settings()
+    return request.model_copy(update={field: values[field] for field in PRESET_FIELDS}), chosen
+
+
+def _check_loras(request: CustomizeRequest, settings: Settings, served: Mapping[str, int]) -> list[LoRASpec]:
+    """The request's adapters with their ranks, by the rules the workers apply
+    (realcustom/lora/requests.py) and the names they serve."""
+    choices = [LoRAChoice(lora.name, lora.scale) for lora in request.loras]
+    try:
+        check_loras(choices, settings.lora_max_per_request, served=served)
+    except SettingsError as error:
+        if settings.lora_slots == 0 and error.code == "unknown_lora":
+            raise _reject(
+                "loras", "this deployment serves no LoRA adapters (LORA_SLOTS is 0)", code="unknown_lora"
+            ) from None
+        raise _reject(error.field, str(error), code=error.code) from None
+    return [LoRASpec(name=choice.name, scale=choice.scale, rank=served[choice.name]) for choice in choices]
+
+
+def _check_cost(request: CustomizeRequest, settings: Settings, lora_rank: int) -> float:
     """The request's cost (realcustom/cost.py), or 422 past the cost cap of one request."""
-    cost = generation_cost(request, len(request.subjects))
+    cost = generation_cost(request, len(request.subjects), lora_rank)
     cap = settings.request_cost_cap
     if cost > cap:
         raise _reject(
             None,
             f"this request costs {cost:.4g} megapixel-steps (width x height / 10^6 x num_inference_steps x "
-            f"num_images, +3 % per extra subject); one request may cost at most {cap:.4g}. Lower the size, "
-            "the steps or the number of images",
+            "num_images, +3 % per extra subject, x 0.6 without CFG, +0.084 % per LoRA rank); one request "
+            f"may cost at most {cap:.4g}. Lower the size, the steps or the number of images",
             code="request_too_costly",
         )
     return cost
@@ -229,9 +275,11 @@ def build_job_spec(
     decoders: DecoderPool,
     stored: dict[str, Subject] | None = None,
     tier: str = DEFAULT_TIER,
+    adapters: Mapping[str, int] | None = None,
 ) -> JobSpec:
     """Validate a request and turn it into the job the queue carries (owned by `owner`, of key class
-    `tier`); `stored`: the subjects its `subject_id`s name, already looked up (and owned by `owner`)."""
+    `tier`); `stored`: the subjects its `subject_id`s name, already looked up (and owned by `owner`);
+    `adapters`: the adapters the workers serve, name -> rank (service/adapters.py)."""
     size = native_size(settings.model)
     request = request.model_copy(
         update={
@@ -239,9 +287,11 @@ def build_job_spec(
             "height": size if request.height is None else request.height,
         }
     )
+    request, fast = _apply_preset(request)
     _check_settings(request, settings)
     priority = _check_priority(request, settings, tier)
-    _check_cost(request, settings)
+    loras = _check_loras(request, settings, adapters or {})
+    _check_cost(request, settings, sum(lora.rank for lora in loras))
     token_indices = _locate_targets(request, tokenizer)
     references = _decode_images(request, settings, decoders, owner, stored or {})
     now = time.time()
@@ -273,4 +323,9 @@ def build_job_spec(
         priority=priority,
         tier=tier,
         weight=settings.tier_policy(tier).weight,
+        scheduler=fast.scheduler if fast else "dpm",
+        timesteps=list(fast.timesteps) if fast and fast.timesteps else None,
+        eta=fast.eta if fast else None,
+        loras=loras,
+        preset=fast.name if fast else None,
     )

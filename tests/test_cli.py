@@ -103,3 +103,27 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, dreambench_dir, image, targe
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_preset_with_a_lora_file_and_a_bad_lora(tmp_path: Path, dreambench_dir: Path) -> None:
+    """Fast mode from the command line: a preset's sampler and steps, a kohya-layout adapter."""
+    import torch
+    from safetensors.torch import save_file
+
+    stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    good, bad = tmp_path / "style.safetensors", tmp_path / "other-model.safetensors"
+    save_file(
+        {f"{stem}.lora_down.weight": torch.randn(2, 32), f"{stem}.lora_up.weight": torch.randn(32, 2)}, good
+    )
+    save_file(
+        {f"{stem}.lora_down.weight": torch.randn(2, 64), f"{stem}.lora_up.weight": torch.randn(32, 2)}, bad
+    )
+    common = ["--image", str(dreambench_dir / "cat.jpg"), "--prompt", "a cat in the snow", "--target", "cat"]
+    common += ["--width", "64", "--height", "64", "--preset", "dmd2-4step"]
+    out = tmp_path / "fast.png"
+    result = cli(*common, "--out", str(out), "--lora", "style=0.8", "--lora-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size == (64, 64)
+    result = cli(*common, "--out", str(tmp_path / "x.png"), "--lora", str(bad))
+    assert result.returncode == 2
+    assert "do not fit the layer" in result.stderr and "other-model" in result.stderr

@@ -19,6 +19,8 @@
 #   sd15_inductor  the SD-1.5 bench with inductor kernels: never in the default plan (a cold
 #                  full-size compile does not fit a 7-minute window); name it in DEVICE_CHECK_STAGES
 #                  for a window of its own
+#   lora           (only when named) benchmarks/lora_bench.py: per-row LoRA vs fused weights,
+#                  SDXL 1024² bf16, rows 1,2,4,8 x ranks 8,32,64,128 (DEVICE_CHECK_STAGES=install,lora)
 # A stage starts only when its minimum fits in what is left of the total (else it is recorded as
 # skipped); it runs for at most min(budget, what is left). Each finished, cut or skipped stage
 # appends one line to stages.jsonl; gpu_bench.py logs each phase as it starts and ends and rewrites
@@ -27,7 +29,7 @@
 #
 # Environment: PYTHON (python3), DEVICE_KIT (outputs/device-kit), DEVICE_SITE (where the kit goes
 # when the image's environment is read-only; /tmp/realcustom-site), DEVICE_CHECK_TOTAL_S (420),
-# DEVICE_CHECK_STAGES (comma list; default all but sd15_inductor), DEVICE_CHECK_BUDGET_<STAGE>
+# DEVICE_CHECK_STAGES (comma list; default all but sd15_inductor and lora), DEVICE_CHECK_BUDGET_<STAGE>
 # (seconds, e.g. DEVICE_CHECK_BUDGET_SDXL=200), DEVICE_CHECK_BENCH_ARGS (more gpu_bench.py flags,
 # e.g. "--runs 20"), DEVICE_CHECK_DRY_RUN (1: CPU, tiny models).
 set -uo pipefail
@@ -49,7 +51,7 @@ mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 STAGES="$OUT_DIR/stages.jsonl"
 # Each check starts from empty result files (gpu_bench.py would add to an existing one).
-rm -f "$OUT_DIR"/{gpu-bench.json,gpu-bench.md,gpu-tests.xml,gpu-inductor-tests.xml,environment.json}
+rm -f "$OUT_DIR"/{gpu-bench.json,gpu-bench.md,gpu-tests.xml,gpu-inductor-tests.xml,environment.json,lora-bench.json,lora-bench.md}
 : >"$STAGES"
 # The project runs from source: the image cannot install it (it pins another torch). SITE holds
 # the kit only when the image's environment is read-only (tools/device_kit.py decides).
@@ -62,9 +64,11 @@ if [ "$DRY_RUN" = 1 ]; then
     BENCH_OPTIONS=(--device cpu --dtype bf16 --size 64 --steps 2 --mask-reused-step 1 --runs 1)
     # The compile stage runs its control flow only: a CPU inductor compile takes many minutes.
     SD15=tiny-sd15 SDXL=tiny INDUCTOR=none INSTALL=(--dry-run)
+    LORA_OPTIONS=(--device cpu --dtype bf16 --model tiny --size 64 --rows 1,2 --ranks 4 --runs 1)
 else
     BENCH_OPTIONS=()
     SD15=sd15 SDXL=sdxl INDUCTOR=inductor INSTALL=()
+    LORA_OPTIONS=(--device cuda --dtype bf16 --model sdxl --size 1024 --rows 1,2,4,8 --ranks 8,32,64,128 --runs 10)
 fi
 
 # Extra gpu_bench.py flags, after the stage's own (e.g. "--runs 20" in a longer window).
@@ -125,7 +129,7 @@ stages() {
     local pytest=("$PYTHON" -m pytest tests/engines -q -p no:cacheprovider --continue-on-collection-errors)
     # Import check: every module the later stages' entry points import must import after install.
     stage install 45 1 "$PYTHON" tools/device_kit.py install --kit "$KIT" --site "$SITE" \
-        --report "$OUT_DIR/environment.json" --check-imports benchmarks/gpu_bench.py \
+        --report "$OUT_DIR/environment.json" --check-imports benchmarks/gpu_bench.py benchmarks/lora_bench.py \
         tests/conftest.py tests/engines/conftest.py tests/engines/test_engines_gpu.py "${INSTALL[@]}"
     # No inductor here: a cold inductor compile per dtype would eat the stage (it runs last).
     stage gpu_tests 90 30 "${pytest[@]}" -m "gpu and not inductor" --junitxml "$OUT_DIR/gpu-tests.xml"
@@ -135,6 +139,7 @@ stages() {
         --junitxml "$OUT_DIR/gpu-inductor-tests.xml"
     stage sd15_inductor 420 360 "${gpu_bench[@]}" --model "$SD15" --runs 3 \
         --compile-backend "$INDUCTOR" --loops batched,compiled "${BENCH_OPTIONS[@]}"
+    stage lora 150 60 "$PYTHON" benchmarks/lora_bench.py --out "$OUT_DIR" "${LORA_OPTIONS[@]}"
 }
 
 main() {
@@ -148,9 +153,11 @@ main() {
 
     echo "=== stages ($((SECONDS - START))s in all)"
     cat "$STAGES"
-    if [ -f "$OUT_DIR/gpu-bench.md" ]; then
-        cat "$OUT_DIR/gpu-bench.md"
-    fi
+    for table in gpu-bench.md lora-bench.md; do
+        if [ -f "$OUT_DIR/$table" ]; then
+            cat "$OUT_DIR/$table"
+        fi
+    done
     return "$FAILED"
 }
 

@@ -40,9 +40,14 @@ DEFAULT_CACHE = Path("artifacts/engines")
 class EngineFeeds:
     """The tensors bound to the two engines of one state: the state's own (fp32, contiguous)
     conditioning and image K/V, plus staging buffers for what changes every step (latents,
-    timesteps as float32, and the doubled batch of the generation pass)."""
+    timesteps as float32, and the doubled batch of the generation pass).
 
-    def __init__(self, state: LoopState):
+    With an adapter bank, per-row LoRA is bound too: the state's `lora_index`/`lora_scale` to the
+    guidance engine, their doubled copy (staged each step) to the generation engine, and the
+    bank's slot buffers themselves to both, so an adapter loaded into a free slot is used by the
+    next launch (no rebuild, no refit). The slots must be fp32 (`AdapterBank(..., dtype=float32)`)."""
+
+    def __init__(self, state: LoopState, bank=None):
         if state.dtype != torch.float32:
             raise ValueError("TensorRT engines take fp32 inputs: allocate the state in fp32")
         rows, device = state.rows, state.latents.device
@@ -73,6 +78,25 @@ class EngineFeeds:
         for layer, (key, value) in enumerate(state.image_kv):
             self.generation[f"image_k_{layer:02d}"] = key
             self.generation[f"image_v_{layer:02d}"] = value
+        self.lora_index2 = self.lora_scale2 = None
+        if bank is not None:
+            self._bind_adapters(state, bank)
+
+    def _bind_adapters(self, state: LoopState, bank) -> None:
+        rows, per_row = state.rows, bank.per_row
+        device = state.latents.device
+        self.lora_index2 = torch.zeros(2 * rows, per_row, dtype=torch.int64, device=device)
+        self.lora_scale2 = torch.zeros(2 * rows, per_row, dtype=torch.float32, device=device)
+        self.guidance.update(lora_index=state.lora_index, lora_scale=state.lora_scale)
+        self.generation.update(lora_index=self.lora_index2, lora_scale=self.lora_scale2)
+        for number, layer in enumerate(bank.layers.values()):
+            if layer.lora_down.dtype != torch.float32:
+                raise ValueError(
+                    "TensorRT engines take fp32 LoRA slots: make the bank with dtype=torch.float32"
+                )
+            for feeds in (self.guidance, self.generation):
+                feeds[f"lora_down_{number:03d}"] = layer.lora_down
+                feeds[f"lora_up_{number:03d}"] = layer.lora_up
 
     def bound(self) -> dict[str, torch.Tensor]:
         """Every tensor handed to TensorRT by address (all must be contiguous)."""
@@ -108,6 +132,12 @@ class TensorRTUNetCalls:
     def generation(
         self, state: LoopState, latents: torch.Tensor, timestep: torch.Tensor, masks: torch.Tensor
     ) -> torch.Tensor:
+        if latents.shape[0] != self.feeds.latents2.shape[0]:
+            raise ValueError("the generation engine is built for cond + uncond rows (2B): no CFG-free prefix")
+        if self.feeds.lora_index2 is not None:
+            index, scale = state.adapter_rows(state.rows, state.rows)
+            self.feeds.lora_index2.copy_(index)
+            self.feeds.lora_scale2.copy_(scale)
         self.feeds.latents2.copy_(latents)
         self.feeds.timestep2.copy_(timestep)
         self.feeds.masks2.copy_(masks)
@@ -176,4 +206,5 @@ class TensorRTBackend(GraphBackend):
 
     def _calls(self, state: LoopState, bucket: Bucket) -> TensorRTUNetCalls:
         engines = self._load_engines(bucket)
-        return TensorRTUNetCalls(EngineFeeds(state), engines["guidance"], engines["generation"])
+        feeds = EngineFeeds(state, self.pipeline.unet.adapters)
+        return TensorRTUNetCalls(feeds, engines["guidance"], engines["generation"])

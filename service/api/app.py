@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from realcustom.tokenizer import load_clip_tokenizer
+from service.adapters import open_registry
 from service.api.docs import install_docs
 from service.api.errors import InternalErrors, install_error_handlers
 from service.api.health import bind, health_app
@@ -25,7 +26,7 @@ from service.api.intake import Intake
 from service.api.middleware import BodySizeLimitMiddleware, RequestMetricsMiddleware
 from service.api.openapi import install_openapi
 from service.api.ratelimit import RateLimiter
-from service.api.routes import customize, demo, events, jobs, ops, subjects, webhooks
+from service.api.routes import customize, demo, events, jobs, loras, ops, subjects, webhooks
 from service.background import BackgroundTasks
 from service.queue import create_queue
 from service.queue.protocol import JobQueue
@@ -71,6 +72,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
         app.state.queue = create_queue(settings)
         app.state.webhooks = create_outbox(settings, app.state.queue)
         app.state.subjects = open_subject_store(settings, app.state.queue)
+        app.state.adapters = open_registry(settings, app.state.queue)
         # The all-in-one process can serve only once its own worker is warm; the API alone once
         # Redis answers (workers come and go behind the queue).
         app.state.ready_needs_worker = companion is not None
@@ -109,6 +111,7 @@ def create_app(settings: Settings, companion: Companion | None = None) -> FastAP
     app.include_router(subjects.router)
     app.include_router(events.router)
     app.include_router(ops.router)
+    app.include_router(loras.router)
     app.include_router(demo.router)
     app.include_router(webhooks.router)
     install_docs(app)

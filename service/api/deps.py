@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from service.adapters import AdapterRegistry
 from service.api.intake import Accepted, Intake
 from service.api.ratelimit import RateLimiter, retry_after_header
 from service.errors import ApiError
@@ -34,10 +35,15 @@ def get_subjects(request: Request) -> SubjectStore:
     return request.app.state.subjects
 
 
+def get_adapters(request: Request) -> AdapterRegistry:
+    return request.app.state.adapters
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 QueueDep = Annotated[JobQueue, Depends(get_queue)]
 WebhooksDep = Annotated[Outbox, Depends(get_webhooks)]
 SubjectsDep = Annotated[SubjectStore, Depends(get_subjects)]
+AdaptersDep = Annotated[AdapterRegistry, Depends(get_adapters)]
 
 
 def _key_matches(token: str, keys: list[str]) -> bool:
@@ -66,6 +72,27 @@ def authenticate(
 
 
 Caller = Annotated[str, Depends(authenticate)]
+
+
+def authenticate_admin(
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(description="`Bearer <admin key>` (ADMIN_API_KEYS).")] = None,
+) -> None:
+    """Operators only: a key of `ADMIN_API_KEYS` (API keys never qualify)."""
+    if not settings.admin_api_keys:
+        raise ApiError(
+            403,
+            "admin_forbidden",
+            "the admin routes are off on this deployment (set ADMIN_API_KEYS to use them)",
+        )
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not _key_matches(token, settings.admin_api_keys):
+        raise ApiError(
+            403, "admin_forbidden", "this route needs an admin key: `Authorization: Bearer <admin key>`"
+        )
+
+
+Admin = Annotated[None, Depends(authenticate_admin)]
 
 
 def owner_of(caller: str) -> str:
@@ -127,6 +154,7 @@ async def accept_customize(
         request.app.state.subjects,
         accept or "application/json",
         tier=tier_of(caller, request.app.state.settings),
+        adapters=request.app.state.adapters,
     )
 
 
@@ -142,6 +170,7 @@ async def accept_job(
         request.app.state.subjects,
         model=JobRequest,
         tier=tier_of(caller, request.app.state.settings),
+        adapters=request.app.state.adapters,
     )
 
 

@@ -23,6 +23,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from transformers import PreTrainedTokenizerBase
 
+from service.adapters import AdapterRegistry, served
 from service.api import results
 from service.api.ratelimit import retry_after_header
 from service.decoders import DecoderPool
@@ -42,6 +43,8 @@ SUBJECT_IMAGE_FIELD = "subject_image"
 SUBJECT_TARGET_FIELD = "subject_target"
 # In place of a file: a subject stored with `POST /subjects` (in the subjects' order, like the files).
 SUBJECT_ID_FIELD = "subject_id"
+# One per adapter: `name` or `name=scale` (the JSON body's `loras`).
+LORA_FIELD = "lora"
 # The multipart file of `POST /subjects`.
 SUBJECT_UPLOAD_FIELD = "image"
 # Non-file multipart fields: the request has about fifteen.
@@ -80,6 +83,7 @@ class Intake:
         accept: str | None = None,
         model: type[CustomizeRequest] = CustomizeRequest,
         tier: str = DEFAULT_TIER,
+        adapters: AdapterRegistry | None = None,
     ) -> Accepted:
         """Read, validate (as a `model`) and enqueue within one slot, for a caller of key class
         `tier`. `accept`: the Accept header of a route that may answer with a raw image."""
@@ -91,6 +95,8 @@ class Intake:
             webhook = self._check_webhook(parsed)
             try:
                 stored = await resolve_subjects(parsed, owner, subjects)
+                # What the workers serve, read only for requests that name adapters.
+                ranks = await served(adapters, self._settings) if parsed.loras and adapters else {}
                 spec = await run_in_threadpool(
                     build_job_spec,
                     parsed,
@@ -100,6 +106,7 @@ class Intake:
                     self.decoders,
                     stored,
                     tier,
+                    ranks,
                 )
             except BaseException as error:
                 webhook.cancel()
@@ -183,6 +190,7 @@ class Intake:
         form = await request.form(max_files=self._settings.max_subjects, max_fields=MAX_FORM_FIELDS)
         references: list[UploadFile | str] = []  # each subject's file or stored id, in order
         targets: list[str] = []
+        loras: list[dict[str, str]] = []
         data: dict[str, Any] = {}
         for name, value in form.multi_items():
             if name == SUBJECT_IMAGE_FIELD:
@@ -197,6 +205,9 @@ class Intake:
                 references.append(value)
             elif name == SUBJECT_TARGET_FIELD:
                 targets.append(str(value))
+            elif name == LORA_FIELD and not isinstance(value, UploadFile):
+                adapter, has_scale, scale = value.partition("=")
+                loras.append({"name": adapter, "scale": scale} if has_scale else {"name": adapter})
             elif isinstance(value, UploadFile):
                 raise ApiError(
                     422,
@@ -214,6 +225,8 @@ class Intake:
                 field=SUBJECT_TARGET_FIELD,
             )
         data["subjects"] = list(zip(references, targets, strict=True))
+        if loras:
+            data["loras"] = loras
         return data
 
     async def _read_subject_form(self, request: Request) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.api.intake import SUBJECT_ID_FIELD, SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD
+from service.api.intake import LORA_FIELD, SUBJECT_ID_FIELD, SUBJECT_IMAGE_FIELD, SUBJECT_TARGET_FIELD
 from service.schemas import CustomizeRequest, ErrorResponse, JobRequest
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -15,7 +15,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, description in (
         (400, "Malformed body"),
         (401, "Missing or wrong API key"),
-        (403, "The API key's tier does not allow this `priority`"),
+        (403, "The API key's tier does not allow this `priority`; an admin route without an admin key"),
         (404, "No such job of this caller"),
         (406, "The Accept header cannot be met"),
         (408, "The body took longer than BODY_TIMEOUT_S to arrive"),
@@ -55,7 +55,16 @@ _BODY_MODELS: dict[str, type[CustomizeRequest]] = {"/customize": CustomizeReques
 
 
 def _multipart_schema(request_schema: dict[str, Any]) -> dict[str, Any]:
-    properties = {name: field for name, field in request_schema["properties"].items() if name != "subjects"}
+    properties = {
+        name: field
+        for name, field in request_schema["properties"].items()
+        if name not in ("subjects", "loras")
+    }
+    properties[LORA_FIELD] = {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "One per LoRA adapter: `name` (scale 1) or `name=scale`, e.g. `papercut=0.8`.",
+    }
     properties[SUBJECT_IMAGE_FIELD] = {
         "type": "array",
         "items": {"type": "string", "format": "binary"},

@@ -53,6 +53,9 @@ NAMES = {
     "webhook_leases": "webhook-leases:",  # per owner: sorted set job id -> lease end (deliveries in flight)
     "webhook_parked": "webhook-parked:",  # per owner at its cap: sorted set job id -> due time, set aside
     "webhook_parked_owners": "webhook-parked",  # set of the owners with deliveries set aside
+    # LoRA adapters (service/adapters.py).
+    "loras": "loras",  # hash: adapter name -> source every worker should load
+    "lora_reports": "lora-reports",  # hash: worker -> JSON of what it has loaded (and failed to)
 }
 
 
@@ -94,6 +97,8 @@ class QueueKeys:
     totals = property(lambda self: self._key("totals"))
     token_expiry = property(lambda self: self._key("token_expiry"))
     webhooks_due = property(lambda self: self._key("webhooks_due"))
+    loras = property(lambda self: self._key("loras"))
+    lora_reports = property(lambda self: self._key("lora_reports"))
 
     def job(self, job_id: str) -> str:
         return self._key("job", job_id)

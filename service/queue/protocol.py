@@ -80,6 +80,14 @@ class WebhookTarget(BaseModel):
     events: list[str] = Field(description="`job.completed`, `job.failed`, `job.cancelled`: the ones wanted.")
 
 
+class LoRASpec(BaseModel):
+    """One adapter of a job: its name, scale, and its rank (what the job is priced by)."""
+
+    name: str
+    scale: float = 1.0
+    rank: int = Field(0, ge=0, description="Its rank as the workers reported it (the price counts it).")
+
+
 class JobSpec(BaseModel):
     """A validated job as it travels through the queue (no torch, JSON-serialisable)."""
 
@@ -109,11 +117,21 @@ class JobSpec(BaseModel):
     )
     tier: str = Field("default", description="The owner's key class (bounded metric label).")
     weight: float = Field(1.0, gt=0, description="The owner's fair-share weight (its tier's).")
+    # Fast mode and adapters (a preset sets the sampler and its options).
+    scheduler: str = Field("dpm", description="The sampler (realcustom.schedulers).")
+    timesteps: list[int] | None = Field(None, description="The sampler's custom timesteps (LCM, TCD).")
+    eta: float | None = Field(None, description="TCD's stochasticity.")
+    loras: list[LoRASpec] = Field(default_factory=list, description="LoRA adapters of its rows.")
+    preset: str | None = Field(None, description="The fast-mode preset the request selected.")
+
+    @property
+    def lora_rank(self) -> int:
+        return sum(lora.rank for lora in self.loras)
 
     @property
     def cost(self) -> float:
         """Its work in megapixel-steps (realcustom.cost): what shares, caps and fair order count."""
-        return generation_cost(self, len(self.subjects))
+        return generation_cost(self, len(self.subjects), self.lora_rank)
 
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) > self.deadline

@@ -8,14 +8,14 @@ import os
 import signal
 import sys
 
-from engines.runner import load_runner
+from service.adapters import open_registry
 from service.logs import configure_logging
 from service.queue import create_queue
 from service.queue.capacity import check_or_exit
 from service.settings import Settings, load_settings
 from service.worker.driver import check_driver_or_exit
 from service.worker.health import Progress, serve_health
-from service.worker.loop import ComputeDeadlineExceeded, Worker
+from service.worker.loop import ComputeDeadlineExceeded, Worker, load_worker_runner
 from service.worker.subject_cache import TokenCache
 
 logger = logging.getLogger("service.worker")
@@ -30,9 +30,7 @@ async def serve(settings: Settings, progress: Progress) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     logger.info("loading model %s (backend %s)", settings.model, settings.backend)
-    runner = await asyncio.to_thread(
-        load_runner, settings.model, settings.backend, settings.device, settings.buckets
-    )
+    runner = await asyncio.to_thread(load_worker_runner, settings)
     if settings.warmup:
         await asyncio.to_thread(runner.warmup)
     runner.on_step = progress.step  # every backend reports each denoising step
@@ -40,7 +38,15 @@ async def serve(settings: Settings, progress: Progress) -> None:
         return
     queue = create_queue(settings)
     tokens = TokenCache.from_settings(settings)
-    worker = Worker(queue, runner, settings, settings.worker_name, tokens, progress)
+    worker = Worker(
+        queue,
+        runner,
+        settings,
+        settings.worker_name,
+        tokens,
+        progress,
+        adapters=open_registry(settings, queue),
+    )
     task = asyncio.create_task(worker.run())
     try:
         await asyncio.wait([task, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED)

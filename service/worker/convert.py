@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from realcustom.jobs import GenerationJob, GenerationOutput, SubjectInput
+from realcustom.lora.requests import LoRAChoice
 from service.images import encode_image
 from service.queue.protocol import JobResult, JobSpec
 from service.worker.subject_cache import TokenCache
@@ -36,6 +37,10 @@ def to_generation_job(spec: JobSpec, cache: TokenCache) -> GenerationJob:
         seed=spec.seed,
         num_images=spec.num_images,
         return_masks=spec.return_masks,
+        scheduler=spec.scheduler,
+        timesteps=None if spec.timesteps is None else tuple(spec.timesteps),
+        eta=spec.eta,
+        loras=tuple(LoRAChoice(lora.name, lora.scale) for lora in spec.loras),
     )
 
 

@@ -88,6 +88,10 @@ class Intake:
             await self._ledger.finish(taken, JobState.FAILED, error=message)
             return
         metrics.PREPARE_SECONDS.observe(prepared.prepare_s)
+        if taken.token not in self._ledger.held:  # returned or finished meanwhile: hold nothing
+            self._scheduler.release(prepared)
+            return
+        self._ledger.prepared[taken.token] = prepared
         self._ledger.ready.append(Held(taken, prepared, ready_at=self._clock()))
         self._ledger.wake.set()
 

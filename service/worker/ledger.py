@@ -2,7 +2,9 @@
 
 Every delivery taken and not yet finished or returned is `held` (by token: heartbeats keep it
 claimed). A held job is `ready` once prepared, `starting` once marked running in the queue (it
-joins at the next step boundary), then `running` until its rows leave.
+joins at the next step boundary), then `running` until its rows leave. Whatever way a held job
+ends (finished in any state, returned to the queue), `forget` releases what its preparation
+holds (its LoRA adapters), once.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from engines.step_scheduler import Prepared
 from realcustom.jobs import GenerationJob, GenerationOutput
@@ -49,10 +52,12 @@ class Held:
 class Ledger:
     """The jobs of one worker and their stages; stores results and terminal records."""
 
-    def __init__(self, queue: JobQueue, name: str) -> None:
+    def __init__(self, queue: JobQueue, name: str, release: Callable[[Prepared], None] | None = None) -> None:
         self.queue = queue
         self.name = name
         self.held: dict[str, TakenJob] = {}
+        self.prepared: dict[str, Prepared] = {}  # by token: held jobs whose preparation holds resources
+        self._release = release
         self.ready: list[Held] = []  # prepared, not started, in arrival order
         self.starting: list[Held] = []  # started in the queue, joining at the next boundary
         self.running: dict[str, Held] = {}
@@ -63,6 +68,9 @@ class Ledger:
 
     def forget(self, taken: TakenJob) -> None:
         self.held.pop(taken.token, None)
+        prepared = self.prepared.pop(taken.token, None)
+        if prepared is not None and self._release is not None:
+            self._release(prepared)
         self.room.set()
 
     async def finish(

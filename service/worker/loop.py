@@ -9,7 +9,9 @@ Four concerns, one module each, on one asyncio loop:
 * signals and progress (signals.py): cancellations and watchers read while a step computes;
   progress published after it, never waited on;
 * recovery (recovery.py): a step past its compute deadline releases its jobs and stops the worker;
-  at exit every held job goes back to the queue.
+  at exit every held job goes back to the queue;
+* adapters (adapters.py): the LoRA adapter bank follows the adapter registry, loaded before the
+  worker reports ready and kept in step at step boundaries.
 
 What a worker holds is its `Ledger` (ledger.py). Heartbeats keep held jobs claimed.
 """
@@ -20,12 +22,15 @@ import asyncio
 import contextlib
 import logging
 
-from engines.runner import Runner
+from engines.runner import Runner, load_runner
 from engines.step_scheduler import StepScheduler
+from realcustom.lora.bank import BankLayout
 from service import metrics
+from service.adapters import AdapterRegistry
 from service.background import how_it_ended
 from service.queue.protocol import JobQueue, QueueUnavailableError
 from service.settings import Settings
+from service.worker.adapters import AdapterSync
 from service.worker.health import Progress
 from service.worker.intake import TAKE_BLOCK_S, Intake
 from service.worker.ledger import RETRY_DELAY_S, Ledger
@@ -33,9 +38,28 @@ from service.worker.recovery import ComputeDeadlineExceeded, Recovery, compute_d
 from service.worker.stepping import Stepping
 from service.worker.subject_cache import TokenCache
 
-__all__ = ["ComputeDeadlineExceeded", "Worker", "WorkerTaskEnded", "compute_deadline_s"]
+__all__ = ["ComputeDeadlineExceeded", "Worker", "WorkerTaskEnded", "compute_deadline_s", "load_worker_runner"]
 
 logger = logging.getLogger(__name__)
+
+
+def load_worker_runner(settings: Settings) -> Runner:
+    """The model and backend a worker serves with: its buckets and captured samplers, the adapter
+    bank of `LORA_*` installed before capture (none without slots)."""
+    bank = None
+    if settings.lora_slots:
+        bank = BankLayout(
+            settings.lora_targets, settings.lora_slots, settings.lora_max_rank, settings.lora_max_per_request
+        )
+    return load_runner(
+        settings.model,
+        settings.backend,
+        settings.device,
+        settings.buckets,
+        bank,
+        settings.graph_schedulers,
+        settings.graph_uncond_prefixes,
+    )
 
 
 class WorkerTaskEnded(Exception):
@@ -44,7 +68,8 @@ class WorkerTaskEnded(Exception):
 
 class Worker:
     """Serves jobs from `queue` with `runner` until `stop()`; finishes or returns in-flight work.
-    `tokens`: this process' subject-token cache (made by its entry point)."""
+    `tokens`: this process' subject-token cache (made by its entry point); `adapters`: the adapter
+    registry its LoRA bank follows (needed when the runner's UNet has a bank)."""
 
     def __init__(
         self,
@@ -54,18 +79,26 @@ class Worker:
         name: str,
         tokens: TokenCache,
         progress: Progress | None = None,
+        adapters: AdapterRegistry | None = None,
     ) -> None:
         self._queue = queue
         self._runner = runner
         self._settings = settings
         self._name = name
         self.progress = progress or Progress(settings.worker_stall_s)
-        self._ledger = Ledger(queue, name)
         scheduler = StepScheduler(runner, settings.max_batch)
+        self._ledger = Ledger(queue, name, scheduler.release)
         self._recovery = Recovery(self._ledger, self._stop_intake)
         self._stepping = Stepping(
             self._ledger, scheduler, runner, settings, self.progress, self._recovery, lambda: self._accepting
         )
+        self._adapters: AdapterSync | None = None
+        if scheduler.adapters is not None:
+            if adapters is None:
+                raise ValueError(
+                    "the runner's UNet has an adapter bank: give the worker the adapter registry"
+                )
+            self._adapters = AdapterSync(adapters, scheduler, settings, name, self._stepping.between_steps)
         self._intake = Intake(self._ledger, scheduler, settings, tokens, lambda: self._stepping.boundary)
         self._intake_task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
@@ -85,6 +118,8 @@ class Worker:
     async def run(self) -> None:
         ledger = self._ledger
         self.progress.beat()
+        if self._adapters is not None:
+            await self._adapters.start()
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="worker-heartbeat")
         self._intake_task = asyncio.create_task(
             self._intake.run(lambda: self._accepting), name="worker-intake"
@@ -100,6 +135,8 @@ class Worker:
             while not await self._should_exit():
                 self._check_helpers(heartbeat)
                 try:
+                    if self._adapters is not None:
+                        await self._adapters.sync()
                     await self._stepping.at_boundary()
                     if ledger.running:
                         await self._stepping.step()
@@ -111,6 +148,8 @@ class Worker:
                     logger.warning("queue unavailable (%s); retrying", error)
                     await asyncio.sleep(RETRY_DELAY_S)
         finally:
+            if self._adapters is not None:
+                self._adapters.close()
             await self._stop_intake()
             await asyncio.gather(*ledger.stores, return_exceptions=True)
             await self._recovery.return_held()

@@ -75,6 +75,10 @@ class Stepping:
         self._join_s = 0.0  # stepping-thread time loading joining rows since the last step
         self._last_step_end: float | None = None  # perf_counter, stepping thread
 
+    async def between_steps(self, function, *args):
+        """Run `function(*args)` on the stepping thread, between two steps (adapter loads)."""
+        return await asyncio.get_running_loop().run_in_executor(self._stepper, function, *args)
+
     # ---- the planner's view ------------------------------------------------------------------------
 
     def _waiting(self, committed: bool) -> list[WaitingJob]:
@@ -94,6 +98,7 @@ class Stepping:
                 held.spec.priority,
                 held.spec.deadline,
                 is_committed,
+                held.prepared.cfg,
             )
             for held, is_committed in jobs
         ]
@@ -222,7 +227,7 @@ class Stepping:
         await starting
         self.boundary += 1
         self._progress.step()
-        self._engine_stats.record(self._runner.stats)
+        self._engine_stats.record(self._scheduler.stats)
         metrics.STEP_SECONDS.labels(rows=str(sum(rows))).observe(outcome.seconds)
         metrics.JOINS_PER_STEP.observe(self._joins)
         if outcome.gap_s is not None:

@@ -23,7 +23,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "device_check.sh"
-STAGES = ["install", "gpu_tests", "sd15", "sdxl", "gpu_inductor", "sd15_inductor"]
+STAGES = ["install", "gpu_tests", "sd15", "sdxl", "gpu_inductor", "sd15_inductor", "lora"]
 # Recorded beside torch/transformers: diffusers imports whatever peft/accelerate the image has.
 RECORDED = {"torch", "transformers", "diffusers", "peft", "accelerate", "pytest", "requests"}
 CARRY_LIMIT = 64 * 2**20
@@ -175,8 +175,8 @@ def test_device_check_dry_run_runs_every_stage_and_writes_rows(tmp_path, kit):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     stages = _stages(tmp_path)
     assert list(stages) == STAGES
-    assert all(stages[name]["status"] == "passed" for name in STAGES[:-1]), stages
-    assert stages["sd15_inductor"]["status"] == "skipped"
+    assert all(stages[name]["status"] == "passed" for name in STAGES[:-2]), stages
+    assert stages["sd15_inductor"]["status"] == stages["lora"]["status"] == "skipped"  # only when named
     environment = json.loads((tmp_path / "environment.json").read_text())
     assert environment["dry_run"] and environment["missing"] == []  # this venv has the whole kit
     assert environment["site"] is None  # this venv is writable
@@ -274,7 +274,20 @@ def test_device_check_stage_over_its_budget_is_cut_and_the_next_still_runs(tmp_p
     assert stages["sd15"]["status"] == "timed_out" and stages["sd15"]["rc"] == 124
     assert stages["sd15"]["budget_s"] == 2 and stages["sd15"]["seconds"] <= 2 + 10
     assert stages["sdxl"]["status"] == "passed"
-    skipped = ("install", "gpu_tests", "gpu_inductor", "sd15_inductor")
+    skipped = ("install", "gpu_tests", "gpu_inductor", "sd15_inductor", "lora")
     assert {stages[name]["status"] for name in skipped} == {"skipped"}
     rows = json.loads((tmp_path / "gpu-bench.json").read_text())["rows"]
     assert {r["model"] for r in rows if r["row"] == "summary"} == {"tiny"}
+
+
+@pytest.mark.slow
+def test_device_check_lora_stage_runs_when_named(tmp_path, kit):
+    """The opt-in per-row LoRA stage (rows x ranks, benchmarks/lora_bench.py) in its dry run."""
+    run = _run_check(tmp_path, kit, DEVICE_CHECK_STAGES="install,lora")
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    stages = _stages(tmp_path)
+    assert stages["lora"]["status"] == "passed" and stages["sdxl"]["status"] == "skipped"
+    report = json.loads((tmp_path / "lora-bench.json").read_text())
+    assert [(r["rows"], r["rank"]) for r in report["results"]] == [(1, 4), (2, 4)]
+    assert all(r["lora_ms"] > 0 and r["flop_ratio"] > 0 for r in report["results"])
+    assert "| rows | rank |" in (tmp_path / "device-check.log").read_text()

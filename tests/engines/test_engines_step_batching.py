@@ -169,7 +169,7 @@ def test_step_batching_guidance_covers_only_rows_still_updating_their_masks(tiny
     batch = RunningBatch(graphs, FAMILY, GraphSettings())
     calls = []
     for key, step in list(batch.steps.items()):
-        batch.steps[key] = lambda key=key, step=step: (calls.append(key[1:]), step())
+        batch.steps[key] = lambda key=key, step=step: (calls.append(key[1:3]), step())
     a = request(tiny_pipeline, "a", "a dog on a sofa", [(RED, "dog")], seed=1, steps=6, reuse=1)
     b = request(tiny_pipeline, "b", "a cat outside", [(GREEN, "cat")], seed=2, steps=6, reuse=1, images=2)
     assert batch.join(a) and batch.join(b)

@@ -81,6 +81,33 @@ def test_step_kinds_follow_the_mask_schedule(tiny):
     assert per_step["mask_update"] > per_step["mask_reuse"] > 0
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd15"])
+def test_cfg_free_generation_is_one_plain_forward_plus_image_attention(model):
+    """Fast mode: the generation pass runs the B conditional rows only, and the image K/V of the
+    references only (no black-image K/V without an unconditional pass)."""
+    spec, batch = SPECS[model], 2
+    with_cfg = floor.floor(floor.FloorSettings(model, batch=batch, steps=1))["parts"]
+    parts = floor.floor(floor.FloorSettings(model, batch=batch, steps=1, cfg=False))["parts"]
+    layers = attention_geometry(model, spec.default_size)
+    image_attention = sum(4 * batch * n * spec.vision.siglip.num_patches * c for n, c in layers)
+    assert parts["generation_pass"] == parts["plain_unet_forward"] + image_attention
+    assert 2 * parts["image_kv"] == with_cfg["image_kv"]
+    assert parts["guidance_pass"] == with_cfg["guidance_pass"]
+
+
+def test_per_row_lora_adds_its_low_rank_matmuls_to_both_passes():
+    """The bank's gathered low-rank matmuls are counted in both passes (and not in the plain UNet)."""
+    plain = floor.floor(floor.FloorSettings("tiny", steps=1, cfg=False))["parts"]
+    lora = floor.floor(floor.FloorSettings("tiny", steps=1, cfg=False, lora_rank=4))["parts"]
+    pipeline = floor.meta_pipeline("tiny")
+    from realcustom.lora.bank import target_layers
+
+    assert len(target_layers(pipeline.unet.unet, "transformer")) > 0
+    for name in ("guidance_pass", "generation_pass"):
+        assert lora[name] > plain[name], name
+    assert lora["plain_unet_forward"] == plain["plain_unet_forward"]
+
+
 def test_total_is_the_sum_of_its_parts(tiny):
     for batch, result in tiny.items():
         parts, per_step, per_batch = result["parts"], result["per_step"], result["per_batch"]
@@ -181,6 +208,10 @@ def test_main_writes_json_and_markdown(tmp_path):
             "2",
             "--mask-reused-step",
             "1",
+            "--fast-models",
+            "tiny",
+            "--fast-lora-rank",
+            "8",
             "--out-dir",
             str(tmp_path),
         ]
@@ -190,6 +221,9 @@ def test_main_writes_json_and_markdown(tmp_path):
     assert written["models"][0]["settings"]["batch"] == 2
     table = (tmp_path / "floor.md").read_text()
     assert "MASK_UPDATE step" in table and "MASK_REUSE step" in table and "ms @ 790 TFLOP/s" in table
+    fast = [model["settings"] for model in written["models"][1:]]
+    assert [(s["steps"], s["cfg"], s["lora_rank"]) for s in fast] == [(4, False, 0), (4, False, 8)]
+    assert "no CFG (fast mode)" in table and "per-row LoRA rank 8" in table
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def boundaries(draw) -> Boundary:
     families = {}
     for index in range(draw(st.integers(1, 3))):
         sizes = draw(st.sets(st.sampled_from([1, 2, 3, 4, 6, 8]), min_size=1, max_size=4))
-        families[f"f{index}"] = FamilyShape.of(sizes, draw(st.booleans()))
+        families[f"f{index}"] = FamilyShape.of(sizes, draw(st.booleans()), draw(st.booleans()))
     running, keys = [], iter(range(10_000))
     for family, shape in families.items():
         free = shape.capacity
@@ -54,6 +54,7 @@ def boundaries(draw) -> Boundary:
                     steps_left=draw(st.integers(1, 30)),
                     updating=draw(st.booleans()),
                     owner=draw(st.sampled_from("abc")),
+                    cfg=draw(st.booleans()),
                 )
             )
     step = draw(st.integers(0, 200))
@@ -72,6 +73,7 @@ def boundaries(draw) -> Boundary:
                 weight=draw(st.sampled_from([0.5, 1.0, 4.0])),
                 priority=draw(st.sampled_from(["interactive", "batch"])),
                 committed=draw(st.booleans()) and draw(st.booleans()),
+                cfg=draw(st.booleans()),
             )
         )
     leaving = frozenset(draw(st.sets(st.sampled_from([r.key for r in running]))) if running else ())
@@ -100,6 +102,7 @@ def check_plan(boundary: Boundary, plan: StepPlan, max_wait: int) -> None:
         source = staying.get(p.key) or waiting[p.key]
         assert (source.family, source.rows) == (family, p.rows)
         assert p.updating == (staying[p.key].updating if p.key in staying else True)
+        assert p.cfg == source.cfg
 
     for family, lay in plan.layouts.items():
         shape = boundary.families[family]
@@ -118,7 +121,20 @@ def check_plan(boundary: Boundary, plan: StepPlan, max_wait: int) -> None:
             assert lay.guidance is not None
             assert all(p.start + p.rows <= lay.guidance for p in updating)
             prefixes = shape.guidance[shape.buckets.index(lay.bucket)]
-            assert lay.guidance == min(g for g in prefixes if g >= sum(p.rows for p in updating))
+            assert lay.guidance == min(g for g in prefixes if g >= max(p.start + p.rows for p in updating))
+        # Every row with CFG inside the unconditional prefix (None: every row), the smallest captured.
+        cfg_end = max((p.start + p.rows for p in lay.rows if p.cfg), default=0)
+        if shape.uncond is None:
+            assert lay.uncond is None
+        else:
+            prefixes = shape.uncond[shape.buckets.index(lay.bucket)]
+            smallest = min(u for u in prefixes if u >= cfg_end)
+            assert lay.uncond == (None if smallest == lay.bucket else smallest)
+            # No worse than keeping the phases first (the layout without CFG-free prefixes).
+            rows = sorted(lay.rows, key=lambda p: (not p.updating, not p.cfg))
+            phases_first = layout(replace(shape, uncond=None), [(p.key, p.rows, p.updating) for p in rows])
+            uncond_rows = lay.bucket if lay.uncond is None else lay.uncond
+            assert (lay.guidance or 0) + uncond_rows <= (phases_first.guidance or 0) + lay.bucket
         # Work-conserving: a job left waiting does not fit, or an overdue head reserved its family.
         if boundary.admit:
             free = shape.capacity - lay.used
@@ -365,6 +381,25 @@ def test_layout_keeps_updating_rows_first_and_order_within_a_phase():
     assert layout(FamilyShape.of([1, 2, 4], False), [("a", 1, True), ("b", 1, False)]).guidance == 2
     with pytest.raises(ValueError, match="capacity"):
         layout(shape, [("a", 9, True)])
+
+
+def test_layout_puts_rows_with_cfg_in_the_smallest_unconditional_prefix():
+    """CFG-free rows (guidance <= 1) need no unconditional sample: with unconditional prefixes
+    captured, a batch of CFG-free rows runs none, and mixed rows keep CFG ones first."""
+    shape = FamilyShape.of([1, 2, 4], True, partial_uncond=True)
+    assert shape.uncond == ((0, 1), (0, 1, 2), (0, 1, 2, 4))
+    free = layout(shape, [("a", 2, True, False), ("b", 2, False, False)])
+    assert free.uncond == 0 and free.guidance == 2 and free.bucket == 4
+    mixed = layout(shape, [("a", 1, True, False), ("b", 1, True, True), ("c", 2, False, False)])
+    assert mixed.keys == ["b", "a", "c"] and mixed.uncond == 1 and mixed.guidance == 2
+    # Updating rows without CFG, a reusing row with CFG: CFG first costs 4 + 1 rows, phases first 2 + 4.
+    swapped = layout(shape, [("a", 1, True, False), ("b", 1, True, False), ("c", 1, False, True)])
+    assert swapped.keys == ["c", "a", "b"] and (swapped.guidance, swapped.uncond) == (4, 1)
+    every = layout(shape, [("a", 3, True, True)])
+    assert every.uncond is None and every.bucket == 4
+    # Without captured unconditional prefixes, CFG plays no part in the order.
+    plain = layout(FamilyShape.of([1, 2, 4], True), [("a", 1, True, False), ("b", 1, True, True)])
+    assert plain.keys == ["a", "b"] and plain.uncond is None
 
 
 def test_family_shapes_are_checked():

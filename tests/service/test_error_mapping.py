@@ -41,6 +41,7 @@ from service.settings import Settings
 pytestmark = pytest.mark.integration
 
 KEY, OTHER_KEY = "walk-key-a", "walk-key-b"  # OTHER_KEY spends its rate limit
+ADMIN_KEY = "walk-admin-key"  # ADMIN_API_KEYS: loads and unloads adapters
 BODY_TIMEOUT_S = 2
 QUEUE_MAX_DEPTH = 8
 RATE_PER_MINUTE = 120
@@ -168,6 +169,15 @@ def queued_job(stack: Stack) -> str:
     return stack.job_ids.get("queued") or submit(stack, "queued", {**BODY, "seed": 17})
 
 
+def lora_registered_twice(stack: Stack) -> bytes:
+    """An adapter registered (no worker runs here: accepted as loading, 202), then the same name
+    from another source."""
+    with connect(stack.api.port) as sock:
+        sock.sendall(request("POST", "/v1/loras", {"name": "twice"}, key=ADMIN_KEY))
+        assert read_reply(sock).status == 202
+    return request("POST", "/v1/loras", {"name": "twice", "source": "other"}, key=ADMIN_KEY)
+
+
 def reused_key(stack: Stack) -> bytes:
     submit(stack, "idempotent", {**BODY, "seed": 13}, idempotency_key="walk-reused")
     return request("POST", "/jobs", {**BODY, "seed": 14}, headers={"Idempotency-Key": "walk-reused"})
@@ -292,6 +302,58 @@ TRIGGERS: dict[str, list[Trigger]] = {
             "deadline_exceeded",
         ),
         Trigger("past RATE_LIMIT_PER_MINUTE", rate_limited, 429, "rate_limited"),
+        Trigger(
+            "an adapter nobody serves",
+            request("POST", "/jobs", {**BODY, "loras": [{"name": "nope"}]}),
+            422,
+            "unknown_lora",
+        ),
+        Trigger(
+            "more adapters than LORA_MAX_PER_REQUEST",
+            request("POST", "/jobs", {**BODY, "loras": [{"name": f"a{i}"} for i in range(5)]}),
+            422,
+            "too_many_loras",
+        ),
+        Trigger(
+            "an adapter scale past 4",
+            request("POST", "/jobs", {**BODY, "loras": [{"name": "a", "scale": 40}]}),
+            422,
+            "invalid_lora",
+        ),
+        Trigger(
+            "an unknown preset",
+            request("POST", "/jobs", {**BODY, "preset": "sd-turbo"}),
+            422,
+            "unknown_preset",
+        ),
+        Trigger(
+            "an adapter load with a client key",
+            request("POST", "/v1/loras", {"name": "style"}),
+            403,
+            "admin_forbidden",
+        ),
+        Trigger(
+            "unloading an adapter not served",
+            request("DELETE", "/v1/loras/nope", key=ADMIN_KEY),
+            404,
+            "lora_not_found",
+        ),
+        Trigger(
+            "an adapter registered under another source",
+            lambda st: lora_registered_twice(st),
+            409,
+            "lora_exists",
+        ),
+    ],
+    "realcustom.lora.requests.SourceNotAllowed": [
+        Trigger(
+            "an adapter from a URL",
+            request(
+                "POST", "/v1/loras", {"name": "web", "source": "https://x.test/a.safetensors"}, key=ADMIN_KEY
+            ),
+            422,
+            "lora_source_not_allowed",
+        ),
     ],
     "builtins.Exception": [
         Trigger("a bug (a corrupt record)", corrupt_job, 500, "internal_error"),
@@ -532,6 +594,8 @@ def stack(redis_server, tmp_path_factory) -> Iterator[Stack]:
         "MAX_IMAGE_BYTES": "100000",
         "JOB_TIMEOUT_S": "2",
         "EVENTS_MAX_STREAMS_PER_CALLER": "1",
+        "LORA_SLOTS": "2",
+        "ADMIN_API_KEYS": ADMIN_KEY,
     }
     log_dir = tmp_path_factory.mktemp("walk")
     api = Api(

@@ -10,12 +10,13 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from realcustom.native_size import native_size
+from realcustom.presets import PRESETS
 from service import metrics
 from service.api import health
 from service.api.deps import Caller, QueueDep, SettingsDep
 from service.api.openapi import ERROR_RESPONSES
 from service.queue.protocol import QueueUnavailableError
-from service.schemas import HealthResponse, ModelInfo
+from service.schemas import HealthResponse, ModelInfo, PresetInfo
 
 router = APIRouter(tags=["operations"])
 
@@ -58,6 +59,18 @@ async def models(settings: SettingsDep) -> ModelInfo:
         max_num_images=settings.max_num_images,
         max_subjects=settings.max_subjects,
         max_request_cost=settings.request_cost_cap if math.isfinite(settings.request_cost_cap) else None,
+        presets=[
+            PresetInfo(
+                name=preset.name,
+                family=preset.family,
+                scheduler=preset.scheduler,
+                num_inference_steps=preset.steps,
+                guidance_scale=preset.guidance_scale,
+                mask_reused_step=preset.mask_reused_step,
+                adapter=preset.adapter,
+            )
+            for preset in PRESETS.values()
+        ],
     )
 
 
