@@ -35,9 +35,12 @@ serve: install
 		echo "make serve: no model weights configured (MODEL unset): running the TINY random-weight model"; fi
 	$(PY) -m service
 
+# Two pytest processes (TEST_WORKERS; 0 = one process), each taking whole files: module fixtures
+# (service stacks) stay in one process, and much of the suite waits on the processes it starts.
+TEST_WORKERS ?= 2
 test: install $(CHROMIUM)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -m "not gpu" -q
+	$(PY) -m pytest -m "not gpu" -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The edit-test loop (under 2 minutes): the step planner, the import direction, the method's
 # contracts (settings, cost, phrases, schedulers, masks, golden fixture), the executor on the tiny
