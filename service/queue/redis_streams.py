@@ -76,7 +76,7 @@ from service.queue.redis_scripts import (
     SUBMIT,
     TAKE,
 )
-from service.queue.storage import RedisStorage
+from service.queue.storage import RedisStorage, raised_inside_redis
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,10 @@ class RedisStreamsQueue:
             ) from error
         except (RedisError, OSError) as error:
             raise QueueUnavailableError(f"Redis is unreachable: {error}") from error
+        except (AttributeError, TypeError) as error:
+            if not raised_inside_redis(error):
+                raise
+            raise QueueUnavailableError(f"the Redis connection broke: {error!r}") from error
 
     # --- API side ------------------------------------------------------------------------------
     async def submit(self, spec: JobSpec, idempotency_key: str | None = None) -> JobRecord:

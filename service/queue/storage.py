@@ -8,7 +8,9 @@ client of their own, opened on first use.
 from __future__ import annotations
 
 import contextlib
+import traceback
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import redis
 from redis.asyncio.cluster import RedisCluster
@@ -19,6 +21,18 @@ from service.queue.connect import connect_async, connect_sync
 from service.queue.keys import QueueKeys
 from service.queue.protocol import QueueFullError, QueueUnavailableError
 from service.settings import Settings
+
+_REDIS_PACKAGE = Path(redis.__file__).parent
+
+
+def raised_inside_redis(error: BaseException) -> bool:
+    """An error other than RedisError/OSError that the Redis client itself raised: redis-py's
+    async connections can fail like this when a connection is torn down (Redis crashing, a
+    failover) while another task sends on it, e.g. `AttributeError: 'NoneType' object has no
+    attribute 'writelines'`. Only where the innermost frame is in the redis package: the same
+    error from our own code stays a bug."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).is_relative_to(_REDIS_PACKAGE)
 
 
 class RedisStorage:
@@ -74,6 +88,10 @@ class RedisStorage:
             ) from error
         except (RedisError, OSError) as error:
             raise QueueUnavailableError(f"Redis is unreachable: {error}") from error
+        except (AttributeError, TypeError) as error:
+            if not raised_inside_redis(error):
+                raise
+            raise QueueUnavailableError(f"the Redis connection broke: {error!r}") from error
 
     async def close(self) -> None:
         await self.client.aclose()
