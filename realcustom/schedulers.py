@@ -267,6 +267,18 @@ def _custom_timesteps(
     return torch.tensor(values, dtype=torch.int64)
 
 
+def _distillation_steps(
+    num_steps: int, schedule: NoiseSchedule | None, timesteps
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ᾱ of the schedule, the steps' timesteps) of a sampler on the 50-step distillation grid:
+    evenly spaced on it, or the given ones."""
+    _check_steps(num_steps)
+    schedule = schedule or NoiseSchedule()
+    if timesteps is None:
+        return schedule.alphas_cumprod(), schedule.distillation_timesteps(num_steps)
+    return schedule.alphas_cumprod(), _custom_timesteps(timesteps, num_steps, schedule, DISTILLATION_STEPS)
+
+
 class LCM(TableScheduler):
     """Latent Consistency Model sampling, as diffusers' LCMScheduler steps it (ε-prediction).
 
@@ -282,13 +294,7 @@ class LCM(TableScheduler):
     max_steps = DISTILLATION_STEPS
 
     def __init__(self, num_steps: int, schedule: NoiseSchedule | None = None, timesteps=None):
-        _check_steps(num_steps)
-        schedule = schedule or NoiseSchedule()
-        acp = schedule.alphas_cumprod()
-        if timesteps is None:
-            self.timesteps = schedule.distillation_timesteps(num_steps)
-        else:
-            self.timesteps = _custom_timesteps(timesteps, num_steps, schedule, DISTILLATION_STEPS)
+        acp, self.timesteps = _distillation_steps(num_steps, schedule, timesteps)
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in _LCM_TABLES}
         for k, t in enumerate(self.timesteps):
             alpha_prod = acp[t]
@@ -333,15 +339,9 @@ class TCD(TableScheduler):
     def __init__(
         self, num_steps: int, schedule: NoiseSchedule | None = None, timesteps=None, eta: float = 0.3
     ):
-        _check_steps(num_steps)
         if not 0 <= eta <= 1:
             raise ValueError(f"TCD's eta (gamma) must be in [0, 1], got {eta}")
-        schedule = schedule or NoiseSchedule()
-        acp = schedule.alphas_cumprod()
-        if timesteps is None:
-            self.timesteps = schedule.distillation_timesteps(num_steps)
-        else:
-            self.timesteps = _custom_timesteps(timesteps, num_steps, schedule, DISTILLATION_STEPS)
+        acp, self.timesteps = _distillation_steps(num_steps, schedule, timesteps)
         self.eta = eta
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in ("alpha", "sigma", "s_alpha", "s_sigma")}
         rows.update(keep=[], renoise=[])
