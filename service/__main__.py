@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from service.adapters import open_registry
 from service.api.app import create_app, serve
 from service.background import BackgroundTasks
+from service.cancelling import cancel_and_wait
 from service.logs import configure_logging
 from service.queue.capacity import check_or_exit
 from service.queue.protocol import JobQueue
@@ -90,10 +91,10 @@ async def embedded_worker(
         # A worker that ended before the shutdown was fatal, and logged: nothing to stop.
         if not task.done() and worker_ready.done():
             worker_ready.result().stop(drain=not settings.redis_url)
-        elif not task.done():
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by the background tasks
-            await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # logged by the background tasks
+                await task
+        else:
+            await cancel_and_wait(task)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from service import metrics
+from service.cancelling import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,7 @@ class BackgroundTasks:
             try:
                 await asyncio.wait([task])
             except asyncio.CancelledError:  # stop(): the supervisor itself is cancelled
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await cancel_and_wait(task)
                 raise
             why, error = how_it_ended(task)
             if self._stopping:

@@ -43,6 +43,7 @@ from redis.asyncio.sentinel import MasterNotFoundError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 
 from service import metrics
+from service.cancelling import cancel_and_wait
 from service.queue.blobs import join_blobs, payload_size, split_blobs
 from service.queue.keys import GROUP
 from service.queue.policy import QueuePolicy, deadline_refusal, quota_refusal
@@ -659,9 +660,7 @@ class RedisStreamsQueue:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
         await self.storage.close()
 
 

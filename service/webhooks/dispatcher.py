@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 from service import metrics
 from service.background import BackgroundTasks
+from service.cancelling import cancel_and_wait
 from service.queue.protocol import JobQueue, JobRecord, JobState, QueueUnavailableError
 from service.settings import Settings
 from service.webhooks.addresses import RESOLVE_TIMEOUT_S, WebhookUrlError, parse_target, resolve
@@ -110,10 +111,7 @@ class WebhookDispatcher:
                     await asyncio.wait_for(self._freed.wait(), self._settings.webhook_poll_s)
         finally:
             # Interrupted attempts are sent again once their lease runs out.
-            for task in list(self._tasks):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await cancel_and_wait(*self._tasks)
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:

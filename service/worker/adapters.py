@@ -25,6 +25,7 @@ from engines.step_scheduler import StepScheduler
 from realcustom.lora.adapter import LoRAAdapter, LoRAError
 from realcustom.lora.files import load_adapter
 from service.adapters import AdapterRegistry, FailedAdapter, LoadedAdapter, WorkerAdapters
+from service.cancelling import cancel_in_background
 from service.queue.protocol import QueueFullError
 from service.settings import Settings
 
@@ -176,5 +177,4 @@ class AdapterSync:
         self._reported_at = time.monotonic()
 
     def close(self) -> None:
-        for _source, task in self._reading.values():
-            task.cancel()
+        cancel_in_background(*(task for _source, task in self._reading.values()))

@@ -28,6 +28,7 @@ from realcustom.lora.bank import BankLayout
 from service import metrics
 from service.adapters import AdapterRegistry
 from service.background import how_it_ended
+from service.cancelling import cancel_and_wait
 from service.queue.protocol import JobQueue, QueueUnavailableError
 from service.settings import Settings
 from service.worker.adapters import AdapterSync
@@ -153,9 +154,7 @@ class Worker:
             await self._stop_intake()
             await asyncio.gather(*ledger.stores, return_exceptions=True)
             await self._recovery.return_held()
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # a failure was raised above
-                await heartbeat
+            await cancel_and_wait(heartbeat)  # a failure of it was raised above
             with contextlib.suppress(QueueUnavailableError):
                 await self._queue.heartbeat(self._name, ready=False, in_flight=[])
             logger.info("worker %s stopped", self._name)

@@ -12,6 +12,7 @@ from service.api import results
 from service.api.deps import AcceptedCustomize, QueueDep, SettingsDep
 from service.api.errors import CLIENT_GONE
 from service.api.openapi import ERROR_RESPONSES, RAW_IMAGE_RESPONSE
+from service.cancelling import cancel_in_background
 from service.queue.protocol import JobQueue, JobRecord
 from service.schemas import CustomizeResponse
 
@@ -32,9 +33,9 @@ async def _wait_unless_gone(request: Request, queue: JobQueue, record: JobRecord
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
     if waiting.done():
-        gone.cancel()
+        cancel_in_background(gone)
         return waiting.result() or record
-    waiting.cancel()
+    cancel_in_background(waiting)
     cancelled = await queue.cancel(record.id)
     logger.info("client left before job %s finished; it is now %s", record.id, cancelled and cancelled.state)
     return None

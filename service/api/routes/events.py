@@ -27,6 +27,7 @@ from service.api import results
 from service.api.deps import Caller, QueueDep, SettingsDep, owner_of
 from service.api.openapi import ERROR_RESPONSES
 from service.api.ratelimit import retry_after_header
+from service.cancelling import cancel_in_background
 from service.errors import ApiError
 from service.queue.protocol import (
     EVENT_ID_PATTERN,
@@ -171,19 +172,8 @@ async def _events_or_end(
         return reading.result() if reading.done() else []
     finally:
         # Not awaited: a redis-py call cancelled while it connects may sit out its wait (block_s).
-        for task in (reading, ending):
-            task.cancel()
-            _draining.add(task)
-            task.add_done_callback(_drained)
-
-
-def _drained(task: asyncio.Future[Any]) -> None:
-    _draining.discard(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: a late failure of a discarded read is not an error
-
-
-_draining: set[asyncio.Future[Any]] = set()
+        # A late failure of a discarded read is not an error.
+        cancel_in_background(reading, ending)
 
 
 async def job_stream(
