@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from service.adapters import AdapterRegistry, served
 from service.api import results
 from service.api.ratelimit import retry_after_header
+from service.cancelling import cancel_in_background
 from service.decoders import DecoderPool
 from service.errors import ApiError
 from service.fair_slots import AsyncFairSlots
@@ -109,7 +110,7 @@ class Intake:
                     ranks,
                 )
             except BaseException as error:
-                webhook.cancel()
+                cancel_in_background(webhook)
                 if isinstance(error, ApiError):
                     results.count_refusal(error, tier, parsed.priority or "")
                 raise
@@ -118,7 +119,7 @@ class Intake:
                 await webhook
                 return Accepted(await results.submit(queue, spec, idempotency_key), raw_media_type, arrived)
             if self._resolving.locked():
-                webhook.cancel()
+                cancel_in_background(webhook)
                 raise ApiError(
                     503,
                     "webhook_checks_busy",

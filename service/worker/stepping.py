@@ -26,6 +26,7 @@ from engines.planner import Boundary, Planner, RunningRows, StepPlan, WaitingJob
 from engines.runner import Runner
 from engines.step_scheduler import StepScheduler
 from service import metrics
+from service.cancelling import cancel_in_background
 from service.queue.protocol import JobState, QueueUnavailableError
 from service.settings import Settings
 from service.worker.gpu import record_gpu_memory
@@ -215,11 +216,11 @@ class Stepping:
             # shield: at the deadline only the waiting stops; the thread cannot be cancelled.
             outcome = await asyncio.wait_for(asyncio.shield(compute), deadline_s)
         except TimeoutError:
-            signals.cancel()
+            cancel_in_background(signals)
             await starting
             raise await self._recovery.abandon(deadline_s) from None
         except Exception as error:  # a failing step must still end every job it holds
-            signals.cancel()
+            cancel_in_background(signals)
             await starting
             self._idle()
             await self._step_failed(error)
