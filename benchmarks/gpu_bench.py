@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -102,17 +102,37 @@ class Rows:
         os.replace(scratch, path)  # a reader (or a kill) never sees half a file
 
 
-@contextlib.contextmanager
-def phase(name: str):
-    """Log a phase as it starts and ends (or is stopped: a stage cut by SIGINT says where it was)."""
-    logger.info("phase %s: start", name)
-    began = time.perf_counter()
-    try:
-        yield
-    except BaseException as error:
-        logger.warning("phase %s: stopped after %.1f s (%s)", name, time.perf_counter() - began, repr(error))
-        raise
-    logger.info("phase %s: done in %.1f s", name, time.perf_counter() - began)
+class PhaseLog:
+    """Logs each phase as it starts and ends. A stage cut by SIGINT says where it was: in a phase,
+    or between two (writing rows), named by the phase that ended last."""
+
+    def __init__(self) -> None:
+        self._last = "start-up"
+        self._ended_at = time.perf_counter()
+        self._reported = False
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        logger.info("phase %s: start", name)
+        began = time.perf_counter()
+        try:
+            yield
+        except BaseException as error:
+            self._reported = True
+            logger.warning("phase %s: stopped after %.1f s (%r)", name, time.perf_counter() - began, error)
+            raise
+        finally:
+            self._last, self._ended_at = name, time.perf_counter()
+        logger.info("phase %s: done in %.1f s", name, self._ended_at - began)
+
+    def stopped(self, error: BaseException) -> None:
+        """Log a stop that no phase logged (it came between phases)."""
+        if not self._reported:
+            since = time.perf_counter() - self._ended_at
+            logger.warning("phase after %s: stopped after %.1f s (%r)", self._last, since, error)
+
+
+phase = PhaseLog()
 
 
 def synchronize(device: torch.device) -> None:
@@ -497,5 +517,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 if __name__ == "__main__":
     # Phases (and the engines' capture lines) with wall-clock stamps: a cut stage shows how far it got.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        measured_rows = main()
+    except KeyboardInterrupt as interrupt:
+        phase.stopped(interrupt)
+        raise
     # Status 1 when a row records an error (the rows measured around it are kept).
-    sys.exit(1 if any("error" in row for row in main()) else 0)
+    sys.exit(1 if any("error" in row for row in measured_rows) else 0)

@@ -119,3 +119,27 @@ def test_batched_cpu_bench_writes_a_ratio(tmp_path):
     )
     (row,) = result["rows"]
     assert row["ratio"] > 0 and (tmp_path / "cpu-bench.md").is_file()
+
+
+def test_a_stop_between_phases_names_the_phase_that_ended_last(caplog):
+    """A SIGINT that lands while rows are written (between phases) still says where the bench was;
+    one stopped inside a phase is logged once, by that phase."""
+    phases = _script("gpu_bench").PhaseLog()
+    with caplog.at_level("INFO", logger="gpu_bench"):
+        with phases("timing round 1/3"):
+            pass
+        phases.stopped(KeyboardInterrupt())
+    assert "phase after timing round 1/3: stopped after" in caplog.text
+    assert "(KeyboardInterrupt())" in caplog.text
+
+    caplog.clear()
+    phases = _script("gpu_bench").PhaseLog()
+    with caplog.at_level("INFO", logger="gpu_bench"), pytest.raises(KeyboardInterrupt):
+        try:
+            with phases("UNet call guidance_b"):
+                raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            phases.stopped(interrupt)
+            raise
+    assert caplog.text.count("stopped after") == 1
+    assert "phase UNet call guidance_b: stopped after" in caplog.text
