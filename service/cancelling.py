@@ -28,19 +28,22 @@ async def cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
         for task in pending:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
-    for task in tasks:
-        if not task.cancelled():
-            task.exception()
+    _retrieve(tasks)
 
 
 def cancel_in_background(*tasks: asyncio.Future[Any]) -> None:
     """`cancel_and_wait` for a caller that must not wait (a request's reply, a synchronous close):
     the tasks are cancelled now, and again until they have ended."""
     if all(task.done() for task in tasks):
-        for task in tasks:
-            if not task.cancelled():
-                task.exception()
+        _retrieve(tasks)
         return
     finishing = asyncio.ensure_future(cancel_and_wait(*tasks))
     _finishing.add(finishing)
     finishing.add_done_callback(_finishing.discard)
+
+
+def _retrieve(tasks: tuple[asyncio.Future[Any], ...]) -> None:
+    """Mark each ended task's exception retrieved: asyncio logs an unretrieved one as an error."""
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from diffusers import UNet2DConditionModel
+from capture_unet import load_capture_pipeline
 from PIL import Image
 from torch._dynamo.utils import counters
 
@@ -25,29 +25,12 @@ from engines.step_batching import RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings, denoise
 from realcustom.job_inputs import job_conditioning
 from realcustom.jobs import GenerationJob, SubjectInput
-from realcustom.loading import load_pipeline
-from realcustom.models import TINY_UNET
 from realcustom.step import LoopState
-from realcustom.unet import RealCustomUNet
-
-# The tiny UNet with one attention resolution fewer: 4 attn2 layers instead of 14.
-CAPTURE_UNET = {
-    **TINY_UNET,
-    "attention_head_dim": [2, 4],
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "transformer_layers_per_block": [1, 1],
-}
 
 
 @pytest.fixture(scope="module")
 def capture_pipeline():
-    pipeline = load_pipeline("tiny")
-    image_token_dim = pipeline.unet.cross_attention_layers[0].to_k_vision.in_features
-    torch.manual_seed(0)
-    pipeline.unet = RealCustomUNet(UNet2DConditionModel(**CAPTURE_UNET), image_token_dim).eval()
-    return pipeline.requires_grad_(False)
+    return load_capture_pipeline()
 
 
 def _tensors(state: LoopState) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_engines_step_scheduler import drain
 from torch import nn
 
 from engines.backends import EagerBackend
@@ -61,16 +62,6 @@ def job(key: str, seed: int, loras=(), fast: str | None = None, images: int = 1,
         loras=tuple(loras),
         **options,
     )
-
-
-def drain(scheduler: StepScheduler, jobs: dict[str, GenerationJob]) -> dict:
-    outputs = {}
-    for _ in range(100):
-        for done in scheduler.step():
-            outputs[done.key] = scheduler.decode(done, jobs[done.key], 0.0)
-        if not scheduler.rows_in_flight:
-            return outputs
-    raise AssertionError("the running batches did not drain")
 
 
 def assert_same_images(got, want, key: str) -> None:

@@ -91,19 +91,24 @@ def save_kohya(path: Path, lora: dict, alpha: float, unet: RealCustomUNet, sgm: 
     return path
 
 
-def diffusers_fused(unet: RealCustomUNet, source: Path, scale: float) -> RealCustomUNet:
-    """A copy of `unet` with the adapter loaded and fused by diffusers itself
-    (`load_lora_weights` + `fuse_lora`): the reference for per-row LoRA."""
-    fused = copy.deepcopy(unet)
-    pipe = StableDiffusionXLPipeline(
+def _unet_only_pipeline(unet: RealCustomUNet) -> StableDiffusionXLPipeline:
+    """A diffusers pipeline around `unet`'s UNet alone: where diffusers' LoRA loaders act."""
+    return StableDiffusionXLPipeline(
         vae=None,
         text_encoder=None,
         text_encoder_2=None,
         tokenizer=None,
         tokenizer_2=None,
-        unet=fused.unet,
+        unet=unet.unet,
         scheduler=EulerDiscreteScheduler(),
     )
+
+
+def diffusers_fused(unet: RealCustomUNet, source: Path, scale: float) -> RealCustomUNet:
+    """A copy of `unet` with the adapter loaded and fused by diffusers itself
+    (`load_lora_weights` + `fuse_lora`): the reference for per-row LoRA."""
+    fused = copy.deepcopy(unet)
+    pipe = _unet_only_pipeline(fused)
     pipe.load_lora_weights(str(source), adapter_name="reference")
     pipe.fuse_lora(lora_scale=scale)
     return fused.requires_grad_(False)
@@ -112,15 +117,7 @@ def diffusers_fused(unet: RealCustomUNet, source: Path, scale: float) -> RealCus
 def diffusers_fused_many(unet: RealCustomUNet, sources: list[tuple[Path, float]]) -> RealCustomUNet:
     """Several adapters loaded by diffusers, weighted with `set_adapters` and fused together."""
     fused = copy.deepcopy(unet)
-    pipe = StableDiffusionXLPipeline(
-        vae=None,
-        text_encoder=None,
-        text_encoder_2=None,
-        tokenizer=None,
-        tokenizer_2=None,
-        unet=fused.unet,
-        scheduler=EulerDiscreteScheduler(),
-    )
+    pipe = _unet_only_pipeline(fused)
     names = [f"adapter{i}" for i in range(len(sources))]
     for name, (source, _) in zip(names, sources, strict=True):
         pipe.load_lora_weights(str(source), adapter_name=name)

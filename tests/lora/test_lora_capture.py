@@ -15,7 +15,7 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo
-from diffusers import UNet2DConditionModel
+from capture_unet import load_capture_pipeline
 from lora_helpers import diffusers_fused, one_of_each_kind, random_lora, save_peft, tiny_conditioning
 from torch._dynamo.utils import counters
 
@@ -23,32 +23,16 @@ from engines.graph_loop import GraphLoop, WarmupCapture
 from engines.static_loop import Bucket, GraphSettings
 from engines.step_batching import RowRequest, RunningBatch
 from realcustom.denoise import LoopSettings, denoise
-from realcustom.loading import load_pipeline
 from realcustom.lora.bank import AdapterBank
 from realcustom.lora.files import load_adapter
 from realcustom.lora.requests import LoRAChoice
-from realcustom.models import TINY_UNET
-from realcustom.unet import RealCustomUNet
 
-# The tiny UNet with one attention resolution fewer (as tests/engines/test_engines_capture.py).
-CAPTURE_UNET = {
-    **TINY_UNET,
-    "attention_head_dim": [2, 4],
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "transformer_layers_per_block": [1, 1],
-}
 PROMPT = "a photo of a dog on a sofa"
 
 
 @pytest.mark.slow
 def test_adapters_loaded_after_capture_are_used_without_recompiling(tmp_path):
-    pipeline = load_pipeline("tiny")
-    image_token_dim = pipeline.unet.cross_attention_layers[0].to_k_vision.in_features
-    torch.manual_seed(0)
-    pipeline.unet = RealCustomUNet(UNet2DConditionModel(**CAPTURE_UNET), image_token_dim).eval()
-    pipeline.requires_grad_(False)
+    pipeline = load_capture_pipeline()
     base = copy.deepcopy(pipeline.unet)
     targets = one_of_each_kind(base)
     files = {}

@@ -15,9 +15,10 @@ import sys
 import uuid
 from pathlib import Path
 
+from service_processes import WorkerProcess, wait_until
+
 from service.cancelling import cancel_and_wait, cancel_in_background
 from service.queue.connect import connect_async
-from tests.service.service_processes import WorkerProcess, wait_until
 
 
 async def loop_over_wait_for(operations: list[asyncio.Future[None]]) -> None:

@@ -13,7 +13,6 @@ written as kohya safetensors files in LORA_DIR.
 from __future__ import annotations
 
 import base64
-import io
 import re
 import uuid
 from pathlib import Path
@@ -22,10 +21,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from service_processes import Api, WorkerProcess, wait_until
 from test_service_faults import cat_body, wait_status
+from test_step_level_service import assert_same_image, image_of
 
 from realcustom.loading import load_pipeline
 from realcustom.lora.bank import target_layers
@@ -68,20 +67,6 @@ def body(cat_b64: str, *loras: tuple[str, float], **params) -> dict:
     settings = {"width": 128, "height": 128, "num_inference_steps": 16, "mask_reused_step": 6, "seed": 7}
     adapters = [{"name": name, "scale": scale} for name, scale in loras]
     return cat_body(cat_b64, **settings, **params, loras=adapters)
-
-
-def image_of(job: dict, index: int = 0) -> np.ndarray:
-    data = base64.b64decode(job["result"]["images"][index])
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
-
-
-def assert_same_image(got: np.ndarray, alone: np.ndarray) -> None:
-    """The documented batching tolerance: one grey level on a small fraction of the pixels."""
-    difference = np.abs(got - alone)
-    assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (
-        difference.max(),
-        (difference > 0).mean(),
-    )
 
 
 def run(client: httpx.Client, request: dict) -> dict:

@@ -31,8 +31,8 @@ LONG = {**SIZE, "num_inference_steps": 100, "mask_reused_step": 30, "seed": 1}
 COMPANION = {**SIZE, "num_inference_steps": 30, "mask_reused_step": 3, "guidance_scale": 5.0, "seed": 2}
 
 
-def image_of(job: dict) -> np.ndarray:
-    data = base64.b64decode(job["result"]["images"][0])
+def image_of(job: dict, index: int = 0) -> np.ndarray:
+    data = base64.b64decode(job["result"]["images"][index])
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
 
 
